@@ -1,0 +1,1 @@
+"""empf_jax: EM-PF spiking neural networks with binary weights, trained online, in JAX/Flax."""

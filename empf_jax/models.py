@@ -1,0 +1,406 @@
+"""EM-PF networks as Flax NNX modules and the :func:`create` factory (SPEC section 3).
+
+Every network runs the consecutive time steps ``t0 .. t0+S-1`` of time-major input ``[S, B, ...]``
+with :meth:`SpikingNetwork.run`; :meth:`SpikingNetwork.step` is one step with an explicit state
+(online training) and ``__call__`` all T steps from the zero state (evaluation, BPTT).
+The residual stream of the ResNets carries currents; neurons sit before each block's convolutions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from empf_jax import ops
+from empf_jax.layers import (SECA, Dense, EMPFNeuron, LIFNeuron, ParallelNeuron, QConv,
+                             StepBatchNorm)
+
+NEURONS = ("empf", "lif")
+WEIGHTS = ("binary", "ternary", "float")
+STEMS = ("cifar", "imagenet", "tiny", "event")
+SPIKE_BITS = (None, 4)
+SECA_VARIANTS = (0, 1, 2)
+
+
+class ConfigError(ValueError):
+  """An unknown network, option or a combination of options the spec does not allow."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NetOptions:
+  """Options shared by every layer of one network (see :func:`create`)."""
+
+  time_steps: int
+  neuron: str = "empf"
+  weights: str = "binary"
+  mem_bn: bool = False
+  parallel: bool = False
+  spike_bits: int | None = None
+  seca: int = 0
+  learnable_lif: bool = False
+  width: float = 1.0
+  symmetric_init: bool = False
+
+  def channels(self, base: int) -> int:
+    """Channel count scaled by the width multiplier (at least 1)."""
+    return max(1, int(round(base * self.width)))
+
+  def neuron_layer(self, features: int, *, parallel: bool = False, mem_bn: bool | None = None):
+    """A neuron module of this network's kind (EM-PF family or LIF)."""
+    if self.neuron == "lif":
+      return LIFNeuron(self.time_steps, learnable=self.learnable_lif)
+    if parallel:
+      return ParallelNeuron(self.time_steps, spike_bits=self.spike_bits)
+    return EMPFNeuron(self.time_steps, features,
+                      mem_bn=self.mem_bn if mem_bn is None else mem_bn,
+                      spike_bits=self.spike_bits)
+
+  def conv(self, cin: int, cout: int, kernel: int, *, stride: int = 1, weights: str | None = None,
+           rngs: nnx.Rngs) -> QConv:
+    return QConv(cin, cout, kernel, stride=stride, weights=weights or self.weights,
+                 symmetric_init=self.symmetric_init, rngs=rngs)
+
+
+class SpikingNetwork(nnx.Module):
+  """Base class: the three ways of running a network share :meth:`run`."""
+
+  time_steps: int
+
+  def run(self, x: jax.Array, state: Any, t0: jax.Array | int, *, train: bool,
+          online: bool = True) -> tuple[jax.Array, Any]:
+    """Runs steps t0..t0+S-1 of time-major input x [S, B, ...]; returns logits [S, B, K] and state.
+
+    ``state=None`` starts from the zero state. ``online=False`` keeps the gradient through the
+    membrane (BPTT). ``train`` selects batch statistics (and updates the running averages).
+    """
+    raise TypeError(f"{type(self).__name__} must define run()")
+
+  def step(self, x_t: jax.Array, state: Any, t: jax.Array | int, *, train: bool,
+           online: bool = True) -> tuple[jax.Array, Any]:
+    """One time step: input [B, ...] at step t with the carried state -> (logits [B, K], state)."""
+    logits, state = self.run(x_t[None], state, t, train=train, online=online)
+    return logits[0], state
+
+  def __call__(self, x: jax.Array, *, train: bool = False, online: bool = True) -> jax.Array:
+    """All T steps from the zero state: time-major input [T, B, ...] -> logits [T, B, K]."""
+    logits, _ = self.run(x, None, 0, train=train, online=online)
+    return logits
+
+  def init_state(self, x_t: jax.Array) -> Any:
+    """The zero neuron state for a batch of one step's input ``x_t`` [B, ...]."""
+    graphdef, variables = nnx.split(self)
+
+    def shapes(x):
+      model = nnx.merge(graphdef, variables)
+      return model.run(x[None], None, 0, train=False)[1]
+
+    abstract = jax.eval_shape(shapes, x_t)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+
+
+class Stem(nnx.Module):
+  """Full-precision first convolution + BN (+ max pooling for the ImageNet and Tiny stems)."""
+
+  def __init__(self, kind: str, in_channels: int, out_channels: int, opts: NetOptions,
+               *, rngs: nnx.Rngs):
+    self.kind = kind
+    if kind == "imagenet":
+      self.conv = QConv(in_channels, out_channels, 7, stride=2, padding=3, weights="float",
+                        rngs=rngs)
+    else:
+      self.conv = QConv(in_channels, out_channels, 3, weights="float", rngs=rngs)
+    self.bn = StepBatchNorm(out_channels)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    y = self.bn(self.conv(x), train=train)
+    if self.kind in ("imagenet", "tiny"):
+      y = ops.fold_time(y, ops.max_pool)
+    return y
+
+
+class BasicBlock(nnx.Module):
+  """Pre-activation spiking basic block (neuron before each conv; the stream carries currents).
+
+    out = SECA1(BN(conv1(act1(x))));  out = SECA2(BN(conv2(act2(out)))) + shortcut(x)
+    SECA-II (in == out channels): out = SECA1(x + BN(conv1(act1(x))));
+                                  out = SECA2(out + BN(conv2(act2(out)))) + shortcut(x)
+  """
+
+  def __init__(self, cin: int, cout: int, stride: int, opts: NetOptions, *, rngs: nnx.Rngs):
+    self.seca_variant = opts.seca if not (opts.seca == 2 and cin != cout) else 1
+    self.act1 = opts.neuron_layer(cin)
+    self.conv1 = opts.conv(cin, cout, 3, stride=stride, rngs=rngs)
+    self.bn1 = StepBatchNorm(cout)
+    self.act2 = opts.neuron_layer(cout, parallel=opts.parallel)
+    self.conv2 = opts.conv(cout, cout, 3, rngs=rngs)
+    self.bn2 = StepBatchNorm(cout)
+    self.seca1 = SECA(rngs=rngs) if opts.seca else None
+    self.seca2 = SECA(rngs=rngs) if opts.seca else None
+    if stride != 1 or cin != cout:
+      self.shortcut_conv = QConv(cin, cout, 1, stride=stride, padding=0, weights=opts.weights,
+                                 symmetric_init=opts.symmetric_init, rngs=rngs)
+      self.shortcut_bn = StepBatchNorm(cout)
+    else:
+      self.shortcut_conv = None
+      self.shortcut_bn = None
+
+  def _attend(self, seca: SECA | None, residual: jax.Array, y: jax.Array) -> jax.Array:
+    if seca is None:
+      return y
+    if self.seca_variant == 2:
+      return seca(residual + y)
+    return seca(y)
+
+  def __call__(self, x, state, t0, *, train: bool, online: bool):
+    state1, state2 = state if state is not None else (None, None)
+    spikes, state1 = self.act1(x, state1, t0, train=train, online=online)
+    out = self._attend(self.seca1, x, self.bn1(self.conv1(spikes), train=train))
+    spikes, state2 = self.act2(out, state2, t0, train=train, online=online)
+    y = self._attend(self.seca2, out, self.bn2(self.conv2(spikes), train=train))
+    if self.shortcut_conv is None:
+      shortcut = x
+    else:
+      shortcut = self.shortcut_bn(self.shortcut_conv(x), train=train)
+    return y + shortcut, (state1, state2)
+
+
+class ResNet(SpikingNetwork):
+  """Spiking ResNet-18/34 (and the ResNet-19 layout): stem, basic blocks, GAP, FC head."""
+
+  def __init__(self, blocks: Sequence[int], widths: Sequence[int], strides: Sequence[int],
+               *, num_classes: int, in_channels: int, stem: str, opts: NetOptions,
+               stem_width: int = 64, hidden: int | None = None, rngs: nnx.Rngs):
+    self.time_steps = opts.time_steps
+    width = opts.channels(stem_width)
+    self.stem = Stem(stem, in_channels, width, opts, rngs=rngs)
+    layers = []
+    cin = width
+    for count, base, stride in zip(blocks, widths, strides):
+      cout = opts.channels(base)
+      for i in range(count):
+        layers.append(BasicBlock(cin, cout, stride if i == 0 else 1, opts, rngs=rngs))
+        cin = cout
+    self.blocks = nnx.List(layers)
+    if hidden is None:
+      self.fc_hidden = None
+      self.head_neuron = None
+      self.fc = Dense(cin, num_classes, rngs=rngs)
+    else:
+      self.fc_hidden = Dense(cin, hidden, rngs=rngs)
+      self.head_neuron = opts.neuron_layer(hidden, parallel=False, mem_bn=False)
+      self.fc = Dense(hidden, num_classes, rngs=rngs)
+
+  def run(self, x, state, t0, *, train, online=True):
+    if state is None:
+      state = {"blocks": [None] * len(self.blocks), "head": None}
+    h = self.stem(x, train=train)
+    block_states = []
+    for block, block_state in zip(self.blocks, state["blocks"]):
+      h, block_state = block(h, block_state, t0, train=train, online=online)
+      block_states.append(block_state)
+    h = ops.spatial_mean(h)
+    head_state = None
+    if self.fc_hidden is not None:
+      h, head_state = self.head_neuron(self.fc_hidden(h), state["head"], t0, train=train,
+                                       online=online)
+    return self.fc(h), {"blocks": block_states, "head": head_state}
+
+
+class ConvUnit(nnx.Module):
+  """conv3x3 -> BN -> (SECA) -> neuron, the unit of the VGG networks and convnet_small."""
+
+  def __init__(self, cin: int, cout: int, opts: NetOptions, *, weights: str | None = None,
+               rngs: nnx.Rngs):
+    self.conv = opts.conv(cin, cout, 3, weights=weights, rngs=rngs)
+    self.bn = StepBatchNorm(cout)
+    self.seca = SECA(rngs=rngs) if opts.seca else None
+    self.neuron = opts.neuron_layer(cout)
+
+  def __call__(self, x, state, t0, *, train: bool, online: bool):
+    y = self.bn(self.conv(x), train=train)
+    if self.seca is not None:
+      y = self.seca(y)
+    return self.neuron(y, state, t0, train=train, online=online)
+
+
+class Plain(SpikingNetwork):
+  """A chain of conv units with average pooling ('M'), then GAP ('G') or flatten, then FC."""
+
+  def __init__(self, plan: Sequence[int | str], *, num_classes: int, in_channels: int,
+               opts: NetOptions, first_weights: str, flatten_to: int | None = None,
+               rngs: nnx.Rngs):
+    self.time_steps = opts.time_steps
+    self.plan = tuple(plan)
+    units = []
+    cin = in_channels
+    for i, item in enumerate(plan):
+      if isinstance(item, str):
+        continue
+      cout = opts.channels(item)
+      units.append(ConvUnit(cin, cout, opts, weights=first_weights if i == 0 else None,
+                            rngs=rngs))
+      cin = cout
+    self.units = nnx.List(units)
+    self.flatten = flatten_to is not None
+    features = cin * flatten_to * flatten_to if self.flatten else cin
+    self.fc = Dense(features, num_classes, rngs=rngs)
+
+  def run(self, x, state, t0, *, train, online=True):
+    if state is None:
+      state = [None] * len(self.units)
+    states = []
+    units = iter(zip(self.units, state))
+    h = x
+    for item in self.plan:
+      if item == "M":
+        h = ops.avg_pool(h, 2)
+      elif item == "G":
+        h = ops.spatial_mean(h)
+      else:
+        unit, unit_state = next(units)
+        h, unit_state = unit(h, unit_state, t0, train=train, online=online)
+        states.append(unit_state)
+    if h.ndim > 3:
+      h = h.reshape(h.shape[:2] + (-1,)) if self.flatten else ops.spatial_mean(h)
+    return self.fc(h), states
+
+
+class ConvNetSmall(SpikingNetwork):
+  """Small EM-PF conv net for digits and Fashion-MNIST.
+
+  stem conv3x3 (float) c_in->W + BN; neuron; conv3x3 W->2W + BN; neuron; avgpool 2;
+  conv3x3 2W->2W + BN; neuron; GAP; FC.  W = 32 * width.
+  """
+
+  def __init__(self, *, num_classes: int, in_channels: int, opts: NetOptions, rngs: nnx.Rngs):
+    self.time_steps = opts.time_steps
+    w = opts.channels(32)
+    self.unit1 = ConvUnit(in_channels, w, opts, weights="float", rngs=rngs)
+    self.unit2 = ConvUnit(w, 2 * w, opts, rngs=rngs)
+    self.unit3 = ConvUnit(2 * w, 2 * w, opts, rngs=rngs)
+    self.fc = Dense(2 * w, num_classes, rngs=rngs)
+
+  def run(self, x, state, t0, *, train, online=True):
+    state = state if state is not None else (None, None, None)
+    h, s1 = self.unit1(x, state[0], t0, train=train, online=online)
+    h, s2 = self.unit2(h, state[1], t0, train=train, online=online)
+    h = ops.avg_pool(h, 2)
+    h, s3 = self.unit3(h, state[2], t0, train=train, online=online)
+    return self.fc(ops.spatial_mean(h)), (s1, s2, s3)
+
+
+VGG11_PLAN = (64, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+VGG13_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, 512, "M", 512, "G")
+
+RESNETS = ("resnet18", "resnet19", "resnet34")
+NETWORKS = RESNETS + ("vgg11", "vgg13", "vgg_snn", "convnet_small")
+NETWORK_STEMS = {
+    "resnet18": STEMS, "resnet34": STEMS, "resnet19": ("cifar", "event"),
+    "vgg11": ("cifar",), "vgg13": ("cifar",), "vgg_snn": ("event",), "convnet_small": ("cifar",),
+}
+
+
+def _allowed(key: str, value: Any, allowed: Sequence[Any]) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{key}={value!r} is not allowed; allowed: "
+                      + ", ".join(repr(a) for a in allowed))
+
+
+def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int | None,
+             stem: str | None, neuron: str, weights: str, mem_bn: bool, parallel: bool,
+             spike_bits: int | None, seca: int, learnable_lif: bool, width: float) -> str:
+  """Checks every option of :func:`create`; returns the stem to use. Raises :class:`ConfigError`."""
+  _allowed("name", name, NETWORKS)
+  _allowed("neuron", neuron, NEURONS)
+  _allowed("weights", weights, WEIGHTS)
+  _allowed("spike_bits", spike_bits, SPIKE_BITS)
+  _allowed("seca", seca, SECA_VARIANTS)
+  for key, value in (("num_classes", num_classes), ("time_steps", time_steps)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ConfigError(f"{key}={value!r} is not allowed; allowed: an integer >= 1")
+  if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
+    raise ConfigError(f"in_channels={in_channels!r} is not allowed; allowed: an integer >= 1")
+  if not isinstance(width, (int, float)) or isinstance(width, bool) or not width > 0:
+    raise ConfigError(f"width={width!r} is not allowed; allowed: a number > 0")
+  stem = stem if stem is not None else NETWORK_STEMS[name][0]
+  _allowed(f"stem (for {name})", stem, NETWORK_STEMS[name])
+  for key, value in (("mem_bn", mem_bn), ("parallel", parallel), ("learnable_lif", learnable_lif)):
+    _allowed(key, value, (False, True))
+  if parallel and name not in RESNETS:
+    raise ConfigError(f"parallel=True is not allowed with {name!r}; allowed only in: "
+                      + ", ".join(RESNETS))
+  if seca == 2 and name not in RESNETS:
+    raise ConfigError(f"seca=2 is not allowed with {name!r}; allowed: 0, 1 (SECA-II only in "
+                      + ", ".join(RESNETS) + ")")
+  if neuron != "empf":
+    for key, value, off in (("mem_bn", mem_bn, False), ("parallel", parallel, False),
+                            ("spike_bits", spike_bits, None)):
+      if value != off:
+        raise ConfigError(f"{key}={value!r} is not allowed with neuron={neuron!r}; "
+                          f"allowed: {off!r} (only the EM-PF neuron has it)")
+  elif learnable_lif:
+    raise ConfigError("learnable_lif=True is not allowed with neuron='empf'; allowed: False "
+                      "(it selects the learnable LIF baseline)")
+  return stem
+
+
+def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | None = None,
+           stem: str | None = None, neuron: str = "empf", weights: str = "binary",
+           mem_bn: bool = False, parallel: bool = False, spike_bits: int | None = None,
+           seca: int = 0, learnable_lif: bool = False, width: float = 1.0,
+           symmetric_init: bool = False, rngs: nnx.Rngs | None = None) -> SpikingNetwork:
+  """Builds one of the networks of SPEC section 3.
+
+  Args:
+    name: one of ``resnet18``, ``resnet19``, ``resnet34``, ``vgg11``, ``vgg13``, ``vgg_snn``,
+      ``convnet_small``.
+    num_classes: classifier outputs.
+    time_steps: T; every neuron layer has T decay and T threshold scalars.
+    in_channels: input channels; default 2 for the event stem, else 3 (1 is common for
+      convnet_small on grey images).
+    stem: ``cifar`` (3x3), ``imagenet`` (7x7/2 + maxpool), ``tiny`` (3x3 + maxpool) or ``event``
+      (3x3 on 2 polarity channels); default ``event`` for vgg_snn, else ``cifar``.
+    neuron: ``empf`` (the EM-PF family) or ``lif`` (baseline).
+    weights: ``binary`` (1 bit), ``ternary`` (1.5 bit) or ``float`` for the block convolutions.
+    mem_bn: Mem-BN in every EM-PF neuron with state (EM-PF only).
+    parallel: stateless second neuron in every basic block (ResNets, EM-PF only).
+    spike_bits: None (floating-point spikes) or 4 (EM-PF only).
+    seca: 0 (none), 1 (SECA-I) or 2 (SECA-II, ResNets only).
+    learnable_lif: train the LIF decay and threshold (LIF only).
+    width: channel multiplier (tests build e.g. width=1/8 networks).
+    symmetric_init: latent binary/ternary weights uniform in [-1e-3, 1e-3) instead of [0, 1e-3).
+    rngs: parameter RNG; default ``nnx.Rngs(0)``.
+
+  Returns:
+    The network. Raises :class:`ConfigError` naming the bad option and what is allowed.
+  """
+  stem = validate(name, num_classes=num_classes, time_steps=time_steps, in_channels=in_channels,
+                  stem=stem, neuron=neuron, weights=weights, mem_bn=mem_bn, parallel=parallel,
+                  spike_bits=spike_bits, seca=seca, learnable_lif=learnable_lif, width=width)
+  if in_channels is None:
+    in_channels = 2 if stem == "event" else 3
+  rngs = rngs if rngs is not None else nnx.Rngs(0)
+  opts = NetOptions(time_steps=time_steps, neuron=neuron, weights=weights, mem_bn=mem_bn,
+                    parallel=parallel, spike_bits=spike_bits, seca=seca,
+                    learnable_lif=learnable_lif, width=float(width),
+                    symmetric_init=symmetric_init)
+  common = dict(num_classes=num_classes, in_channels=in_channels, opts=opts, rngs=rngs)
+  if name == "resnet18":
+    return ResNet((2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2), stem=stem, **common)
+  if name == "resnet34":
+    return ResNet((3, 4, 6, 3), (64, 128, 256, 512), (1, 2, 2, 2), stem=stem, **common)
+  if name == "resnet19":
+    first_stride = 2 if stem == "event" else 1
+    return ResNet((3, 3, 2), (128, 256, 512), (first_stride, 2, 2), stem=stem,
+                  hidden=opts.channels(256), **common)
+  if name == "vgg11":
+    return Plain(VGG11_PLAN, first_weights="float", **common)
+  if name == "vgg13":
+    return Plain(VGG13_PLAN, first_weights="float", **common)
+  if name == "vgg_snn":
+    return Plain(VGG11_PLAN, first_weights=weights, flatten_to=3, **common)
+  return ConvNetSmall(**common)
