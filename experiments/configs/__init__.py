@@ -1,0 +1,1 @@
+"""Training configurations (ml_collections); each file defines ``get_config()``."""
