@@ -438,8 +438,9 @@ class ArrayBatches:
              local: slice) -> tuple[np.ndarray, np.ndarray]:
     indices = global_indices[local]
     real = indices >= 0
-    images = self._images[np.where(real, indices, 0)]
-    labels = np.where(real, self._labels[np.where(real, indices, 0)], PAD_LABEL).astype(np.int32)
+    rows = np.where(real, indices, 0)
+    images = self._images[rows]
+    labels = np.where(real, self._labels[rows], PAD_LABEL).astype(np.int32)
     if self._augment:
       offsets, flips = draw_crop_flip(self._rng(_AUGMENT_STREAM, epoch, k), self.batch_size,
                                       self._padding)
