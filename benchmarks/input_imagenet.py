@@ -1,0 +1,127 @@
+"""Throughput of the ImageNet input pipeline on synthetic JPEGs, in images per second.
+
+Runs :class:`experiments.input.imagenet.RecordBatches` with the training preprocessing
+(:func:`~experiments.input.imagenet.train_image`: decode, random resized crop 224, flip,
+normalisation) and, separately, the evaluation preprocessing, on JPEG bytes of 500x375 synthetic
+images held in memory, pinned to ``--cores`` CPU cores with one decoding thread per core. The
+figure therefore measures decoding and augmentation, not storage. Other jobs may share the cores:
+the load average before and after the run is recorded with the figures, together with the CPU time
+per image (nearly independent of that load) and the rate it implies on otherwise idle cores (an
+upper estimate: it assumes the threads never wait for one another).
+
+Usage, from the repository root::
+
+  python -m benchmarks.input_imagenet [--cores=2] [--batches=24]
+
+Prints the figures and writes them to ``benchmarks/results/input_imagenet.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from experiments.input import imagenet
+
+_CORES = flags.DEFINE_integer("cores", 2, "CPU cores to pin the process to (one thread each).")
+_BATCHES = flags.DEFINE_integer("batches", 24, "Timed batches per preprocessing.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
+_DISTINCT = flags.DEFINE_integer("distinct_images", 64, "Distinct synthetic JPEGs cycled over.")
+_OUTPUT = flags.DEFINE_string(
+    "output", os.path.join(os.path.dirname(__file__), "results", "input_imagenet.json"),
+    "Where to write the JSON figures.")
+
+_WIDTH, _HEIGHT, _QUALITY = 500, 375, 90
+_WARMUP_BATCHES = 2
+
+
+def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
+  """JPEG bytes of ``count`` photo-like 500x375 images: a smooth random field plus pixel noise.
+
+  Pure pixel noise would make every JPEG several times larger (and slower to decode) than a
+  typical ImageNet photograph; the smooth field gives sizes close to ImageNet's ~110 kB.
+  """
+  rng = np.random.default_rng(seed)
+  images = []
+  for _ in range(count):
+    coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((_WIDTH, _HEIGHT), Image.Resampling.BICUBIC))
+    noisy = np.clip(smooth + rng.normal(0.0, 12.0, smooth.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="JPEG", quality=_QUALITY)
+    images.append(buffer.getvalue())
+  return images
+
+
+def measure(jpegs: list[bytes], *, train: bool, threads: int, batch_size: int,
+            batches: int) -> tuple[float, float]:
+  """Times ``batches`` batches of the threaded pipeline after a short warm-up.
+
+  Returns:
+    Images per second of wall-clock time, and CPU milliseconds (all threads) per image.
+  """
+
+  def example(index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+    data = jpegs[index % len(jpegs)]
+    return (imagenet.eval_image(data) if rng is None else imagenet.train_image(data, rng)), 0
+
+  num_examples = (batches + _WARMUP_BATCHES) * batch_size
+  pipeline = imagenet.RecordBatches(example, num_examples, num_classes=1000,
+                                    input_shape=(224, 224, 3), batch_size=batch_size, train=train,
+                                    seed=0, augment=train, num_threads=threads)
+  iterator = pipeline.epoch(0)
+  for _ in range(_WARMUP_BATCHES):
+    next(iterator)
+  start, cpu_start = time.perf_counter(), time.process_time()
+  timed = sum(batch[0].shape[0] for batch in iterator)
+  wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+  return timed / wall, 1e3 * cpu / timed
+
+
+def main(argv):
+  del argv
+  available = sorted(os.sched_getaffinity(0))
+  if _CORES.value > len(available):
+    raise app.UsageError(f"--cores={_CORES.value} but only {len(available)} cores are available")
+  os.sched_setaffinity(0, available[:_CORES.value])
+  jpegs = synthetic_jpegs(_DISTINCT.value)
+  load_before = os.getloadavg()
+  result = {}
+  for name, train in (("train", True), ("eval", False)):
+    rate, cpu_ms = measure(jpegs, train=train, threads=_CORES.value, batch_size=_BATCH_SIZE.value,
+                           batches=_BATCHES.value)
+    result[f"{name}_images_per_second"] = round(rate, 1)
+    result[f"{name}_cpu_ms_per_image"] = round(cpu_ms, 2)
+    # An upper estimate for idle cores: CPU time per image barely depends on the load, but the
+    # estimate assumes the threads never wait for one another (for the GIL, or for the consumer).
+    result[f"{name}_images_per_second_idle_estimate"] = round(1e3 * _CORES.value / cpu_ms, 1)
+  result.update({
+      "cores": _CORES.value,
+      "threads": _CORES.value,
+      "batch_size": _BATCH_SIZE.value,
+      "timed_images": _BATCHES.value * _BATCH_SIZE.value,
+      "jpeg": f"{_WIDTH}x{_HEIGHT}, quality {_QUALITY}, mean "
+              f"{np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB",
+      "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs in total",
+      "pillow": Image.__version__,
+      "note": "wall-clock rates are the share of the cores this process got; with a 1-minute "
+              "load average above the core count, other jobs were competing for them",
+  })
+  print(json.dumps(result, indent=2))
+  os.makedirs(os.path.dirname(_OUTPUT.value), exist_ok=True)
+  with open(_OUTPUT.value, "w") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
