@@ -396,7 +396,8 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
 
 def main(argv: Sequence[str] | None = None) -> None:
   """Builds the frame cache from the command line."""
-  parser = argparse.ArgumentParser(description=build_frame_cache.__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      description="Builds the CIFAR10-DVS frame cache from the extracted .aedat files.")
   parser.add_argument("--events_dir", required=True,
                       help="folder with one subfolder of .aedat files per class")
   parser.add_argument("--cache_dir", default=CIFAR10_DVS_CACHE_DIR, help="frame cache folder")
