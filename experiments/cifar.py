@@ -32,6 +32,9 @@ def main(argv):
   del argv
   import jax  # after flag parsing, so that --help is fast
   if _COORDINATOR.value is not None:
+    if jax.config.jax_platforms in (None, "", "cpu"):
+      # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from experiments import train
   from experiments.input.base import DataError

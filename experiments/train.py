@@ -107,9 +107,8 @@ class _Interrupt:
 
 def _batch_parts(batch):
   """(x, y, mask) from an evaluation batch (x, y) whose padding examples have negative labels."""
-  x, y = batch[:2]
-  mask = (y >= 0).astype(np.float32)
-  return x, np.maximum(y, 0), mask
+  x, y = batch
+  return x, np.maximum(y, 0), data_input.valid_mask(y).astype(np.float32)
 
 
 class Trainer:
@@ -128,6 +127,10 @@ class Trainer:
     self.test_data = data_input.load(config.dataset, "test", batch_size=config.batch_size,
                                      train=False, augment=False, **common)
     shape = self.train_data.input_shape
+    if self.train_data.time_major and shape[0] != config.time_steps:
+      raise ConfigError(f"config.time_steps={config.time_steps} is not allowed for "
+                        f"{config.dataset!r}; allowed: {shape[0]} (its examples have "
+                        f"{shape[0]} time steps)")
     self.model = build_model(config, self.train_data.num_classes, shape[-1])
     self.step_config = training.StepConfig(
         mode=config.mode, time_steps=config.time_steps, num_classes=self.train_data.num_classes,
@@ -270,7 +273,7 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
     while step < total:
       epoch, position = divmod(step, per_epoch)
       tick, seen, window = time.perf_counter(), 0, []
-      for x, y in (b[:2] for b in trainer.train_data.epoch(epoch, start=position)):
+      for x, y in trainer.train_data.epoch(epoch, start=position):
         out = trainer.train_batch(x, y, epoch)
         step += 1
         seen += len(y) * trainer.process_count

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from experiments.input import images
+from experiments.input import dvs, imagenet, images, sequential, tiny_imagenet
 from experiments.input.base import PAD_LABEL, Batches, DataError, Loader, valid_mask
 
 LOADERS: dict[str, Loader] = {
@@ -17,6 +17,10 @@ LOADERS: dict[str, Loader] = {
     "fashion_mnist": functools.partial(images.load, "fashion_mnist"),
     "cifar10": functools.partial(images.load, "cifar10"),
     "cifar100": functools.partial(images.load, "cifar100"),
+    "imagenet": imagenet.load,
+    "tiny_imagenet": tiny_imagenet.load,
+    "cifar10_dvs": dvs.load,
+    "sequential_fashion_mnist": sequential.load,
 }
 
 

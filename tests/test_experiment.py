@@ -1,0 +1,189 @@
+"""The training program end to end: real training on digits, resumption, multi-process, safety.
+
+Each test runs ``python -m experiments.cifar`` in a subprocess, as a user would.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = "experiments/configs/digits.py"
+# A short digits run: 2 epochs of 44 batches, checkpoints every 5 batches, a narrow network.
+SHORT = ["--config.epochs=2", "--config.checkpoint_every_steps=5", "--config.model.width=0.25",
+         "--config.progress=False", "--config.log_every_steps=1000"]
+
+
+def env(devices=2, **extra):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  e["PYTHONUNBUFFERED"] = "1"
+  e.update(extra)
+  return e
+
+
+def command(workdir, *flags, config=DIGITS):
+  return [sys.executable, "-m", "experiments.cifar", f"--workdir={workdir}",
+          f"--config={config}", *flags]
+
+
+def run(workdir, *flags, devices=2, timeout=300, config=DIGITS):
+  return subprocess.run(command(workdir, *flags, config=config), cwd=ROOT, env=env(devices),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def checkpoint_steps(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def final_params(workdir):
+  """Flattened parameters and statistics of the newest checkpoint."""
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                  item_names=("state", "meta"))
+  step = manager.latest_step()
+  metadata = manager.item_metadata(step)["state"]
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+  manager.close()
+  state = restored["state"]
+  leaves = []
+
+  def collect(tree):
+    if isinstance(tree, dict):
+      for key in sorted(tree, key=str):
+        collect(tree[key])
+    elif isinstance(tree, (list, tuple)):
+      for item in tree:
+        collect(item)
+    elif hasattr(tree, "shape"):
+      leaves.append(np.asarray(tree).ravel())
+
+  collect({"params": state["params"] if isinstance(state, dict) else state[0],
+           "rest": state["rest"] if isinstance(state, dict) else state[1]})
+  return step, np.concatenate(leaves)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  result = run(workdir, *SHORT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.timeout(180)
+def test_digits_trains_to_97_percent(tmp_path):
+  """Real training: online rule, binary weights, T=4 on scikit-learn's digits."""
+  result = run(str(tmp_path), "--config.progress=False", timeout=180)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["accuracy"] >= 0.97, summary["accuracy_per_step"]
+  assert summary["examples"] == 360
+  assert len(summary["accuracy_per_step"]) == 4
+  assert summary["params_mb_packed"] < summary["params_mb_paper"]
+  assert set(summary["firing_rate"]) == {"unit1/neuron", "unit2/neuron", "unit3/neuron"}
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert {"train", "eval", "summary"} <= {r["kind"] for r in records}
+  assert any(name.startswith("events.out.tfevents")
+             for name in os.listdir(tmp_path / "tensorboard"))
+
+
+@pytest.mark.timeout(400)
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
+  workdir = str(tmp_path)
+  process = subprocess.Popen(command(workdir, *SHORT), cwd=ROOT, env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and not any(s >= 15 for s in checkpoint_steps(workdir)):
+    time.sleep(0.05)
+  process.kill()
+  process.wait()
+  killed_at = max(checkpoint_steps(workdir))
+  assert 15 <= killed_at < 88, "the kill must land before the end of training"
+  result = run(workdir, *SHORT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resuming from step" in result.stdout
+  step_a, params_a = final_params(uninterrupted)
+  step_b, params_b = final_params(workdir)
+  assert step_a == step_b == 88
+  np.testing.assert_array_equal(params_a, params_b)
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
+  workdir = str(tmp_path)
+  process = subprocess.Popen(command(workdir, *SHORT), cwd=ROOT, env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and not any(s >= 6 for s in checkpoint_steps(workdir)):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 143, output[-3000:]
+  match = [line for line in output.splitlines() if "stopped by signal" in line]
+  assert match, output[-3000:]
+  stopped_at = int(match[0].split("at step ")[1].split(";")[0])
+  assert stopped_at in checkpoint_steps(workdir)
+  result = run(workdir, *SHORT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  np.testing.assert_array_equal(final_params(uninterrupted)[1], final_params(workdir)[1])
+
+
+@pytest.mark.timeout(400)
+def test_two_processes_match_one_process(tmp_path):
+  """Two processes joined by jax.distributed (2 CPU devices each, gloo) train like one process
+  with four devices and the same global batch."""
+  flags = SHORT + ["--config.epochs=1"]
+  single = str(tmp_path / "single")
+  result = run(single, *flags, devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  port = 20000 + os.getpid() % 20000
+  multi = str(tmp_path / "multi")
+  processes = [subprocess.Popen(
+      command(multi, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+              f"--process_id={i}"), cwd=ROOT, env=env(2), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, output in zip(processes, outputs):
+    assert p.returncode == 0, output[-3000:]
+  step_single, params_single = final_params(single)
+  step_multi, params_multi = final_params(multi)
+  assert step_single == step_multi == 44
+  np.testing.assert_allclose(params_multi, params_single, rtol=1e-5, atol=1e-6)
+
+
+def test_workdir_with_another_config_is_refused(tmp_path, uninterrupted):
+  result = run(uninterrupted, *SHORT, "--config.learning_rate=0.5")
+  assert result.returncode == 2
+  assert "different config" in result.stderr and "--allow_config_change" in result.stderr
+  # Harmless keys (logging, checkpoint interval) do not count as a different config.
+  result = run(uninterrupted, *SHORT[:-1], "--config.log_every_steps=7", "--eval_only")
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_eval_only_evaluates_the_latest_checkpoint(uninterrupted):
+  result = run(uninterrupted, *SHORT, "--eval_only")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resuming from step 88" in result.stdout
+  assert "accuracy at each step" in result.stdout
+
+
+def test_eval_only_without_checkpoint_is_a_clear_error(tmp_path):
+  result = run(str(tmp_path), *SHORT, "--eval_only")
+  assert result.returncode == 2
+  assert "no checkpoint" in result.stderr
+  assert "Traceback" not in result.stderr

@@ -1,0 +1,268 @@
+"""The training rules against hand computations, the schedule, mixing, evaluation and sharding."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from empf_jax import models, testing, training
+
+T = 3
+BATCH = 8
+CLASSES = 10
+LR = 0.05
+
+
+def tiny_model(seed=0, **options):
+  model = models.create("convnet_small", num_classes=CLASSES, time_steps=T, in_channels=1,
+                        width=1 / 8, rngs=nnx.Rngs(seed), **options)
+  testing.randomize(model, jax.random.key(seed + 100), scale=0.1)
+  # Latent weights away from zero so that the binarised network has non-trivial gradients.
+  for _, variable in nnx.iter_graph(model):
+    if isinstance(variable, nnx.Param) and variable.ndim == 4:
+      variable[...] = 0.3 * jax.random.normal(jax.random.key(7), variable.shape)
+  return model
+
+
+def batch(seed=1):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, (BATCH, 8, 8, 1)), jax.random.randint(ky, (BATCH,), 0, CLASSES)
+
+
+def plain_sgd():
+  return optax.inject_hyperparams(optax.sgd)(learning_rate=LR)
+
+
+def step_loss(model, x, labels, state, t, online=True):
+  logits, state = model.step(x, state, t, train=True, online=online)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, CLASSES), 0.1)
+  return jnp.mean(optax.softmax_cross_entropy(logits, targets)), state
+
+
+def run_rule(model, mode, x, labels, seed_key=jax.random.key(3)):
+  opt = plain_sgd()
+  graphdef, state = training.create_train_state(model, opt)
+  step = training.make_train_step(graphdef, opt, training.StepConfig(mode=mode, time_steps=T,
+                                                                     num_classes=CLASSES))
+  new_state, out = jax.jit(step)(state, x, labels, jnp.float32(LR), seed_key)
+  return training.merge(graphdef, new_state), out
+
+
+def assert_params_close(a, b, atol=1e-6):
+  chex.assert_trees_all_close(nnx.state(a, nnx.Param), nnx.state(b, nnx.Param), atol=atol,
+                              rtol=1e-5)
+
+
+def assert_stats_close(a, b):
+  chex.assert_trees_all_close(nnx.state(a, nnx.BatchStat), nnx.state(b, nnx.BatchStat),
+                              atol=1e-6, rtol=1e-5)
+
+
+def sgd_update(model, grads):
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(lambda p, g: p - LR * g, params, grads))
+
+
+@pytest.mark.parametrize("options", [{}, {"mem_bn": True, "spike_bits": 4}])
+def test_online_is_T_hand_updates(options):
+  x, labels = batch()
+  trained, out = run_rule(tiny_model(**options), "online", x, labels)
+  hand = tiny_model(**options)
+  state = hand.init_state(x)
+  for t in range(T):
+    def loss_fn(model):
+      return step_loss(model, x, labels, state, t)
+    (loss, state), grads = nnx.value_and_grad(loss_fn, has_aux=True)(hand)
+    sgd_update(hand, grads)
+  assert_params_close(trained, hand)
+  assert_stats_close(trained, hand)
+  # The last update's loss is included in the reported mean.
+  assert int(out.time_step) == T
+
+
+def test_online_makes_T_updates_not_one():
+  x, labels = batch()
+  trained, _ = run_rule(tiny_model(), "online", x, labels)
+  one = tiny_model()
+  (_, _), grads = nnx.value_and_grad(
+      lambda m: step_loss(m, x, labels, m.init_state(x), 0), has_aux=True)(one)
+  sgd_update(one, grads)
+  diff = testing.flat_params(trained) - testing.flat_params(one)
+  assert float(jnp.max(jnp.abs(diff))) > 1e-4
+
+
+def test_random_step_is_one_hand_update():
+  x, labels = batch()
+  seed_key = jax.random.key(11)
+  trained, out = run_rule(tiny_model(), "random_step", x, labels, seed_key)
+  t_star = int(training.draw_time_step(seed_key, jnp.int32(0), T))
+  assert int(out.time_step) == t_star + 1
+  hand = tiny_model()
+  state = hand.init_state(x)
+  for t in range(t_star):
+    _, state = hand.step(x, state, t, train=True)
+  (_, _), grads = nnx.value_and_grad(
+      lambda m: step_loss(m, x, labels, state, t_star), has_aux=True)(hand)
+  sgd_update(hand, grads)
+  assert_params_close(trained, hand)
+  assert_stats_close(trained, hand)
+
+
+def test_random_step_draws_cover_all_steps_and_depend_on_step():
+  key = jax.random.key(0)
+  draws = [int(training.draw_time_step(key, jnp.int32(s), T)) for s in range(60)]
+  assert set(draws) == set(range(T))
+  assert draws == [int(training.draw_time_step(key, jnp.int32(s), T)) for s in range(60)]
+
+
+def test_random_step_leaves_later_mem_bn_statistics_untouched():
+  x, labels = batch()
+  seed_key = jax.random.key(5)
+  t_star = int(training.draw_time_step(seed_key, jnp.int32(0), T))
+  if t_star == T - 1:
+    seed_key = jax.random.key(6)
+    t_star = int(training.draw_time_step(seed_key, jnp.int32(0), T))
+  assert t_star < T - 1
+  before = tiny_model(mem_bn=True)
+  trained, _ = run_rule(tiny_model(mem_bn=True), "random_step", x, labels, seed_key)
+  for name in ("unit1", "unit2", "unit3"):
+    old = getattr(before, name).neuron.mem_bn.mean[...]
+    new = getattr(trained, name).neuron.mem_bn.mean[...]
+    np.testing.assert_array_equal(np.asarray(old[t_star + 1:]), np.asarray(new[t_star + 1:]))
+    assert not np.allclose(np.asarray(old[t_star]), np.asarray(new[t_star]))
+
+
+def test_bptt_is_one_update_on_the_summed_output():
+  x, labels = batch()
+  trained, _ = run_rule(tiny_model(neuron="lif"), "bptt", x, labels)
+  hand = tiny_model(neuron="lif")
+
+  def loss_fn(model):
+    logits = model(jnp.broadcast_to(x, (T,) + x.shape), train=True, online=False)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, CLASSES), 0.1)
+    return jnp.mean(optax.softmax_cross_entropy(jnp.sum(logits, 0), targets))
+
+  grads = nnx.grad(loss_fn)(hand)
+  sgd_update(hand, grads)
+  assert_params_close(trained, hand)
+
+
+def test_default_optimizer_is_coupled_l2_nesterov():
+  params = {"w": jnp.array([1.0, -2.0])}
+  grads = {"w": jnp.array([0.5, 0.25])}
+  opt = training.make_optimizer()
+  state = opt.init(params)
+  updates, state = opt.update(grads, state, params)
+  g = grads["w"] + 5e-4 * params["w"]
+  # Nesterov with zero initial momentum: update = -lr (g + 0.9 g).
+  np.testing.assert_allclose(updates["w"], -0.01 * (g + 0.9 * g), rtol=1e-6)
+
+
+def test_learning_rate_schedule():
+  lr = lambda e: float(training.epoch_learning_rate(e, base=0.01, epochs=300, warmup_epochs=5))
+  assert lr(0) == pytest.approx(1e-4)
+  assert lr(1) == pytest.approx(0.01 * (0.01 + 0.99 / 5))
+  assert lr(5) == pytest.approx(0.01)
+  assert lr(5 + 295 // 2) == pytest.approx(0.01 * 0.5 * (1 + np.cos(np.pi * 147 / 295)))
+  assert lr(300) == pytest.approx(0.0, abs=1e-12)
+  values = [lr(e) for e in range(5, 300)]
+  assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_set_learning_rate_changes_the_update():
+  opt = training.make_optimizer()
+  params = {"w": jnp.ones(3)}
+  state = training.set_learning_rate(opt.init(params), 0.5)
+  updates, _ = opt.update({"w": jnp.ones(3)}, state, params)
+  np.testing.assert_allclose(updates["w"], -0.5 * 1.9 * (1 + 5e-4), rtol=1e-6)
+
+
+def test_mix_batch_mixes_inputs_and_targets_consistently():
+  x = jnp.stack([jnp.full((4, 4, 1), float(i)) for i in range(6)])
+  onehot = jax.nn.one_hot(jnp.arange(6), 6)
+  seen_cutmix = seen_mixup = False
+  for seed in range(12):
+    mixed, targets = training.mix_batch(jax.random.key(seed), x, onehot)
+    np.testing.assert_allclose(jnp.sum(targets, -1), 1.0, rtol=1e-6)
+    own = jnp.diagonal(targets)
+    for i in range(6):
+      values = np.unique(np.asarray(mixed[i]))
+      if len(values) == 2:  # CutMix: pixels from two images; the target follows the area.
+        seen_cutmix = True
+        area = float(np.mean(np.asarray(mixed[i]) == float(i))) if float(i) in values else 0.0
+        assert float(own[i]) == pytest.approx(area, abs=1e-6)
+      elif len(values) == 1 and values[0] != float(i):  # Mixup: one blended value.
+        seen_mixup = True
+        partner = int(np.argmax(np.where(np.arange(6) == i, -1, targets[i])))
+        lam = float(own[i])
+        assert values[0] == pytest.approx(lam * i + (1 - lam) * partner, abs=1e-4)
+  assert seen_cutmix and seen_mixup
+
+
+def test_eval_step_cumulative_accuracy_and_mask():
+  model = tiny_model()
+  graphdef, state = training.create_train_state(model, plain_sgd())
+  x, labels = batch()
+  mask = jnp.array([1.0] * 6 + [0.0] * 2)
+  out = jax.jit(training.make_eval_step(graphdef, training.StepConfig(time_steps=T)))(
+      state, x, labels, mask)
+  logits = model(jnp.broadcast_to(x, (T,) + x.shape), train=False)
+  predictions = jnp.argmax(jnp.cumsum(logits, 0), -1)
+  expected = jnp.sum((predictions == labels) * mask, axis=1)
+  np.testing.assert_array_equal(np.asarray(out.correct), np.asarray(expected))
+  assert float(out.count) == 6
+  ce = optax.softmax_cross_entropy_with_integer_labels(jnp.mean(logits, 0), labels)
+  assert float(out.loss) == pytest.approx(float(jnp.sum(ce * mask)), rel=1e-5)
+  assert set(out.spikes) == {"unit1/neuron", "unit2/neuron", "unit3/neuron"}
+  for name in out.spikes:
+    assert 0 <= float(out.spikes[name]) <= float(out.elements[name])
+
+
+def test_train_step_compiles_once_and_stays_finite():
+  opt = training.make_optimizer()
+  graphdef, state = training.create_train_state(tiny_model(), opt)
+  step = training.make_train_step(graphdef, opt, training.StepConfig(time_steps=T))
+  step = jax.jit(chex.assert_max_traces(step, n=1))
+  for seed in range(3):
+    x, labels = batch(seed)
+    state, out = step(state, x, labels, jnp.float32(0.01), jax.random.key(0))
+  chex.assert_tree_all_finite(state.params)
+  assert int(state.step) == 3
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  opt = training.make_optimizer()
+  graphdef, state = training.create_train_state(tiny_model(), opt)
+  step = training.make_train_step(graphdef, opt, training.StepConfig(
+      time_steps=T, compute_dtype=jnp.bfloat16))
+  x, labels = batch()
+  new_state, out = jax.jit(step)(state, x, labels, jnp.float32(0.01), jax.random.key(0))
+  chex.assert_trees_all_equal_dtypes(new_state.params, state.params)
+  assert np.isfinite(float(out.loss))
+
+
+def test_eight_device_sharded_step_matches_one_device():
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+  opt = training.make_optimizer()
+  config = training.StepConfig(time_steps=T)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    graphdef, state = training.create_train_state(tiny_model(), opt)
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = jax.jit(training.make_train_step(graphdef, opt, config),
+                   in_shardings=(replicated, sharded, sharded, None, None),
+                   out_shardings=(replicated, replicated))
+    state = jax.device_put(state, replicated)
+    for seed in range(3):
+      x, labels = batch(seed)
+      state, _ = step(state, jax.device_put(x, sharded), jax.device_put(labels, sharded),
+                      jnp.float32(0.05), jax.random.key(0))
+    results.append(jax.device_get(state))
+  chex.assert_trees_all_close(results[0].params, results[1].params, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(results[0].rest, results[1].rest, atol=1e-5, rtol=1e-5)
