@@ -49,31 +49,15 @@ def checkpoint_steps(workdir):
 
 
 def final_params(workdir):
-  """Flattened parameters and statistics of the newest checkpoint."""
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                  item_names=("state", "meta"))
-  step = manager.latest_step()
-  metadata = manager.item_metadata(step)["state"]
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
-  manager.close()
-  state = restored["state"]
-  leaves = []
-
-  def collect(tree):
-    if isinstance(tree, dict):
-      for key in sorted(tree, key=str):
-        collect(tree[key])
-    elif isinstance(tree, (list, tuple)):
-      for item in tree:
-        collect(item)
-    elif hasattr(tree, "shape"):
-      leaves.append(np.asarray(tree).ravel())
-
-  collect({"params": state["params"] if isinstance(state, dict) else state[0],
-           "rest": state["rest"] if isinstance(state, dict) else state[1]})
-  return step, np.concatenate(leaves)
+  """Step and flattened parameters and statistics of the newest checkpoint (as numpy)."""
+  step = max(checkpoint_steps(workdir))
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(path).item_metadata
+  state = checkpointer.restore(path, restore_args=jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata))
+  leaves = jax.tree.leaves({"params": state["params"], "rest": state["rest"]})
+  return step, np.concatenate([np.ravel(leaf) for leaf in leaves])
 
 
 @pytest.fixture(scope="module")
