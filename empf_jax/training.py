@@ -17,7 +17,6 @@ return a :class:`TrainState` so that callers can ``jax.jit`` them with shardings
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -183,6 +182,11 @@ _KEY_TIME_STEP = 0
 _KEY_MIX = 1
 
 
+def draw_time_step(seed_key: jax.Array, step: jax.Array, time_steps: int) -> jax.Array:
+  """t* (0-based) of random single-step training for global step ``step``: uniform in [0, T)."""
+  return jax.random.randint(_batch_key(seed_key, step, _KEY_TIME_STEP), (), 0, time_steps)
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     config: StepConfig) -> Callable:
   """Builds ``train_step(state, x, labels, learning_rate, seed_key) -> (state, StepOutput)``.
@@ -235,7 +239,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             StepOutput(jnp.mean(losses), correct[-1], jnp.asarray(steps, jnp.int32)))
 
   def random_step(state, x_seq, targets, labels, lr, seed_key):
-    t_star = jax.random.randint(_batch_key(seed_key, state.step, _KEY_TIME_STEP), (), 0, steps)
+    t_star = draw_time_step(seed_key, state.step, steps)
     neuron_state = merge(graphdef, state).init_state(x_seq[0])
 
     def prefix(t, carry):
@@ -336,7 +340,8 @@ def make_eval_step(graphdef: nnx.GraphDef, config: StepConfig) -> Callable:
     mask = mask.astype(jnp.float32)
     cumulative = jnp.cumsum(logits, axis=0)
     correct = jnp.sum((jnp.argmax(cumulative, -1) == labels[None]) * mask[None], axis=1)
-    per_example = optax.softmax_cross_entropy_with_integer_labels(jnp.mean(logits, 0), labels)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(jnp.mean(logits, 0),
+                                                                  jnp.maximum(labels, 0))
     spikes, elements = {}, {}
     for path, variable in nnx.to_flat_state(recorded):
       if path[-1] != "spikes":
@@ -350,8 +355,3 @@ def make_eval_step(graphdef: nnx.GraphDef, config: StepConfig) -> Callable:
     return EvalOutput(correct, jnp.sum(per_example * mask), jnp.sum(mask), spikes, elements)
 
   return eval_step
-
-
-def batch_count(num_examples: int, batch_size: int) -> int:
-  """Number of batches that cover ``num_examples``."""
-  return math.ceil(num_examples / batch_size)
