@@ -2,16 +2,52 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+CONV_BACKWARDS = ("auto", "custom", "native")
+_conv_backward = "auto"
+
+
+def set_conv_backward(mode: str) -> str:
+  """Chooses how :func:`conv2d` is differentiated; returns the previous mode.
+
+  ``"native"`` differentiates ``lax.conv_general_dilated`` with JAX's own transpose rules,
+  ``"custom"`` uses :func:`conv2d_custom_vjp`, and ``"auto"`` (the default) uses the custom rule
+  where ``jax.default_backend()`` is the CPU and the native one elsewhere. The choice is read when
+  a function is traced: functions that ``jax.jit`` has already compiled keep the rule they were
+  traced with.
+
+  Args:
+    mode: one of ``auto``, ``custom``, ``native``.
+
+  Returns:
+    The mode that was in effect before the call, so that a caller can restore it.
+  """
+  global _conv_backward
+  if mode not in CONV_BACKWARDS:
+    raise ValueError(f"conv backward mode {mode!r} is not allowed; allowed: "
+                     f"{', '.join(CONV_BACKWARDS)}")
+  previous, _conv_backward = _conv_backward, mode
+  return previous
+
+
+def _uses_custom_backward() -> bool:
+  if _conv_backward == "auto":
+    return jax.default_backend() == "cpu"
+  return _conv_backward == "custom"
 
 
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
   """2-D cross-correlation, NHWC input, HWIO kernel, symmetric zero padding (PyTorch semantics).
+
+  y[n, i, j, o] = sum_{a, b, c} x_pad[n, s*i + a, s*j + b, c] w[a, b, c, o], where x_pad is ``x``
+  with ``padding`` zeros on every side, so H' = floor((H + 2p - KH) / s) + 1 (likewise W').
+  The gradient follows :func:`set_conv_backward`.
 
   Args:
     x: input [N, H, W, C_in].
@@ -22,9 +58,151 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0) -> jax
   Returns:
     Output [N, H', W', C_out].
   """
+  if _uses_custom_backward():
+    return conv2d_custom_vjp(x, w, stride, padding)
+  return _conv_forward(x, w, stride, padding)
+
+
+def _conv_forward(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
   return jax.lax.conv_general_dilated(
       x, w, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
       dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_custom_vjp(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+  """:func:`conv2d` with a backward pass written as stride-1 convolutions and matrix products.
+
+  XLA's CPU backend runs stride-1 NHWC/HWIO convolutions and plain matrix products on its fast
+  path; this rule keeps the backward pass on it where the native transpose rules leave it (the
+  input dilation of a strided input gradient, the kernel dilation of a 1x1 strided kernel
+  gradient).
+
+  Forward:  y = conv2d(x, w, s, p) (unchanged).
+  Backward, with g = dL/dy [N, H', W', C_out]:
+
+    dL/dx[n, s*m + r, ., c] = sum_j sum_o g[n, m + q_r - j, ., o] w[s*j + b_r, ., c, o]
+      (likewise on the width axis), where q_r, b_r = divmod(r + p, s) and g is zero outside
+      [0, H'); for each of the s*s phases (r, r') this is a stride-1 convolution of g with the
+      taps w[b_r::s, b_r'::s] flipped and transposed to [., ., C_out, C_in]; the phases are then
+      interleaved and cropped to H x W. For s = 1 it is the convolution of g with the flipped,
+      transposed kernel and padding KH - 1 - p.
+    dL/dw[a, b, c, o] = sum_{n, i, j} x_pad[n, s*i + a, s*j + b, c] g[n, i, j, o]: for a 1x1 kernel
+      one matrix product of the strided input with g, otherwise a convolution of x with g as the
+      kernel, batch and channel axes exchanged and g dilated by s.
+
+  Both are exact up to float rounding (the order of the sums differs from XLA's).
+
+  Args:
+    x: input [N, H, W, C_in].
+    w: kernel [KH, KW, C_in, C_out].
+    stride: stride in both spatial dimensions.
+    padding: zero padding on every side.
+
+  Returns:
+    Output [N, H', W', C_out].
+  """
+  return _conv_forward(x, w, stride, padding)
+
+
+def _conv_custom_fwd(x, w, stride, padding):
+  return _conv_forward(x, w, stride, padding), (x, w)
+
+
+def _conv_custom_bwd(stride, padding, residuals, g):
+  x, w = residuals
+  return (conv2d_input_grad(g, w, x.shape, stride, padding),
+          conv2d_kernel_grad(x, g, w.shape, stride, padding))
+
+
+conv2d_custom_vjp.defvjp(_conv_custom_fwd, _conv_custom_bwd)
+
+
+def _phase_taps(size: int, out_size: int, kernel: int, stride: int, padding: int, phase: int
+                ) -> tuple[slice, tuple[int, int]]:
+  """Kernel taps and padding of one stride phase of the input gradient along one axis.
+
+  Input rows s*m + phase (m = 0 .. ceil(size / s) - 1) receive g[m + q - j] w[s*j + b] with
+  q, b = divmod(phase + padding, s); as a correlation with the flipped taps that is padding
+  (J - 1 - q) before and ceil(size / s) - out_size + q after g, J the number of taps.
+  """
+  q, b = divmod(phase + padding, stride)
+  taps = len(range(b, kernel, stride))
+  rows = -(-size // stride)
+  return slice(b, kernel, stride), (taps - 1 - q, rows - out_size + q)
+
+
+def conv2d_input_grad(g: jax.Array, w: jax.Array, x_shape: Sequence[int], stride: int,
+                      padding: int) -> jax.Array:
+  """dL/dx of :func:`conv2d` from g = dL/dy, as s*s stride-1 convolutions (one per phase).
+
+  Args:
+    g: output gradient [N, H', W', C_out].
+    w: kernel [KH, KW, C_in, C_out].
+    x_shape: the input shape [N, H, W, C_in].
+    stride: the forward stride s.
+    padding: the forward padding p.
+
+  Returns:
+    dL/dx [N, H, W, C_in] (see :func:`conv2d_custom_vjp` for the formula).
+  """
+  n, h, wd, c_in = x_shape
+  kh, kw = w.shape[:2]
+  rows, cols = -(-h // stride), -(-wd // stride)
+  phases = []
+  for r in range(stride):
+    taps_h, pad_h = _phase_taps(h, g.shape[1], kh, stride, padding, r)
+    row = []
+    for r2 in range(stride):
+      taps_w, pad_w = _phase_taps(wd, g.shape[2], kw, stride, padding, r2)
+      sub = w[taps_h, taps_w]
+      if sub.size == 0:
+        row.append(jnp.zeros((n, rows, cols, c_in), g.dtype))
+        continue
+      flipped = jnp.flip(sub, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
+      row.append(jax.lax.conv_general_dilated(
+          g, flipped, window_strides=(1, 1), padding=(pad_h, pad_w),
+          dimension_numbers=_DIMENSION_NUMBERS))
+    phases.append(row)
+  if stride == 1:
+    return phases[0][0]
+  # [N, rows, s, cols, s, C]: phase (r, r') holds input pixels (s*m + r, s*m' + r').
+  grid = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
+  return grid.reshape(n, rows * stride, cols * stride, c_in)[:, :h, :wd]
+
+
+def conv2d_kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], stride: int,
+                       padding: int) -> jax.Array:
+  """dL/dw of :func:`conv2d` from the input x and g = dL/dy.
+
+  Args:
+    x: input [N, H, W, C_in].
+    g: output gradient [N, H', W', C_out].
+    w_shape: the kernel shape [KH, KW, C_in, C_out].
+    stride: the forward stride s.
+    padding: the forward padding p.
+
+  Returns:
+    dL/dw [KH, KW, C_in, C_out] (see :func:`conv2d_custom_vjp` for the formula).
+  """
+  kh, kw = w_shape[:2]
+  n, out_h, out_w, _ = g.shape
+  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  if kh == kw == 1:
+    taken = x[:, :(out_h - 1) * stride + 1:stride, :(out_w - 1) * stride + 1:stride]
+    dw = jax.lax.dot_general(taken, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                             preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+    return dw.reshape(w_shape).astype(x.dtype)
+  # Batch N becomes the contracted feature axis and C_in the batch: a stride-1 convolution of
+  # [C_in, H+2p, W+2p, N] with the [H', W', N, C_out] kernel g, dilated by s, gives [C_in, KH, KW,
+  # C_out]. Rows past the last tap are cut so the output is exactly KH x KW.
+  crop_h = (out_h - 1) * stride + kh
+  crop_w = (out_w - 1) * stride + kw
+  dw = jax.lax.conv_general_dilated(
+      x[:, :crop_h, :crop_w].transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3),
+      window_strides=(1, 1), padding=((0, 0), (0, 0)), rhs_dilation=(stride, stride),
+      dimension_numbers=_DIMENSION_NUMBERS)
+  return dw.transpose(1, 2, 0, 3)
 
 
 def fold_time(x: jax.Array, fn) -> jax.Array:

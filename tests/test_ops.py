@@ -1,0 +1,153 @@
+"""Tests of the convolution in empf_jax.ops: PyTorch forward semantics and the custom backward."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from empf_jax import ops
+
+# Every (kernel, stride, padding) the networks use, plus the other combinations of those values.
+KERNELS = (1, 3, 7)
+STRIDES = (1, 2)
+PADDINGS = (0, 1, 3)
+# (H, W): odd and non-square, and even.
+SIZES = ((9, 7), (8, 6))
+CASES = [pytest.param(k, s, p, hw, id=f"k{k}-s{s}-p{p}-{hw[0]}x{hw[1]}")
+         for k, s, p, hw in itertools.product(KERNELS, STRIDES, PADDINGS, SIZES)
+         if min(hw) + 2 * p >= k]
+
+
+@pytest.fixture(autouse=True)
+def _restore_conv_backward():
+  previous = ops.set_conv_backward("auto")
+  yield
+  ops.set_conv_backward(previous)
+
+
+def _reference_conv(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
+  """y[n, i, j, o] = sum_{a, b, c} x_pad[n, s*i + a, s*j + b, c] w[a, b, c, o], in float64."""
+  x = np.pad(x.astype(np.float64), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  kh, kw = w.shape[:2]
+  out_h = (x.shape[1] - kh) // stride + 1
+  out_w = (x.shape[2] - kw) // stride + 1
+  y = np.zeros((x.shape[0], out_h, out_w, w.shape[3]))
+  for i in range(out_h):
+    for j in range(out_w):
+      window = x[:, stride * i:stride * i + kh, stride * j:stride * j + kw, :]
+      y[:, i, j, :] = np.einsum("nabc,abco->no", window, w.astype(np.float64))
+  return y
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+  # NumPy draws: jax.random would compile a sampler for every shape of the sweep.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _inputs(kernel, hw, seed=0, dtype=jnp.float32):
+  return (_normal(seed, (2, *hw, 3), dtype),
+          _normal(seed + 1000, (kernel, kernel, 3, 4), dtype))
+
+
+def _conv_and_grads(mode, x, w, g, stride, padding):
+  """(y, dL/dx, dL/dw) for cotangent g, traced afresh under backward ``mode`` and jitted whole."""
+  ops.set_conv_backward(mode)
+
+  def conv_and_grads(x, w, g):
+    y, vjp = jax.vjp(lambda x, w: ops.conv2d(x, w, stride, padding), x, w)
+    return (y, *vjp(g))
+
+  return jax.jit(conv_and_grads)(x, w, g)
+
+
+def _assert_close_scaled(actual, expected, rtol):
+  """|actual - expected| <= rtol * max |expected|, elementwise (sums of signed terms cancel)."""
+  chex.assert_equal_shape([actual, expected])
+  chex.assert_trees_all_close(actual, expected, rtol=0.0,
+                              atol=rtol * float(jnp.max(jnp.abs(expected))))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,hw", CASES)
+def test_forward_and_custom_backward(kernel, stride, padding, hw):
+  """Both rules give PyTorch's cross-correlation; the custom dL/dx and dL/dw equal JAX's."""
+  x, w = _inputs(kernel, hw, seed=1)
+  out_shape = (2, (hw[0] + 2 * padding - kernel) // stride + 1,
+               (hw[1] + 2 * padding - kernel) // stride + 1, 4)
+  g = _normal(2, out_shape)
+  y, dx, dw = _conv_and_grads("custom", x, w, g, stride, padding)
+  y_native, dx_native, dw_native = _conv_and_grads("native", x, w, g, stride, padding)
+  chex.assert_shape([y, y_native], out_shape)
+  chex.assert_shape(dx, x.shape)
+  chex.assert_shape(dw, w.shape)
+  chex.assert_trees_all_equal(y, y_native)
+  np.testing.assert_allclose(np.asarray(y), _reference_conv(np.asarray(x), np.asarray(w), stride,
+                                                            padding), rtol=1e-5, atol=1e-5)
+  _assert_close_scaled(dx, dx_native, rtol=1e-5)
+  _assert_close_scaled(dw, dw_native, rtol=1e-5)
+
+
+def test_custom_backward_is_the_adjoint_of_the_forward():
+  """<conv(x, w), g> = <x, dL/dx> = <w, dL/dw> for the linear maps x -> y and w -> y."""
+  x, w = _inputs(3, (9, 7), seed=3)
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  g = _normal(4, (2, 5, 4, 4))
+  _, dx, dw = _conv_and_grads("custom", x, w, g, 2, 1)
+  inner = np.sum(_reference_conv(x64, w64, 2, 1) * np.asarray(g, np.float64))
+  np.testing.assert_allclose(np.sum(x64 * np.asarray(dx, np.float64)), inner, rtol=1e-5)
+  np.testing.assert_allclose(np.sum(w64 * np.asarray(dw, np.float64)), inner, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3)])
+def test_custom_backward_bfloat16(kernel, stride, padding):
+  x, w = _inputs(kernel, (9, 9), seed=5, dtype=jnp.bfloat16)
+  out_size = (9 + 2 * padding - kernel) // stride + 1
+  g = _normal(6, (2, out_size, out_size, 4), jnp.bfloat16)
+  y, dx, dw = _conv_and_grads("custom", x, w, g, stride, padding)
+  chex.assert_type([y, dx, dw], jnp.bfloat16)
+  _, dx_ref, dw_ref = _conv_and_grads("native", x.astype(jnp.float32), w.astype(jnp.float32),
+                                      g.astype(jnp.float32), stride, padding)
+  _assert_close_scaled(dx.astype(jnp.float32), dx_ref, rtol=2e-2)
+  _assert_close_scaled(dw.astype(jnp.float32), dw_ref, rtol=2e-2)
+
+
+def test_custom_backward_under_jit_traces_once():
+  x, w = _inputs(3, (8, 8), seed=7)
+  ops.set_conv_backward("custom")
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def loss_and_grads(x, w):
+    return jax.value_and_grad(lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1) ** 2), (0, 1))(x, w)
+
+  loss, (dx, dw) = loss_and_grads(x, w)
+  loss_and_grads(x + 1.0, w)
+  ops.set_conv_backward("native")
+  loss_ref, (dx_ref, dw_ref) = jax.value_and_grad(
+      lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1) ** 2), (0, 1))(x, w)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  _assert_close_scaled(dx, dx_ref, rtol=1e-5)
+  _assert_close_scaled(dw, dw_ref, rtol=1e-5)
+
+
+def _uses_custom_vjp(mode):
+  ops.set_conv_backward(mode)
+  x, w = _inputs(3, (8, 8))
+  jaxpr = jax.make_jaxpr(lambda x, w: ops.conv2d(x, w, 1, 1))(x, w)
+  return any("custom_vjp" in eqn.primitive.name for eqn in jaxpr.jaxpr.eqns)
+
+
+def test_set_conv_backward_selects_the_rule():
+  assert _uses_custom_vjp("custom")
+  assert not _uses_custom_vjp("native")
+  assert _uses_custom_vjp("auto") == (jax.default_backend() == "cpu")
+
+
+def test_set_conv_backward_returns_previous_and_rejects_unknown_modes():
+  assert ops.set_conv_backward("native") == "auto"
+  assert ops.set_conv_backward("custom") == "native"
+  with pytest.raises(ValueError, match="'xla'.*auto, custom, native"):
+    ops.set_conv_backward("xla")
+  assert ops.set_conv_backward("auto") == "custom"
