@@ -1,0 +1,206 @@
+"""CPU speed of the convolution gradient: XLA's native transpose rules against the custom VJP.
+
+For a few layer shapes it times the forward pass, dL/dx, dL/dw and ``value_and_grad`` of
+<conv2d(x, w), g> under both backward rules of :func:`empf_jax.ops.set_conv_backward`, then the
+full loss gradient of a ResNet-18 (width 0.5, T = 1, input [1, 8, 32, 32, 3]). Every function is
+compiled and warmed up first; then the two rules alternate round by round (the order flips every
+round) so that load from other processes on a shared machine falls on both alike, and the median
+over all timed calls is reported. A convolution costs 2 N H' W' KH KW C_in C_out floating-point
+operations; dL/dx and dL/dw cost the same and ``value_and_grad`` three times that.
+
+Usage::
+
+  python -m benchmarks.conv_cpu [--out benchmarks/results/conv_cpu.json] [--rounds 5]
+      [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from empf_jax import models, ops, training
+
+MODES = ("native", "custom")
+DEFAULT_OUT = pathlib.Path("benchmarks/results/conv_cpu.json")
+
+
+class Layer(NamedTuple):
+  """One convolution: input [batch, size, size, c_in], kernel [kernel, kernel, c_in, c_out]."""
+
+  name: str
+  batch: int
+  size: int
+  c_in: int
+  c_out: int
+  kernel: int
+  stride: int
+  padding: int
+
+  @property
+  def out_size(self) -> int:
+    return (self.size + 2 * self.padding - self.kernel) // self.stride + 1
+
+  @property
+  def flops(self) -> int:
+    return (2 * self.batch * self.out_size ** 2 * self.kernel ** 2 * self.c_in * self.c_out)
+
+
+LAYERS = (
+    Layer("3x3 s1, 64x28x28x32 -> 64", 64, 28, 32, 64, 3, 1, 1),
+    Layer("ResNet-18 3x3 s1, 16x32x32x64 -> 64", 16, 32, 64, 64, 3, 1, 1),
+    Layer("ResNet-18 3x3 s2, 16x32x32x64 -> 128", 16, 32, 64, 128, 3, 2, 1),
+    Layer("ResNet-18 shortcut 1x1 s2, 16x32x32x64 -> 128", 16, 32, 64, 128, 1, 2, 0),
+    Layer("ImageNet stem 7x7 s2 (odd size), 16x63x63x3 -> 64", 16, 63, 3, 64, 7, 2, 3),
+)
+OPERATIONS = {"forward": 1, "input_grad": 1, "kernel_grad": 1, "value_and_grad": 3}
+
+
+def _compile(mode: str, fn: Callable, *args) -> Callable:
+  """``fn`` jitted and compiled with ``mode``'s backward rule (the rule is read at trace time)."""
+  previous = ops.set_conv_backward(mode)
+  try:
+    return jax.jit(fn).lower(*args).compile()
+  finally:
+    ops.set_conv_backward(previous)
+
+
+def _layer_functions(layer: Layer) -> dict[str, Callable]:
+  def conv(x, w):
+    return ops.conv2d(x, w, layer.stride, layer.padding)
+
+  def value_and_grad(x, w, g):
+    return jax.value_and_grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1))(x, w)
+
+  return {
+      "forward": lambda x, w, g: conv(x, w),
+      "input_grad": lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
+      "kernel_grad": lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
+      "value_and_grad": value_and_grad,
+  }
+
+
+def _interleaved_medians(compiled: dict[str, Callable], args: tuple, rounds: int,
+                         repeats: int) -> dict[str, float]:
+  """Median seconds per call of each function, the functions alternating round by round."""
+  for fn in compiled.values():
+    jax.block_until_ready(fn(*args))
+  samples = {name: [] for name in compiled}
+  order = list(compiled)
+  for _ in range(rounds):
+    for name in order:
+      for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled[name](*args))
+        samples[name].append(time.perf_counter() - start)
+    order.reverse()
+  return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _relative_difference(a, b) -> float:
+  """max |a - b| / max |b| over a pytree's leaves (the largest per leaf)."""
+  return max(float(jnp.max(jnp.abs(u - v)) / jnp.maximum(jnp.max(jnp.abs(v)), 1e-30))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def bench_layer(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> dict:
+  """Times every operation of ``layer`` under both rules; GFLOP/s from the median time."""
+  rng = np.random.default_rng(0)
+  x = jax.device_put(rng.standard_normal((layer.batch, layer.size, layer.size, layer.c_in),
+                                         np.float32), device)
+  w = jax.device_put(0.1 * rng.standard_normal(
+      (layer.kernel, layer.kernel, layer.c_in, layer.c_out), np.float32), device)
+  g = jax.device_put(rng.standard_normal(
+      (layer.batch, layer.out_size, layer.out_size, layer.c_out), np.float32), device)
+  result = {"layer": layer._asdict(), "mflop_per_conv": layer.flops / 1e6, "operations": {}}
+  for op, fn in _layer_functions(layer).items():
+    compiled = {mode: _compile(mode, fn, x, w, g) for mode in MODES}
+    seconds = _interleaved_medians(compiled, (x, w, g), rounds, repeats)
+    flops = OPERATIONS[op] * layer.flops
+    entry = {mode: {"median_ms": 1e3 * seconds[mode], "gflops": flops / seconds[mode] / 1e9}
+             for mode in MODES}
+    entry["speedup"] = seconds["native"] / seconds["custom"]
+    entry["max_relative_difference"] = _relative_difference(
+        compiled["custom"](x, w, g), compiled["native"](x, w, g))
+    result["operations"][op] = entry
+  return result
+
+
+def bench_resnet18(rounds: int, repeats: int, device: jax.Device) -> dict:
+  """Loss and gradient (parameters) of ResNet-18, width 0.5, T = 1, on [1, 8, 32, 32, 3]."""
+  model = models.create("resnet18", num_classes=10, time_steps=1, width=0.5)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 8, 32, 32, 3), np.float32)
+  targets = training.smoothed_targets(jax.nn.one_hot(np.arange(8) % 10, 10), 10)
+  params, rest, x, targets = jax.device_put((params, rest, x, targets), device)
+
+  def loss(params, rest, x, targets):
+    net = training.fresh_merge(graphdef, params, rest)
+    logits = net(x, train=True)
+    return (training.cross_entropy(jnp.sum(logits, axis=0), targets),
+            nnx.state(net, nnx.Not(nnx.Param)))
+
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  args = (params, rest, x, targets)
+  compiled = {mode: _compile(mode, grad_fn, *args) for mode in MODES}
+  seconds = _interleaved_medians(compiled, args, rounds, repeats)
+  return {
+      "model": "resnet18 width=0.5 time_steps=1 input [1, 8, 32, 32, 3] float32",
+      "native_ms": 1e3 * seconds["native"],
+      "custom_ms": 1e3 * seconds["custom"],
+      "speedup": seconds["native"] / seconds["custom"],
+      "max_relative_gradient_difference": _relative_difference(
+          compiled["custom"](*args)[1], compiled["native"](*args)[1]),
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON result file")
+  parser.add_argument("--rounds", type=int, default=5, help="alternations of the two rules")
+  parser.add_argument("--repeats", type=int, default=5, help="timed calls per rule per round")
+  args = parser.parse_args()
+  device = jax.devices("cpu")[0]
+  load_before = os.getloadavg()
+  layers = []
+  for layer in LAYERS:
+    result = bench_layer(layer, args.rounds, args.repeats, device)
+    layers.append(result)
+    print(f"{layer.name} ({layer.flops / 1e6:.0f} MFLOP per convolution), GFLOP/s:")
+    for op, entry in result["operations"].items():
+      print(f"  {op:15s} native {entry['native']['gflops']:6.1f}   custom "
+            f"{entry['custom']['gflops']:6.1f}   speedup {entry['speedup']:.2f}x")
+  resnet = bench_resnet18(args.rounds, args.repeats, device)
+  print(f"{resnet['model']}, loss and gradient: native {resnet['native_ms']:.1f} ms, custom "
+        f"{resnet['custom_ms']:.1f} ms, speedup {resnet['speedup']:.2f}x")
+  load_after = os.getloadavg()
+  print(f"load average (1, 5, 15 min) before {load_before}, after {load_after} on "
+        f"{os.cpu_count()} CPUs")
+  report = {
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "load_average_before": load_before, "load_average_after": load_after},
+      "method": {"rounds": args.rounds, "repeats": args.repeats,
+                 "statistic": "median over rounds * repeats calls, rules interleaved"},
+      "layers": layers,
+      "resnet18": resnet,
+  }
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(report, indent=2) + "\n")
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
