@@ -11,28 +11,41 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from empf_jax.layers import FixedNeuronScalar, NeuronParam, NormParam
+
+
+def _generator(key: jax.Array, path: tuple) -> np.random.Generator:
+  """A NumPy generator seeded by ``key`` and the variable's path (independent draws per variable)."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  seed = [int(v) for v in np.asarray(key).ravel()]
+  return np.random.default_rng(seed + [zlib.crc32("/".join(map(str, path)).encode())])
 
 
 def randomize(model: nnx.Module, key: jax.Array, *, scale: float = 0.5) -> nnx.Module:
   """Sets neuron scalars, BN/Mem-BN parameters and running statistics to random values in place.
 
   Neuron logits and gates ~ N(0, 1); BN scales ~ U(0.5, 1.5); offsets and running means ~
-  N(0, scale); running variances ~ U(0.5, 2). Returns the model for chaining.
+  N(0, scale); running variances ~ U(0.5, 2). The draws are made with NumPy, seeded by ``key`` and
+  each variable's path, so no random-number kernel is compiled per shape. Returns the model for
+  chaining.
   """
   def draw(path, variable):
     name = path[-1] if path else ""
-    k = jax.random.fold_in(key, zlib.crc32('/'.join(map(str, path)).encode()) % (2**31))
-    shape, dtype = variable.shape, variable.dtype
+    rng = _generator(key, path)
+    shape = variable.shape
     if isinstance(variable, (NeuronParam, FixedNeuronScalar)) or name in ("c", "d"):
-      return jax.random.normal(k, shape, dtype)
-    if name == "scale":
-      return jax.random.uniform(k, shape, dtype, 0.5, 1.5)
-    if name == "var":
-      return jax.random.uniform(k, shape, dtype, 0.5, 2.0)
-    return scale * jax.random.normal(k, shape, dtype)
+      value = rng.standard_normal(shape)
+    elif name == "scale":
+      value = rng.uniform(0.5, 1.5, shape)
+    elif name == "var":
+      value = rng.uniform(0.5, 2.0, shape)
+    else:
+      value = scale * rng.standard_normal(shape)
+    return jnp.asarray(value, variable.dtype)
 
   kinds = (NeuronParam, FixedNeuronScalar, NormParam, nnx.BatchStat)
   for path, variable in nnx.iter_graph(model):
