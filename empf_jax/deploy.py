@@ -16,9 +16,9 @@ Folds (eval mode, BN_l(z) = A z + C per channel from the running statistics):
   interleaved), plus s and C per output channel.
 * Full-precision convolution (stem, first VGG conv): W'[..., o] = A_o W[..., o], bias C.
 * EM-PF neuron: decay lambda_t = sigma(a_t) and threshold theta_t = sigma(b_t) are stored directly.
-  With Mem-BN, m_hat_t = k_t (lambda_t u_{t-1} + I_t) + h_t with k_t = sigma(d_t) + sigma(c_t) A_t and
-  h_t = sigma(c_t) C_t (SPEC section 1), stored per channel as decay k_t lambda_t, gain k_t and
-  offset h_t:  m_hat_t = (k_t lambda_t) u_{t-1} + k_t I_t + h_t.
+  With Mem-BN, m_hat_t = k_t (lambda_t u_{t-1} + I_t) + h_t with
+  k_t = sigma(d_t) + sigma(c_t) A_t and h_t = sigma(c_t) C_t (SPEC section 1), stored per channel
+  as decay k_t lambda_t, gain k_t and offset h_t:  m_hat_t = (k_t lambda_t) u_{t-1} + k_t I_t + h_t.
 * Parallel neuron: threshold theta_t only (stateless). LIF: decay sigma(a_t) and threshold
   theta'_t = sigma(b_t) + 0.5. SECA and the fully connected layers keep their float parameters.
 
@@ -270,7 +270,7 @@ def _first_difference(got: Any, want: Any, where: str = "") -> tuple[str, Any, A
         return found
     return None
   if isinstance(got, (list, tuple)) and isinstance(want, (list, tuple)) and len(got) == len(want):
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
       found = _first_difference(g, w, _dotted(where, i))
       if found:
         return found
@@ -357,7 +357,8 @@ def _fold_neuron(spec: NeuronSpec, neuron: nnx.Module) -> Params:
 
 
 def _fold_dense(spec: DenseSpec, dense: Dense) -> Params:
-  return {f"{spec.name}.kernel": _f32(dense.kernel[...]), f"{spec.name}.bias": _f32(dense.bias[...])}
+  return {f"{spec.name}.kernel": _f32(dense.kernel[...]),
+          f"{spec.name}.bias": _f32(dense.bias[...])}
 
 
 def _fold_seca(name: str, seca: SECA) -> Params:
@@ -368,7 +369,7 @@ def _fold(model: models.SpikingNetwork, layout: ResNetLayout | PlainLayout) -> P
   params: Params = {}
   if isinstance(layout, ResNetLayout):
     params.update(_fold_conv(layout.stem, model.stem.conv, model.stem.bn))
-    for spec, block in zip(layout.blocks, model.blocks):
+    for spec, block in zip(layout.blocks, model.blocks, strict=True):
       params.update(_fold_neuron(spec.act1, block.act1))
       params.update(_fold_conv(spec.conv1, block.conv1, block.bn1))
       params.update(_fold_neuron(spec.act2, block.act2))
@@ -384,7 +385,7 @@ def _fold(model: models.SpikingNetwork, layout: ResNetLayout | PlainLayout) -> P
   else:
     modules = (model.units if isinstance(model, models.Plain)
                else [model.unit1, model.unit2, model.unit3])
-    for spec, unit in zip(layout.units, modules):
+    for spec, unit in zip(layout.units, modules, strict=True):
       params.update(_fold_conv(spec.conv, unit.conv, unit.bn))
       if spec.seca:
         params.update(_fold_seca(_dotted(spec.name, "seca"), unit.seca))
@@ -495,7 +496,8 @@ def _build(kind: Any, value: Any, where: str) -> Any:
     hints = typing.get_type_hints(kind)
     names = [f.name for f in dataclasses.fields(kind)]
     if sorted(value) != sorted(names):
-      raise ValueError(f"{where}: {kind.__name__} needs fields {sorted(names)}, got {sorted(value)}")
+      raise ValueError(f"{where}: {kind.__name__} needs fields {sorted(names)}, "
+                       f"got {sorted(value)}")
     return kind(**{n: _build(hints[n], value[n], _dotted(where, n)) for n in names})
   if origin in (Union, types.UnionType):
     args = typing.get_args(kind)

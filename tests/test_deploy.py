@@ -257,7 +257,7 @@ def _corruption_positions(data):
 
 def test_bundle_detects_any_flipped_byte(small_bundle):
   _, data = small_bundle
-  for where, (position, message) in _corruption_positions(data).items():
+  for position, message in _corruption_positions(data).values():
     for flip in (0x01, 0x80):
       corrupted = bytearray(data)
       corrupted[position] ^= flip

@@ -1,0 +1,432 @@
+"""Firing rates, synaptic and neuron operations, and energy estimates (SPEC section 5).
+
+Counts come from one evaluation run with the modules' recording hooks on: every :class:`QConv` and
+:class:`Dense` sows its input, every neuron its spikes (:func:`recorded_run`). Each batch is counted
+inside one jitted function, so only per-layer sums leave the device. All figures are per
+sample (input example), summed over the time steps run.
+
+Synaptic operations of a layer with input x_t (steps t, kernel W, stride, padding):
+
+    ops = sum_t sum_{inputs i} 1[x_t[i] != 0] * fanout(i),
+    fanout(i) = number of (output position, output channel) pairs whose kernel window covers i
+                through a non-zero weight,
+
+computed exactly (borders, strides) as sum(conv(1[x_t != 0], 1[W != 0])): every output sums the
+inputs its window covers. Binary and float kernels have no zero weights; ternary zeros are skipped.
+
+* Layers fed by spikes (block convolutions, VGG convolutions after the first, FC layers reading
+  neurons; the binarised first VGG-SNN convolution reading event frames) count only non-zero inputs:
+  these are the SOPs.
+* Layers fed by real-valued currents (the stem, the 1x1 shortcut convolutions reading the residual
+  stream, the FC head of ResNet-18/34 and the hidden FC of ResNet-19, both reading the pooled
+  stream) count every input: 1[x != 0] is replaced by 1. ResNet-19's last FC reads spikes.
+* An operation is an accumulate (AC) when the weights are binary or ternary (a +-1 weight adds or
+  subtracts its input; the per-channel scale is applied once per output) and a multiply-accumulate
+  (MAC) with float weights: floating-point spikes need a real multiply.
+
+Neuron operations per neuron per step: EM-PF 1 multiply + 2 additions (leak, integrate,
+threshold); with Mem-BN folded one more multiply and addition (per-channel gain and offset);
+parallel neuron 1 addition (threshold); LIF the same as EM-PF (leak, integrate, threshold compare;
+the reset is counted as the threshold addition). The 4-bit spike code, pooling, and the folded
+per-channel scale and bias of each convolution are not counted. SECA (if present) counts H W C
+additions (pooling), 5 C MACs (the 1-D convolution) and H W C multiplies (the gate) per step.
+
+Energy at 45 nm: 0.9 pJ per AC (addition), 4.6 pJ per MAC, so 3.7 pJ per lone multiply.
+Two columns:
+
+* **authors**: SOPs x 0.9 pJ only (spike-fed synaptic operations, whatever their weights), the
+  convention of the EM-PF authors; with 4-bit spikes divided by 8 (32-bit over 4-bit spike words),
+  as they count it.
+* **full**: every synaptic operation at its AC or MAC price (stem, shortcuts, heads included), plus
+  the neuron operations and SECA; no 4-bit discount.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from empf_jax import deploy, ops
+from empf_jax.layers import SECA, SECA_TAPS, Dense, EMPFNeuron, LIFNeuron, Neuron, QConv
+from empf_jax.models import SpikingNetwork
+from empf_jax.quantize import ternary_codes
+
+AC_ENERGY_PJ = 0.9
+MAC_ENERGY_PJ = 4.6
+MUL_ENERGY_PJ = MAC_ENERGY_PJ - AC_ENERGY_PJ
+FOUR_BIT_FACTOR = 1.0 / 8.0
+NEURON_OPS = {  # (multiplies, additions) per neuron per step
+    "empf": (1, 2),
+    "empf+mem_bn": (2, 3),
+    "parallel": (0, 1),
+    "lif": (1, 2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SynapticLayer:
+  """One convolution or FC layer.
+
+  Attributes:
+    name: module path, e.g. ``blocks.0.conv1``.
+    kind: ``conv`` or ``dense``.
+    source: ``spikes`` (sparse: only non-zero inputs count) or ``currents`` (every input counts).
+    op: ``AC`` (binary/ternary weights) or ``MAC`` (float weights).
+    input_rate: fraction of non-zero inputs.
+    ops: operations per sample over all steps (SOPs when ``source == 'spikes'``).
+  """
+
+  name: str
+  kind: str
+  source: str
+  op: str
+  input_rate: float
+  ops: float
+
+  @property
+  def energy_pj(self) -> float:
+    return self.ops * (AC_ENERGY_PJ if self.op == "AC" else MAC_ENERGY_PJ)
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronLayer:
+  """One neuron layer: ``kind`` is ``empf``, ``empf+mem_bn``, ``parallel`` or ``lif``.
+
+  ``neurons`` counts one sample's neurons at one step; ``muls`` and ``adds`` are per sample over
+  all steps.
+  """
+
+  name: str
+  kind: str
+  neurons: int
+  firing_rate: float
+  muls: float
+  adds: float
+
+  @property
+  def energy_pj(self) -> float:
+    return self.muls * MUL_ENERGY_PJ + self.adds * AC_ENERGY_PJ
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayer:
+  """One SECA gate: operations per sample over all steps."""
+
+  name: str
+  macs: float
+  muls: float
+  adds: float
+
+  @property
+  def energy_pj(self) -> float:
+    return self.macs * MAC_ENERGY_PJ + self.muls * MUL_ENERGY_PJ + self.adds * AC_ENERGY_PJ
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """Per-layer counts and totals, per sample over ``time_steps`` steps."""
+
+  samples: int
+  time_steps: int
+  spike_bits: int | None
+  synaptic: tuple[SynapticLayer, ...]
+  neurons: tuple[NeuronLayer, ...]
+  attention: tuple[AttentionLayer, ...]
+
+  @property
+  def sops(self) -> float:
+    """Spike-driven synaptic operations."""
+    return sum(layer.ops for layer in self.synaptic if layer.source == "spikes")
+
+  @property
+  def acs(self) -> float:
+    return sum(layer.ops for layer in self.synaptic if layer.op == "AC")
+
+  @property
+  def macs(self) -> float:
+    return sum(layer.ops for layer in self.synaptic if layer.op == "MAC")
+
+  @property
+  def neuron_ops(self) -> tuple[float, float]:
+    """(multiplies, additions) of all neurons."""
+    return (sum(layer.muls for layer in self.neurons), sum(layer.adds for layer in self.neurons))
+
+  @property
+  def firing_rate(self) -> float:
+    """Non-zero fraction of all spikes of all neuron layers."""
+    total = sum(layer.neurons for layer in self.neurons)
+    return sum(layer.firing_rate * layer.neurons for layer in self.neurons) / max(total, 1)
+
+  @property
+  def energy_authors_pj(self) -> float:
+    """SOPs x 0.9 pJ, divided by 8 with 4-bit spikes (the authors' convention)."""
+    factor = FOUR_BIT_FACTOR if self.spike_bits == 4 else 1.0
+    return self.sops * AC_ENERGY_PJ * factor
+
+  @property
+  def energy_full_pj(self) -> float:
+    """Every synaptic operation at its price, plus neuron operations and SECA."""
+    return sum(layer.energy_pj for layer in (*self.synaptic, *self.neurons, *self.attention))
+
+
+def set_recording(model: nnx.Module, on: bool) -> None:
+  """Turns the ``record`` flag of every recording module (convs, FC layers, neurons) on or off."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and hasattr(node, "record"):
+      node.record = on
+
+
+def recorded_run(model: SpikingNetwork, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Runs ``model(x)`` in evaluation mode with recording on and collects what the modules sow.
+
+  The sown ``nnx.Intermediate`` values are captured with ``nnx.capture`` (so none stay on the
+  model) and the ``record`` flags are switched off again afterwards.
+
+  Returns:
+    The logits [T, B, K] and a dict from module path (``blocks.0.conv1``) to the recorded array:
+    a conv's or FC layer's input, a neuron's spikes, each time-major.
+  """
+  set_recording(model, True)
+  try:
+    logits, recorded = nnx.capture(lambda net, inputs: net(inputs, train=False),
+                                   nnx.Intermediate)(model, x)
+  finally:
+    set_recording(model, False)
+  return logits, {".".join(map(str, path[:-1])): variable.get_value()[-1]
+                  for path, variable in nnx.to_flat_state(recorded)}
+
+
+def nonzero_weights(conv: QConv) -> jax.Array:
+  """1[W != 0] of the deployed kernel: all ones for binary and float, the ternary non-zeros."""
+  kernel = conv.kernel[...]
+  if conv.weights == "ternary":
+    return (ternary_codes(kernel)[0] != 0).astype(jnp.float32)
+  return jnp.ones(kernel.shape, jnp.float32)
+
+
+def conv_synaptic_ops(inputs: jax.Array, weights_nonzero: jax.Array, stride: int, padding: int,
+                      *, sparse: bool = True) -> jax.Array:
+  """sum over steps, inputs and the outputs they reach of 1[x != 0] 1[W != 0] (see module doc).
+
+  Args:
+    inputs: time-major input [S, B, H, W, C_in].
+    weights_nonzero: 1[W != 0], HWIO.
+    stride: convolution stride.
+    padding: zero padding (padded zeros are not inputs and never count).
+    sparse: count only non-zero inputs (spike-fed layer); False counts every input.
+
+  Returns:
+    The total over the batch (a float32 scalar).
+  """
+  mask = (inputs != 0) if sparse else jnp.ones(inputs.shape, bool)
+  mask = mask.astype(jnp.float32)
+  reached = ops.fold_time(mask, lambda m: ops.conv2d(m, weights_nonzero, stride, padding))
+  return jnp.sum(reached)
+
+
+def dense_synaptic_ops(inputs: jax.Array, out_features: int, *, sparse: bool = True) -> jax.Array:
+  """sum over steps and inputs of 1[x != 0] * out_features (every input when not sparse)."""
+  count = jnp.sum(inputs != 0) if sparse else inputs.size
+  return jnp.asarray(count, jnp.float32) * out_features
+
+
+@dataclasses.dataclass(frozen=True)
+class _Synapse:
+  name: str
+  kind: str
+  source: str
+  op: str
+
+
+def _synapses(model: SpikingNetwork) -> list[_Synapse]:
+  """Every conv/FC layer with what feeds it, read from the deployed layout."""
+  layout = deploy.layout_of(model)
+
+  def conv(spec: deploy.ConvSpec, source: str) -> _Synapse:
+    return _Synapse(spec.name, "conv", source, "MAC" if spec.weights == "float" else "AC")
+
+  out = []
+  if isinstance(layout, deploy.ResNetLayout):
+    out.append(conv(layout.stem, "currents"))
+    for block in layout.blocks:
+      out += [conv(block.conv1, "spikes"), conv(block.conv2, "spikes")]
+      if block.shortcut is not None:
+        out.append(conv(block.shortcut, "currents"))
+    if layout.hidden is not None:
+      out.append(_Synapse(layout.hidden.name, "dense", "currents", "MAC"))
+    out.append(_Synapse(layout.fc.name, "dense",
+                        "spikes" if layout.hidden is not None else "currents", "MAC"))
+  else:
+    for i, unit in enumerate(layout.units):
+      first_float = i == 0 and unit.conv.weights == "float"
+      out.append(conv(unit.conv, "currents" if first_float else "spikes"))
+    out.append(_Synapse(layout.fc.name, "dense", "spikes", "MAC"))
+  return out
+
+
+def _neuron_kind(neuron: Neuron) -> str:
+  if isinstance(neuron, LIFNeuron):
+    return "lif"
+  if isinstance(neuron, EMPFNeuron):
+    return "empf+mem_bn" if neuron.mem_bn is not None else "empf"
+  return "parallel"
+
+
+def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
+  return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model)
+          if isinstance(node, (QConv, Dense, Neuron, SECA))}
+
+
+_SECA_INPUT = {"seca1": "conv1", "seca2": "conv2", "seca": "conv"}
+
+
+def _seca_conv(name: str) -> str:
+  """The convolution whose output a SECA gate reads (same block or unit)."""
+  parent, _, leaf = name.rpartition(".")
+  return f"{parent}.{_SECA_INPUT[leaf]}"
+
+
+def _conv_output_shape(conv: QConv, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+  """(H', W', C_out) of a convolution's output for input [..., H, W, C_in]."""
+  def size(n: int) -> int:
+    return (n + 2 * conv.padding - conv.kernel_size) // conv.stride + 1
+
+  h, w = input_shape[-3:-1]
+  return size(h), size(w), conv.out_features
+
+
+def _batch_counts(model: SpikingNetwork, x: jax.Array) -> dict[str, dict[str, jax.Array]]:
+  """Per layer, additive counts over one batch (all steps): operations, non-zeros, sizes."""
+  _, recorded = recorded_run(model, x)
+  modules = _modules(model)
+  counts = {}
+  for synapse in _synapses(model):
+    inputs, module = recorded[synapse.name], modules[synapse.name]
+    sparse = synapse.source == "spikes"
+    if synapse.kind == "conv":
+      total = conv_synaptic_ops(inputs, nonzero_weights(module), module.stride, module.padding,
+                                sparse=sparse)
+    else:
+      total = dense_synaptic_ops(inputs, module.out_features, sparse=sparse)
+    counts[synapse.name] = {"ops": total, "nonzero": jnp.sum(inputs != 0).astype(jnp.float32),
+                            "size": jnp.asarray(inputs.size, jnp.float32)}
+  for name, module in modules.items():
+    if isinstance(module, Neuron):
+      spikes = recorded[name]
+      counts[name] = {"nonzero": jnp.sum(spikes != 0).astype(jnp.float32),
+                      "size": jnp.asarray(spikes.size, jnp.float32)}
+    elif isinstance(module, SECA):
+      conv_name = _seca_conv(name)
+      inputs = recorded[conv_name]
+      h, w, c = _conv_output_shape(modules[conv_name], inputs.shape)
+      repeats = math.prod(inputs.shape[:2])
+      counts[name] = {"macs": jnp.asarray(SECA_TAPS * c * repeats, jnp.float32),
+                      "elements": jnp.asarray(h * w * c * repeats, jnp.float32)}
+  return counts
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_counts(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
+                   ) -> dict[str, dict[str, jax.Array]]:
+  return _batch_counts(nnx.merge(graphdef, state), x)
+
+
+def measure(model: SpikingNetwork, batches: Iterable[jax.Array]) -> Report:
+  """Runs the model in evaluation mode on every batch and accumulates the counts.
+
+  Args:
+    model: a network from :func:`empf_jax.models.create` (left unchanged).
+    batches: time-major inputs [T, B, ...], all with the same number of steps T.
+
+  Returns:
+    The report, per sample, summed over the T steps.
+  """
+  graphdef, state = nnx.split(model)
+  totals: dict[str, dict[str, float]] = {}
+  samples, steps = 0, None
+  for x in batches:
+    x = jnp.asarray(x)
+    if steps is not None and x.shape[0] != steps:
+      raise ValueError(f"every batch must have the same number of time steps; got {x.shape[0]} "
+                       f"after {steps}")
+    steps = x.shape[0]
+    samples += x.shape[1]
+    for name, values in jax.device_get(_jitted_counts(graphdef, state, x)).items():
+      layer = totals.setdefault(name, {})
+      for key, value in values.items():
+        layer[key] = layer.get(key, 0.0) + float(value)
+  if samples == 0:
+    raise ValueError("measure() needs at least one batch")
+  return _report(model, totals, samples, steps)
+
+
+def _report(model: SpikingNetwork, totals: dict[str, dict[str, float]], samples: int,
+            steps: int) -> Report:
+  synaptic = tuple(
+      SynapticLayer(s.name, s.kind, s.source, s.op,
+                    totals[s.name]["nonzero"] / totals[s.name]["size"],
+                    totals[s.name]["ops"] / samples)
+      for s in _synapses(model))
+  neuron_layers, attention, spike_bits = [], [], None
+  for name, module in _modules(model).items():
+    layer = totals.get(name)
+    if isinstance(module, Neuron):
+      kind = _neuron_kind(module)
+      muls, adds = NEURON_OPS[kind]
+      updates = layer["size"] / samples  # neuron updates per sample over all steps
+      neuron_layers.append(NeuronLayer(name, kind, round(updates / steps),
+                                       layer["nonzero"] / layer["size"],
+                                       muls * updates, adds * updates))
+      spike_bits = getattr(module, "spike_bits", None) or spike_bits
+    elif isinstance(module, SECA):
+      elements = layer["elements"] / samples
+      attention.append(AttentionLayer(name, macs=layer["macs"] / samples, muls=elements,
+                                      adds=elements))
+  return Report(samples, steps, spike_bits, synaptic, tuple(neuron_layers), tuple(attention))
+
+
+def _fmt(value: float) -> str:
+  return f"{value:.4g}"
+
+
+def to_markdown(report: Report) -> str:
+  """The report as Markdown tables (per layer, then totals); energies in microjoules per sample."""
+  uj = 1e-6
+  lines = [f"Per sample, summed over T = {report.time_steps} steps ({report.samples} samples"
+           f"{', 4-bit spikes' if report.spike_bits == 4 else ''}).", "",
+           "| layer | type | input | op | non-zero input | ops (M) | energy full (uJ) |",
+           "|---|---|---|---|---|---|---|"]
+  for layer in report.synaptic:
+    lines.append(f"| {layer.name} | {layer.kind} | {layer.source} | {layer.op} | "
+                 f"{layer.input_rate:.4f} | {_fmt(layer.ops / 1e6)} | "
+                 f"{_fmt(layer.energy_pj * uj)} |")
+  lines += ["", "| neuron layer | kind | neurons | firing rate | mul (M) | add (M) | "
+                "energy full (uJ) |", "|---|---|---|---|---|---|---|"]
+  for layer in report.neurons:
+    lines.append(f"| {layer.name} | {layer.kind} | {layer.neurons} | {layer.firing_rate:.4f} | "
+                 f"{_fmt(layer.muls / 1e6)} | {_fmt(layer.adds / 1e6)} | "
+                 f"{_fmt(layer.energy_pj * uj)} |")
+  if report.attention:
+    lines += ["", "| SECA | MAC (M) | mul (M) | add (M) | energy full (uJ) |",
+              "|---|---|---|---|---|"]
+    for layer in report.attention:
+      lines.append(f"| {layer.name} | {_fmt(layer.macs / 1e6)} | {_fmt(layer.muls / 1e6)} | "
+                   f"{_fmt(layer.adds / 1e6)} | {_fmt(layer.energy_pj * uj)} |")
+  muls, adds = report.neuron_ops
+  authors_note = " (/8 for 4-bit spikes)" if report.spike_bits == 4 else ""
+  lines += ["", "| total | value |", "|---|---|",
+            f"| SOPs (M) | {_fmt(report.sops / 1e6)} |",
+            f"| synaptic ACs (M) | {_fmt(report.acs / 1e6)} |",
+            f"| synaptic MACs (M) | {_fmt(report.macs / 1e6)} |",
+            f"| neuron mul / add (M) | {_fmt(muls / 1e6)} / {_fmt(adds / 1e6)} |",
+            f"| firing rate | {report.firing_rate:.4f} |",
+            f"| energy, authors: SOPs x 0.9 pJ{authors_note} (uJ) | "
+            f"{_fmt(report.energy_authors_pj * uj)} |",
+            f"| energy, full (uJ) | {_fmt(report.energy_full_pj * uj)} |"]
+  return "\n".join(lines) + "\n"
