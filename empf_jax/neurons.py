@@ -66,6 +66,15 @@ def default_unroll() -> bool | int:
   return True if jax.default_backend() == "cpu" else 1
 
 
+def step_scalar(logits: jax.Array, t: jax.Array, like: jax.Array, offset: float = 0.0) -> jax.Array:
+  """sigma(logits[t]) + offset in the dtype of ``like``.
+
+  The per-step scalars are float32 parameters; casting them keeps half-precision currents (and so
+  the scan carry) in their own dtype instead of promoting them to float32.
+  """
+  return (jax.nn.sigmoid(logits[t]) + offset).astype(like.dtype)
+
+
 def maybe_quantize(spike: jax.Array, spike_bits: int | None) -> jax.Array:
   """Applies the 4-bit spike code (straight-through) when ``spike_bits == 4``."""
   if spike_bits is None:
@@ -80,7 +89,7 @@ def empf_integrate(params: EMPFParams, state: MembraneState, current: jax.Array,
   if online:
     # SPEC section 1, m_t = lambda_t * sg(u_{t-1}) + I_t: the online rule's only temporal cut.
     u_prev = jax.lax.stop_gradient(u_prev)
-  return jax.nn.sigmoid(params.a[t]) * u_prev + current
+  return step_scalar(params.a, t, current) * u_prev + current
 
 
 def empf_fire(params: EMPFParams, membrane: jax.Array, t: jax.Array,
@@ -89,7 +98,7 @@ def empf_fire(params: EMPFParams, membrane: jax.Array, t: jax.Array,
 
   The reset uses the unquantised spike; only the emitted spike is quantised.
   """
-  spike = jax.nn.relu(membrane - jax.nn.sigmoid(params.b[t]))
+  spike = jax.nn.relu(membrane - step_scalar(params.b, t, membrane))
   return MembraneState(membrane - spike), maybe_quantize(spike, spike_bits)
 
 
@@ -110,28 +119,30 @@ def empf_step(params: EMPFParams, state: MembraneState, current: jax.Array, t: j
     online: stop the gradient through u_{t-1} (online training); False gives BPTT.
     spike_bits: None for floating-point spikes, 4 for the 4-bit code (straight-through).
     mem_norm: optional membrane transform applied after integration (Mem-BN, or its folded
-      per-channel affine form at inference); spike and reset use its output.
+      per-channel affine form at inference); spike and reset use its output, cast back to the
+      membrane's dtype.
 
   Returns:
     The new state and the spike.
   """
   membrane = empf_integrate(params, state, current, t, online=online)
   if mem_norm is not None:
-    membrane = mem_norm(membrane, t)
+    membrane = mem_norm(membrane, t).astype(membrane.dtype)
   return empf_fire(params, membrane, t, spike_bits=spike_bits)
 
 
 def parallel_step(params: ParallelParams, state: NoState, current: jax.Array, t: jax.Array,
                   *, spike_bits: int | None = None) -> tuple[NoState, jax.Array]:
   """Stateless neuron s_t = relu(I_t - sigma(b_t)); all steps can run at once (:func:`parallel_all`)."""
-  return state, maybe_quantize(jax.nn.relu(current - jax.nn.sigmoid(params.b[t])), spike_bits)
+  return state, maybe_quantize(jax.nn.relu(current - step_scalar(params.b, t, current)),
+                               spike_bits)
 
 
 def parallel_all(params: ParallelParams, currents: jax.Array, t0: jax.Array | int = 0,
                  *, spike_bits: int | None = None) -> jax.Array:
   """All S steps of a parallel neuron at once: s[i] = relu(I[i] - sigma(b[t0 + i]))."""
   steps = currents.shape[0]
-  theta = jax.nn.sigmoid(jax.lax.dynamic_slice_in_dim(params.b, t0, steps))
+  theta = jax.nn.sigmoid(jax.lax.dynamic_slice_in_dim(params.b, t0, steps)).astype(currents.dtype)
   theta = theta.reshape((steps,) + (1,) * (currents.ndim - 1))
   return maybe_quantize(jax.nn.relu(currents - theta), spike_bits)
 
@@ -168,7 +179,7 @@ def lif_step(params: EMPFParams, state: MembraneState, current: jax.Array, t: ja
   :func:`heaviside_triangle`.
   """
   membrane = empf_integrate(params, state, current, t, online=online)
-  threshold = jax.nn.sigmoid(params.b[t]) + LIF_THRESHOLD_OFFSET
+  threshold = step_scalar(params.b, t, membrane, LIF_THRESHOLD_OFFSET)
   spike = threshold * heaviside_triangle(membrane - threshold)
   return MembraneState(membrane - spike), spike
 

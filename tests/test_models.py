@@ -522,3 +522,17 @@ def test_online_cut_stops_every_gradient_across_time(name, options, time_steps):
   chex.assert_trees_all_close(bptt[-1], online[-1], atol=1e-6)
 
 
+
+@_jit(static_argnums=0)
+def _train_run(graphdef, state, x):
+  return nnx.merge(graphdef, state).run(x, None, 0, train=True)
+
+
+def test_bfloat16_compute_keeps_its_dtype():
+  # Parameters stay float32; currents, spikes, neuron states and logits follow the input dtype.
+  model = _randomized("mini_resnet", dict(parallel=True, mem_bn=True, seca=2, spike_bits=4), 2)
+  x = _input("mini_resnet", 2).astype(jnp.bfloat16)
+  logits, state = _train_run(*nnx.split(model), x)
+  chex.assert_type([logits, *jax.tree.leaves(state)], jnp.bfloat16)
+  chex.assert_shape(logits, (2, BATCH, CLASSES))
+  chex.assert_tree_all_finite(logits)

@@ -343,3 +343,27 @@ def test_neuron_layers_step_by_step_equal_all_steps(kind):
   chex.assert_trees_all_close((jnp.stack(step_spikes), state), (spikes, final), atol=1e-5)
   chex.assert_trees_all_close(nnx.state(stepwise), nnx.state(neuron), atol=1e-5)
 
+
+@pytest.mark.parametrize("kind", ["empf", "empf_4bit_memnorm", "lif", "parallel"])
+def test_half_precision_currents_keep_their_dtype(kind):
+  # float32 per-step scalars must not promote bfloat16 currents: the scan carry keeps its dtype
+  # (a promoted membrane made the scan fail with bfloat16 compute).
+  a, b = _normal(13, (3,)), _normal(14, (3,))
+  currents = _normal(15, (3, 2, 4)).astype(jnp.bfloat16)
+  if kind == "parallel":
+    step = lambda s, c, t: neurons.parallel_step(neurons.ParallelParams(b), s, c, t)
+    state = neurons.NoState()
+    chex.assert_type(neurons.parallel_all(neurons.ParallelParams(b), currents), jnp.bfloat16)
+  else:
+    state = neurons.MembraneState(jnp.zeros_like(currents[0]))
+    if kind == "lif":
+      step = lambda s, c, t: neurons.lif_step(neurons.EMPFParams(a, b), s, c, t)
+    else:
+      options = {} if kind == "empf" else dict(
+          spike_bits=4, mem_norm=lambda m, t: m * jnp.float32(1.5) + jnp.float32(0.1))
+      step = lambda s, c, t: neurons.empf_step(neurons.EMPFParams(a, b), s, c, t, **options)
+  final, spikes = neurons.run_steps(step, state, currents)
+  chex.assert_type([spikes, *jax.tree.leaves(final)], jnp.bfloat16)
+  reference = neurons.run_steps(step, jax.tree.map(lambda v: v.astype(jnp.float32), state),
+                                currents.astype(jnp.float32))[1]
+  chex.assert_trees_all_close(spikes.astype(jnp.float32), reference, atol=0.05, rtol=0.05)
