@@ -9,10 +9,12 @@ The residual stream of the ResNets carries currents; neurons sit before each blo
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from empf_jax import ops
@@ -305,9 +307,15 @@ NETWORK_STEMS = {
 
 
 def _allowed(key: str, value: Any, allowed: Sequence[Any]) -> None:
-  if value not in allowed:
+  """Raises unless ``value`` is one of ``allowed``; a bool never stands for an int or back."""
+  if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
     raise ConfigError(f"{key}={value!r} is not allowed; allowed: "
                       + ", ".join(repr(a) for a in allowed))
+
+
+def _is_integer(value: Any) -> bool:
+  """Python or NumPy integer, not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int | None,
@@ -320,11 +328,12 @@ def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int |
   _allowed("spike_bits", spike_bits, SPIKE_BITS)
   _allowed("seca", seca, SECA_VARIANTS)
   for key, value in (("num_classes", num_classes), ("time_steps", time_steps)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_integer(value) or value < 1:
       raise ConfigError(f"{key}={value!r} is not allowed; allowed: an integer >= 1")
-  if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
+  if in_channels is not None and (not _is_integer(in_channels) or in_channels < 1):
     raise ConfigError(f"in_channels={in_channels!r} is not allowed; allowed: an integer >= 1")
-  if not isinstance(width, (int, float)) or isinstance(width, bool) or not width > 0:
+  if (not isinstance(width, numbers.Real) or isinstance(width, (bool, np.bool_))
+      or not width > 0):
     raise ConfigError(f"width={width!r} is not allowed; allowed: a number > 0")
   stem = stem if stem is not None else NETWORK_STEMS[name][0]
   _allowed(f"stem (for {name})", stem, NETWORK_STEMS[name])
@@ -381,8 +390,8 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
   stem = validate(name, num_classes=num_classes, time_steps=time_steps, in_channels=in_channels,
                   stem=stem, neuron=neuron, weights=weights, mem_bn=mem_bn, parallel=parallel,
                   spike_bits=spike_bits, seca=seca, learnable_lif=learnable_lif, width=width)
-  if in_channels is None:
-    in_channels = 2 if stem == "event" else 3
+  in_channels = (2 if stem == "event" else 3) if in_channels is None else int(in_channels)
+  num_classes, time_steps = int(num_classes), int(time_steps)
   rngs = rngs if rngs is not None else nnx.Rngs(0)
   opts = NetOptions(time_steps=time_steps, neuron=neuron, weights=weights, mem_bn=mem_bn,
                     parallel=parallel, spike_bits=spike_bits, seca=seca,

@@ -89,6 +89,9 @@ INVALID = [
     ("resnet18", dict(time_steps=0), "time_steps", "0", ">= 1"),
     ("resnet18", dict(num_classes=0), "num_classes", "0", ">= 1"),
     ("resnet18", dict(width=0), "width", "0", "> 0"),
+    ("resnet18", dict(seca=True), "seca", "True", "0, 1, 2"),
+    ("resnet18", dict(mem_bn=1), "mem_bn", "1", "False, True"),
+    ("resnet18", dict(time_steps=2.0), "time_steps", "2.0", ">= 1"),
 ]
 
 
@@ -102,6 +105,12 @@ def test_create_rejects_with_a_message_naming_key_value_and_allowed(name, option
   message = str(error.value)
   assert key in message and f"={value} is not allowed" in message and allowed in message, message
   assert isinstance(error.value, ValueError)
+
+
+def test_create_accepts_numpy_numbers():
+  model = _abstract("convnet_small", num_classes=np.int64(10), time_steps=np.int32(3),
+                    in_channels=np.int64(1), width=np.float32(0.25))
+  assert model.fc.kernel.shape == (16, 10) and model.unit1.neuron.a.shape == (3,)
 
 
 # ------------------------------------------------------------------------------------- structure
