@@ -63,8 +63,15 @@ def _recording(module: nnx.Module) -> bool:
 class QConv(nnx.Module):
   """Bias-free 2-D convolution with binary, ternary or full-precision weights (HWIO kernel).
 
-  Binary/ternary latent weights start uniform in [0, 1e-3) (the authors' initialisation) unless
-  ``symmetric_init``; full-precision kernels are Kaiming-normal with fan_out.
+    y = conv(x, Q(W)),  Q(W) = alpha_o sign(W)                          (binary)
+                        Q(W) = alpha (1[W_c > Delta] - 1[W_c < -Delta])   (ternary)
+                        Q(W) = W                                        (float)
+
+  (:func:`~empf_jax.quantize.binarize_ste`, :func:`~empf_jax.quantize.ternarize_ste`)
+
+  with zero padding ``kernel_size // 2`` by default. Binary/ternary latent weights start uniform in
+  [0, 1e-3) (the authors' initialisation) unless ``symmetric_init``; full-precision kernels are
+  Kaiming-normal with fan_out.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
@@ -104,7 +111,7 @@ class QConv(nnx.Module):
 
 
 class Dense(nnx.Module):
-  """Full-precision fully connected layer with bias (PyTorch's default uniform initialisation)."""
+  """Full-precision fully connected layer y = x W + b (PyTorch's default uniform initialisation)."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
     self.in_features = in_features
@@ -265,8 +272,13 @@ class Neuron(nnx.Module):
 
 
 class EMPFNeuron(Neuron):
-  """EM-PF neuron layer (see :func:`empf_jax.neurons.empf_step`), optionally with Mem-BN and
-  4-bit spikes. Per-step logits a_t, b_t start at 0 (decay and threshold 0.5)."""
+  """EM-PF neuron layer (:func:`empf_jax.neurons.empf_step`), optionally Mem-BN and 4-bit spikes.
+
+    m_t = sigma(a_t) sg(u_{t-1}) + I_t;  [m_t <- sigma(c_t) BN_t(m_t) + sigma(d_t) m_t  (Mem-BN)]
+    s_t = relu(m_t - sigma(b_t));  u_t = m_t - s_t;  emitted spike s_t or Q_4(s_t) (4-bit).
+
+  Per-step logits a_t, b_t start at 0 (decay and threshold 0.5).
+  """
 
   def __init__(self, time_steps: int, features: int, *, mem_bn: bool = False,
                spike_bits: int | None = None):
@@ -278,10 +290,17 @@ class EMPFNeuron(Neuron):
     self.mem_bn = MemBN(time_steps, features) if mem_bn else None
 
   def params(self) -> neurons.EMPFParams:
+    """The per-step logits (a, b) as the pure step function takes them."""
     return neurons.EMPFParams(self.a[...], self.b[...])
 
   def __call__(self, currents: jax.Array, state: neurons.MembraneState | None, t0: jax.Array | int,
                *, train: bool, online: bool = True) -> tuple[jax.Array, neurons.MembraneState]:
+    """Steps t0..t0+S-1 of currents [S, B, ...] from ``state`` (None: u = 0).
+
+    In training, Mem-BN normalises each step with that step's batch statistics and then updates
+    its running averages of rows t0..t0+S-1; in evaluation it uses the folded form.
+    Returns the spikes [S, B, ...] and the membrane after the last step.
+    """
     if state is None:
       state = self.init_state(currents.shape[1:], currents.dtype)
     params = self.params()
@@ -319,6 +338,7 @@ class ParallelNeuron(Neuron):
 
   def __call__(self, currents: jax.Array, state: neurons.NoState | None, t0: jax.Array | int,
                *, train: bool, online: bool = True) -> tuple[jax.Array, neurons.NoState]:
+    """s[i] = relu(I[i] - sigma(b[t0 + i])) for all S steps at once (no state to carry)."""
     spikes = neurons.parallel_all(neurons.ParallelParams(self.b[...]), currents, t0,
                                   spike_bits=self.spike_bits)
     self._record(spikes)
@@ -326,8 +346,13 @@ class ParallelNeuron(Neuron):
 
 
 class LIFNeuron(Neuron):
-  """LIF baseline layer (see :func:`empf_jax.neurons.lif_step`): decay 0.5 and threshold 1.0 at
-  start, per step; trained only when ``learnable``."""
+  """LIF baseline layer with soft reset (:func:`empf_jax.neurons.lif_step`).
+
+    m_t = sigma(a_t) sg(u_{t-1}) + I_t;  s_t = theta'_t H(m_t - theta'_t);  u_t = m_t - s_t,
+    theta'_t = sigma(b_t) + 0.5,  dH/dx := max(1 - |x|, 0).
+
+  Decay 0.5 and threshold 1.0 at start, per step; trained only when ``learnable``.
+  """
 
   def __init__(self, time_steps: int, *, learnable: bool = False):
     self.time_steps = time_steps
@@ -339,6 +364,7 @@ class LIFNeuron(Neuron):
 
   def __call__(self, currents: jax.Array, state: neurons.MembraneState | None, t0: jax.Array | int,
                *, train: bool, online: bool = True) -> tuple[jax.Array, neurons.MembraneState]:
+    """Steps t0..t0+S-1 of currents [S, B, ...] from ``state`` (None: u = 0); spikes and state."""
     if state is None:
       state = self.init_state(currents.shape[1:], currents.dtype)
     params = neurons.EMPFParams(self.a[...], self.b[...])

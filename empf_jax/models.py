@@ -171,7 +171,11 @@ class BasicBlock(nnx.Module):
 
 
 class ResNet(SpikingNetwork):
-  """Spiking ResNet-18/34 (and the ResNet-19 layout): stem, basic blocks, GAP, FC head."""
+  """Spiking ResNet-18/34 (and the ResNet-19 layout).
+
+    h = stem(x) = [maxpool](BN(conv(x)));  h = block_k(h) for every basic block (currents);
+    logits = FC(GAP(h)),  or for ResNet-19  logits = FC(EM-PF(FC_hidden(GAP(h)))).
+  """
 
   def __init__(self, blocks: Sequence[int], widths: Sequence[int], strides: Sequence[int],
                *, num_classes: int, in_channels: int, stem: str, opts: NetOptions,
