@@ -23,7 +23,7 @@ WEIGHT_TAGS = (BinaryWeight, TernaryWeight, FloatWeight)
 
 
 def _generator(key: jax.Array, path: tuple) -> np.random.Generator:
-  """A NumPy generator seeded by ``key`` and the variable's path (independent draws per variable)."""
+  """A NumPy generator seeded by ``key`` and a variable's path (independent draws per variable)."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   seed = [int(v) for v in np.asarray(key).ravel()]

@@ -1,4 +1,4 @@
-"""Size accounting (SPEC section 2): the paper's figures on abstract full-size networks, hand counts.
+"""Size accounting (SPEC section 2): paper figures on abstract full-size networks; hand counts.
 
 Full-size networks are only built abstractly (``nnx.eval_shape``): no weight is allocated.
 """

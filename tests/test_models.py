@@ -3,8 +3,9 @@ equalities of section 1 and 4 on whole networks (step-by-step == all steps; the 
 
 Networks are width 1/8 with T <= 3 on 16x16 inputs (8x8 for convnet_small). On these tiny programs
 compilation dominates, so parameters are drawn with the "rbg" generator (whose kernels compile much
-faster on CPU than threefry's) and the test programs are compiled at XLA's backend optimisation level
-0. Every equality test first randomises the neuron scalars, BN parameters and running statistics.
+faster on CPU than threefry's) and the test programs are compiled at XLA's backend optimisation
+level 0. Every equality test first randomises the neuron scalars, BN parameters, running statistics
+and convolution kernels.
 """
 
 import functools

@@ -1,4 +1,4 @@
-"""Neuron maths (SPEC section 1): hand-computed traces, exact gradients, scan == loop, Mem-BN folding.
+"""Neuron maths (SPEC section 1): hand-computed traces, exact gradients, scan == loop, Mem-BN.
 
 The hand examples use per-step decays lambda = (0.5, 0.75, 0.25) (logits 0, ln 3, -ln 3) so that a
 wrong time index changes the numbers; every expected value is worked out in the comments.
@@ -301,9 +301,10 @@ def test_mem_bn_training_statistics_per_step_and_running_update():
   for i, t in enumerate((1, 2)):
     m = float(jax.nn.sigmoid(params.a[t])) * u + np.asarray(currents[i])
     mu, var = m.mean(axis=(0, 1, 2)), m.var(axis=(0, 1, 2))
-    bn = (m - mu) / np.sqrt(var + layers.BN_EPSILON) * np.asarray(mem_bn.scale[...][t]) \
-        + np.asarray(mem_bn.bias[...][t])
-    m_hat = float(jax.nn.sigmoid(mem_bn.c[...][t])) * bn + float(jax.nn.sigmoid(mem_bn.d[...][t])) * m
+    scale, offset = np.asarray(mem_bn.scale[...][t]), np.asarray(mem_bn.bias[...][t])
+    bn = (m - mu) / np.sqrt(var + layers.BN_EPSILON) * scale + offset
+    gate_bn, gate_id = (float(jax.nn.sigmoid(g[...][t])) for g in (mem_bn.c, mem_bn.d))
+    m_hat = gate_bn * bn + gate_id * m
     s = np.maximum(m_hat - float(jax.nn.sigmoid(params.b[t])), 0.0)
     u = m_hat - s
     expected_spikes.append(s)
@@ -367,3 +368,34 @@ def test_half_precision_currents_keep_their_dtype(kind):
   reference = neurons.run_steps(step, jax.tree.map(lambda v: v.astype(jnp.float32), state),
                                 currents.astype(jnp.float32))[1]
   chex.assert_trees_all_close(spikes.astype(jnp.float32), reference, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["empf", "membn", "lif"])
+def test_online_loss_at_a_step_trains_only_that_steps_scalars(kind):
+  # With sg(u_{t-1}) the last step's spikes depend on a_t, b_t (and Mem-BN's c_t, d_t, and BN_t's
+  # scale and offset) of the last step only; BPTT also reaches earlier steps through the membrane.
+  steps = 3
+  if kind == "lif":
+    neuron = layers.LIFNeuron(steps, learnable=True)
+  else:
+    neuron = layers.EMPFNeuron(steps, 4, mem_bn=kind == "membn")
+  testing.randomize(neuron, jax.random.key(16))
+  graphdef, params, rest = nnx.split(neuron, nnx.Param, ...)
+  currents = _normal(17, (steps, 2, 3, 3, 4)) + 0.5
+
+  def grads(online):
+    def loss(params):
+      module = nnx.merge(graphdef, params, jax.tree.map(lambda leaf: leaf, rest))
+      spikes, _ = module(currents, None, 0, train=True, online=online)
+      return jnp.sum(spikes[-1] * currents[-1])
+    return {k: v[...] for k, v in nnx.to_flat_state(jax.jit(jax.grad(loss))(params))
+            if v.shape[:1] == (steps,)}
+
+  online, bptt = grads(True), grads(False)
+  expected = {("a",), ("b",)} | ({("mem_bn", k) for k in ("c", "d", "scale", "bias")}
+                                 if kind == "membn" else set())
+  assert set(online) == expected
+  for path, grad in online.items():
+    chex.assert_trees_all_equal(grad[:-1], jnp.zeros_like(grad[:-1]))
+    assert float(jnp.abs(grad[-1]).max()) > 0, path
+  assert all(float(jnp.abs(g[:-1]).max()) > 0 for g in bptt.values())
