@@ -1,0 +1,262 @@
+"""The efficiency report of a trained network: a Markdown table, a JSON record and a bar plot.
+
+:func:`write_efficiency_report` runs :func:`empf_jax.efficiency.measure` on evaluation batches and
+writes three files into a folder:
+
+* ``efficiency.md``: one row per layer in forward order (convolutions, FC layers, neurons, SECA
+  gates) with its firing rate, synaptic operations (SOPs), accumulates (ACs), multiply-accumulates
+  (MACs), neuron operations (NOPs) and both energy estimates, then the totals;
+* ``efficiency.json``: the same rows and totals as numbers;
+* ``efficiency.png``: firing rate per neuron layer and SOPs per synaptic layer.
+
+All figures are per sample (test example), summed over the T time steps (SPEC section 5). The two
+energy columns (45 nm: 0.9 pJ per AC, 4.6 pJ per MAC):
+
+    authors = SOPs x 0.9 pJ            (x 1/8 with 4-bit spikes)
+    full    = ACs x 0.9 pJ + MACs x 4.6 pJ + neuron and SECA multiplies x 3.7 pJ
+              + neuron and SECA additions x 0.9 pJ
+
+SOPs are the operations of the layers fed by spikes, each an AC or a MAC by the layer's weights, so
+``ACs + MACs`` counts every synaptic operation and SOPs are a part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+
+from empf_jax import deploy, efficiency
+from empf_jax.models import SpikingNetwork
+from empf_jax.training import time_major
+from experiments.input import valid_mask
+
+MARKDOWN = "efficiency.md"
+JSON = "efficiency.json"
+PLOT = "efficiency.png"
+DEFAULT_MAX_BATCHES = 4
+
+_MICRO = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+  """One row of the report; operations per sample over all steps, energies in pJ.
+
+  Attributes:
+    name: module path (``blocks.0.conv1``, ``unit2.neuron``).
+    kind: ``conv``/``dense`` (synaptic), a neuron kind (``empf``, ``empf+mem_bn``, ``parallel``,
+      ``lif``) or ``seca``.
+    rate: neuron layers: fraction of non-zero spikes; synaptic layers: fraction of non-zero inputs;
+      None for SECA.
+    sops: spike-driven synaptic operations.
+    acs: synaptic accumulates (binary or ternary weights).
+    macs: synaptic multiply-accumulates (float weights), and SECA's 1-D convolution.
+    nops: neuron operations (multiplies + additions); for SECA its pooling additions and gate
+      multiplies.
+    energy_authors_pj: SOPs x 0.9 pJ, x 1/8 with 4-bit spikes.
+    energy_full_pj: every operation of the layer at its price.
+  """
+
+  name: str
+  kind: str
+  rate: float | None
+  sops: float
+  acs: float
+  macs: float
+  nops: float
+  energy_authors_pj: float
+  energy_full_pj: float
+
+
+def authors_factor(report: efficiency.Report) -> float:
+  """The authors' discount of spike-driven additions: 1/8 with 4-bit spikes, else 1."""
+  return efficiency.FOUR_BIT_FACTOR if report.spike_bits == 4 else 1.0
+
+
+def layer_rows(report: efficiency.Report) -> list[LayerRow]:
+  """One :class:`LayerRow` per synaptic, neuron and SECA layer of ``report`` (report order)."""
+  factor = authors_factor(report)
+  rows = []
+  for layer in report.synaptic:
+    sops = layer.ops if layer.source == "spikes" else 0.0
+    rows.append(LayerRow(
+        layer.name, layer.kind, layer.input_rate, sops,
+        acs=layer.ops if layer.op == "AC" else 0.0, macs=layer.ops if layer.op == "MAC" else 0.0,
+        nops=0.0, energy_authors_pj=sops * efficiency.AC_ENERGY_PJ * factor,
+        energy_full_pj=layer.energy_pj))
+  for layer in report.neurons:
+    rows.append(LayerRow(layer.name, layer.kind, layer.firing_rate, 0.0, 0.0, 0.0,
+                         layer.muls + layer.adds, 0.0, layer.energy_pj))
+  for layer in report.attention:
+    rows.append(LayerRow(layer.name, "seca", None, 0.0, 0.0, layer.macs,
+                         layer.muls + layer.adds, 0.0, layer.energy_pj))
+  return rows
+
+
+def forward_order(model: SpikingNetwork) -> list[str]:
+  """Names of the convolutions, FC layers, neurons and SECA gates in the order the input meets
+  them (the efficiency report lists neurons in module order, which sorts ``fc`` first)."""
+  layout = deploy.layout_of(model)
+  if isinstance(layout, deploy.ResNetLayout):
+    names = [layout.stem.name]
+    for block in layout.blocks:
+      seca = [f"{block.name}.seca1", f"{block.name}.seca2"] if block.seca else ["", ""]
+      names += [block.act1.name, block.conv1.name, seca[0], block.act2.name, block.conv2.name,
+                seca[1]]
+      if block.shortcut is not None:
+        names.append(block.shortcut.name)
+    if layout.hidden is not None:
+      names += [layout.hidden.name, layout.head_neuron.name]
+  else:
+    names = []
+    for unit in layout.units:
+      names += [unit.conv.name, f"{unit.name}.seca" if unit.seca else "", unit.neuron.name]
+  names.append(layout.fc.name)
+  return [name for name in names if name]
+
+
+def _fmt(value: float | None, scale: float = 1.0) -> str:
+  return "-" if value is None else f"{value * scale:.4g}"
+
+
+def to_markdown(report: efficiency.Report, rows: list[LayerRow]) -> str:
+  """The per-layer table and the totals; operations in millions, energies in microjoules."""
+  four_bit = report.spike_bits == 4
+  spikes = "4-bit" if four_bit else "floating-point"
+  applied = ("applied here" if four_bit
+             else "not applied here: this network fires floating-point spikes")
+  intro = (f"Per test example, summed over T = {report.time_steps} steps, averaged over "
+           f"{report.samples} examples; {spikes} spikes.")
+  header = ("| layer | kind | firing rate | SOPs (M) | ACs (M) | MACs (M) | NOPs (M) | "
+            "energy, authors (uJ) | energy, full (uJ) |")
+  legend = ("Firing rate: the fraction of non-zero spikes of a neuron layer; for a convolution "
+            "or FC layer, the fraction of its inputs that are non-zero. SOPs are the operations "
+            "of layers fed by spikes; ACs + MACs count every synaptic operation. NOPs: neuron "
+            "multiplies and additions (for a SECA row, its pooling additions and gate "
+            "multiplies; the total counts neurons only).")
+  energy = (f"Energy at 45 nm: {efficiency.AC_ENERGY_PJ} pJ per addition (AC), "
+            f"{efficiency.MAC_ENERGY_PJ} pJ per MAC. Authors' column: SOPs x "
+            f"{efficiency.AC_ENERGY_PJ} pJ only; with 4-bit spikes the additions are divided "
+            f"by 8 (32-bit over 4-bit spike words), as the authors count them ({applied}). "
+            "Full column: every synaptic operation at its AC or MAC price, plus the neuron and "
+            "SECA operations, without the 4-bit discount.")
+  lines = ["# Efficiency", "", intro, "", header, "|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(
+        f"| {row.name} | {row.kind} | {_fmt(row.rate)} | {_fmt(row.sops, _MICRO)} | "
+        f"{_fmt(row.acs, _MICRO)} | {_fmt(row.macs, _MICRO)} | {_fmt(row.nops, _MICRO)} | "
+        f"{_fmt(row.energy_authors_pj, _MICRO)} | {_fmt(row.energy_full_pj, _MICRO)} |")
+  muls, adds = report.neuron_ops
+  lines += [
+      "", "| total | value |", "|---|---|",
+      f"| SOPs (M) | {_fmt(report.sops, _MICRO)} |",
+      f"| ACs (M) | {_fmt(report.acs, _MICRO)} |",
+      f"| MACs (M) | {_fmt(report.macs, _MICRO)} |",
+      f"| NOPs (M) | {_fmt(muls + adds, _MICRO)} |",
+      f"| firing rate (all neurons) | {_fmt(report.firing_rate)} |",
+      f"| energy, authors (uJ) | {_fmt(report.energy_authors_pj, _MICRO)} |",
+      f"| energy, full (uJ) | {_fmt(report.energy_full_pj, _MICRO)} |",
+      "", legend, "", energy]
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[LayerRow], path: str) -> None:
+  """Writes a PNG with two bar charts: firing rate per neuron layer, SOPs per synaptic layer."""
+  neurons = [row for row in rows if row.kind not in ("conv", "dense", "seca")]
+  synapses = [row for row in rows if row.kind in ("conv", "dense")]
+  height = 1.5 + 0.25 * (len(neurons) + len(synapses))
+  figure = Figure(figsize=(8, max(height, 4.0)), layout="constrained")
+  top, bottom = figure.subplots(2, 1, height_ratios=[max(len(neurons), 1), max(len(synapses), 1)])
+  top.barh([row.name for row in neurons], [row.rate for row in neurons], color="tab:blue")
+  top.set_xlabel("firing rate (fraction of non-zero spikes)")
+  top.invert_yaxis()
+  bottom.barh([row.name for row in synapses], [row.sops / 1e6 for row in synapses],
+              color="tab:orange")
+  bottom.set_xlabel("SOPs per example (millions, all steps)")
+  bottom.invert_yaxis()
+  figure.savefig(path + ".tmp", format="png", dpi=120)
+  os.replace(path + ".tmp", path)
+
+
+def _atomic_write(path: str, data: str | bytes) -> None:
+  mode = "wb" if isinstance(data, bytes) else "w"
+  with open(path + ".tmp", mode) as f:
+    f.write(data)
+  os.replace(path + ".tmp", path)
+
+
+def network_inputs(batches: Iterable[tuple[np.ndarray, np.ndarray]], time_steps: int, *,
+                   max_batches: int | None) -> Iterator[jax.Array]:
+  """Time-major network inputs [T, B', ...] from evaluation batches (x, y), padding dropped.
+
+  ``x`` is a batch of static images [B, H, W, C] (fed unchanged at each of the T steps) or of
+  time-major examples [B, T, H, W, C] (moved to [T, B, ...]); examples labelled
+  :data:`experiments.input.PAD_LABEL` are left out, and batches with none left are skipped.
+  """
+  used = 0
+  for x, y in batches:
+    if max_batches is not None and used >= max_batches:
+      return
+    if np.ndim(x) not in (4, 5):
+      raise ValueError(f"expected images [B, H, W, C] or sequences [B, T, H, W, C]; got a batch "
+                       f"of shape {np.shape(x)}")
+    keep = valid_mask(np.asarray(y))
+    if not keep.any():
+      continue
+    x = np.asarray(x)[keep]
+    if x.ndim == 5 and x.shape[1] != time_steps:
+      raise ValueError(f"the examples have {x.shape[1]} time steps; the network has "
+                       f"T={time_steps}")
+    used += 1
+    yield time_major(x, time_steps, static=x.ndim == 4)
+
+
+def write_efficiency_report(model: SpikingNetwork,
+                            batches: Iterable[tuple[np.ndarray, np.ndarray]], workdir: str, *,
+                            max_batches: int | None = DEFAULT_MAX_BATCHES) -> dict[str, Any]:
+  """Measures ``model`` on evaluation batches and writes the report files into ``workdir``.
+
+  Args:
+    model: a network from :func:`empf_jax.models.create` (run in evaluation mode, unchanged).
+    batches: evaluation batches (x, y) as an :mod:`experiments.input` pipeline yields them
+      (``Batches.epoch(0)``); padding examples (label -1) are not counted.
+    workdir: folder for ``efficiency.md``, ``efficiency.json`` and ``efficiency.png`` (created
+      if missing; each file is replaced atomically).
+    max_batches: measure at most this many batches (None: all of them). The counts are averages
+      per example, so a few batches estimate them well.
+
+  Returns:
+    The content of ``efficiency.json``: ``samples``, ``time_steps``, ``spike_bits``, ``layers``
+    (one dict per row, forward order, see :class:`LayerRow`) and ``totals``.
+
+  Raises:
+    ValueError: no batch with a real example, or inputs of the wrong rank or number of steps.
+  """
+  report = efficiency.measure(
+      model, network_inputs(batches, model.time_steps, max_batches=max_batches))
+  order = {name: i for i, name in enumerate(forward_order(model))}
+  rows = sorted(layer_rows(report), key=lambda row: order.get(row.name, len(order)))
+  muls, adds = report.neuron_ops
+  result = {
+      "samples": report.samples,
+      "time_steps": report.time_steps,
+      "spike_bits": report.spike_bits,
+      "energy_pj_per_op": {"AC": efficiency.AC_ENERGY_PJ, "MAC": efficiency.MAC_ENERGY_PJ},
+      "layers": [dataclasses.asdict(row) for row in rows],
+      "totals": {"sops": report.sops, "acs": report.acs, "macs": report.macs,
+                 "neuron_muls": muls, "neuron_adds": adds, "firing_rate": report.firing_rate,
+                 "energy_authors_pj": report.energy_authors_pj,
+                 "energy_full_pj": report.energy_full_pj},
+  }
+  os.makedirs(workdir, exist_ok=True)
+  _atomic_write(os.path.join(workdir, MARKDOWN), to_markdown(report, rows))
+  _atomic_write(os.path.join(workdir, JSON), json.dumps(result, indent=2) + "\n")
+  plot(rows, os.path.join(workdir, PLOT))
+  return result
