@@ -1,20 +1,45 @@
 """Checkpoints through Orbax's CheckpointManager.
 
 Each checkpoint holds the train state and a JSON record of where the run stands (epoch, batch
-within the epoch, config fingerprint). Orbax writes into a temporary directory and renames it when
-complete, so a kill never leaves a half-written checkpoint under a step's name. A checkpoint that
-exists but cannot be read (damaged on disk) is reported and the next older one is used.
+within the epoch, config fingerprint).
+
+Why a kill never leaves a half-written checkpoint under a step's name: Orbax writes every item into
+``<step>.orbax-checkpoint-tmp/<item>.orbax-checkpoint-tmp``, renames each item directory when its
+data is complete, and renames the step directory last. A process killed before that last rename
+leaves only a ``*.orbax-checkpoint-tmp`` directory, which ``all_steps`` does not list and which the
+next run removes (``cleanup_tmp_directories``); a directory named after a step is always complete.
+
+A checkpoint that exists but cannot be read (damaged on disk: truncated or corrupted files) is
+reported on one line of stderr and the next older one is used; once an older one has been read,
+the unreadable newer ones are deleted, so that the resumed run saves those steps afresh. If no
+checkpoint can be read, :class:`CheckpointError` is raised and nothing is deleted, instead of
+silently starting over (the usual cause is a model that changed under ``--allow_config_change``).
 """
 
 from __future__ import annotations
 
-import logging
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
+_REASON_CHARS = 200
+
+
+class CheckpointError(RuntimeError):
+  """Checkpoints exist but none of them can be read; the message lists each one's reason."""
+
+
+def _reason(error: Exception) -> str:
+  """The first sentence of an exception, shortened: enough to tell truncation from bad JSON."""
+  text = str(error).strip().splitlines()
+  first = text[0] if text else ""
+  if ". " in first:
+    first = first[:first.index(". ") + 1]
+  if len(first) > _REASON_CHARS:
+    first = first[:_REASON_CHARS] + "..."
+  return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 class Checkpoints:
@@ -22,9 +47,11 @@ class Checkpoints:
 
   def __init__(self, directory: str, *, keep: int = 3):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "meta"))
+    self.directory = str(self.manager.directory)
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Writes checkpoint ``step`` (blocking) unless it already exists."""
@@ -37,25 +64,41 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+  def restore_latest(self, abstract_state: Any, *, before: int | None = None
+                     ) -> tuple[int, Any, dict] | None:
     """The newest readable checkpoint as (step, state, meta), or None if there is none.
 
-    ``abstract_state`` gives shapes, dtypes and shardings (e.g. from ``jax.eval_shape``).
+    Args:
+      abstract_state: shapes, dtypes and shardings of the state (e.g. from ``jax.eval_shape``).
+      before: only consider checkpoints of steps < ``before``.
+
+    Raises:
+      CheckpointError: there are checkpoints to consider but none of them can be read.
     """
-    for step in reversed(self.steps()):
+    candidates = [s for s in reversed(self.steps()) if before is None or s < before]
+    failures, unreadable = [], []
+    for i, step in enumerate(candidates):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state = restored["state"]
+        if jax.tree.structure(state) != jax.tree.structure(abstract_state):
+          raise ValueError("the state's structure differs from the model's")
       except Exception as error:  # any failure to read means this checkpoint is unusable
-        log.warning("checkpoint %d in %s is unreadable (%s: %s); trying the previous one",
-                    step, self.manager.directory, type(error).__name__, error)
-        print(f"warning: checkpoint {step} is unreadable ({type(error).__name__}); "
-              "falling back to the previous one", flush=True)
+        unreadable.append(step)
+        failures.append(f"{step} ({_reason(error)})")
+        then = (f"falling back to checkpoint {candidates[i + 1]}" if i + 1 < len(candidates)
+                else "no older checkpoint")
+        print(f"warning: checkpoint {step} in {self.directory} is unreadable "
+              f"({_reason(error)}); {then}", file=sys.stderr, flush=True)
         continue
-      state = restored["state"]
-      if jax.tree.structure(state) != jax.tree.structure(abstract_state):
-        raise ValueError(f"checkpoint {step} does not match the model's state structure")
+      for damaged in unreadable:
+        self.manager.delete(damaged)
       return step, state, dict(restored["meta"])
+    if failures:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be read: {'; '.join(failures)}; if the model "
+          "changed, use a new --workdir, else delete the damaged checkpoints to start over")
     return None
 
   def close(self) -> None:
