@@ -3,20 +3,46 @@
     python -m experiments.cifar --workdir=DIR [--config=experiments/configs/cifar10.py[:VARIANT]]
         [--config.key=value ...] [--eval_only] [--allow_config_change]
 
-Rerunning with the same workdir resumes from the newest checkpoint. Multi-host: pass
+Rerunning with the same workdir resumes from the newest readable checkpoint. Multi-host: pass
 --coordinator_address, --num_processes and --process_id (or set them in the environment that
-``jax.distributed.initialize`` reads).
+``jax.distributed.initialize`` reads). Orbax's informational logging is off unless --verbosity is
+given.
+
+Errors are one line on stderr starting with ``error:``, without a traceback. Exit codes:
+
+* 0: trained (or evaluated) to the end; the summary is in DIR/summary.json.
+* 2: the run did not start: a flag or config value that is not allowed (unknown key, bad value,
+  contradicting model options; the line names the key, the value and what is allowed), missing or
+  malformed data, a workdir holding a run of another config (nothing in it is changed; pass
+  --allow_config_change to continue it anyway), --eval_only without a checkpoint, or checkpoints
+  none of which can be read.
+* 3: a NaN or Inf appeared in training. The line names the global step, the time step and the
+  layer where it first appeared (``non-finite value at global step 7 (epoch 1, batch 7 of 44),
+  time step 1 of 4: NaN first in gradient of unit2/conv/kernel; the last good checkpoint, step 4,
+  is kept in DIR/checkpoints; ...``). Only finite states are ever checkpointed; rerunning resumes
+  from the last good one and meets the same fault, so change the config first.
+* 128 + signal (143 for SIGTERM, 130 for SIGINT): stopped by the signal after checkpointing the
+  batch in flight; stdout says ``stopped by signal 15 at step N; checkpoint saved, rerun with the
+  same --workdir to resume``.
+
+A damaged checkpoint is reported with one ``warning: checkpoint N ... is unreadable (...);
+falling back to checkpoint M`` line on stderr, and training resumes from the older one.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+EXIT_USAGE = 2
+EXIT_NUMERICAL = 3
+
+# Unknown keys are accepted here and rejected by train.validate_config, whose message names them.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/cifar10.py", "Training configuration file.", lock_config=True)
+    "config", "experiments/configs/cifar10.py", "Training configuration file.", lock_config=False,
+    accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.",
                                required=True)
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate the newest checkpoint and exit.")
@@ -28,8 +54,41 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 
 
+def _fail(message: str, code: int) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _one_line(text: str) -> str:
+  """A multi-line message on one line; for an embedded traceback, its first and last lines."""
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = [lines[0], lines[-1]]
+  return " ".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every flag or config-file error as one line and exit code 2."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as error:
+    _fail(_one_line(str(error)), EXIT_USAGE)
+  except (KeyError, AttributeError) as error:  # --config.a.b=... where config.a does not exist
+    detail = error.args[0] if error.args else ""
+    _fail(f"a --config override names an unknown key: {_one_line(str(detail))}", EXIT_USAGE)
+  try:
+    _CONFIG.value.to_dict()  # a config file that failed to load raises on first use
+  except Exception as error:  # whatever the config file raised
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    _fail(f"cannot load the config file: {lines[-1] if lines else type(error).__name__}",
+          EXIT_USAGE)
+  return rest
+
+
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   import jax  # after flag parsing, so that --help is fast
   if _COORDINATOR.value is not None:
     if jax.config.jax_platforms in (None, "", "cpu"):
@@ -37,15 +96,17 @@ def main(argv):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from experiments import train
+  from experiments.checkpoint import CheckpointError
   from experiments.input.base import DataError
   try:
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, eval_only=_EVAL_ONLY.value,
                                        allow_config_change=_ALLOW.value)
-  except (train.ConfigError, DataError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  except (train.ConfigError, DataError, CheckpointError) as error:
+    _fail(_one_line(str(error)), EXIT_USAGE)
+  except train.NumericalError as error:
+    _fail(str(error), EXIT_NUMERICAL)
   return train.exit_code(summary)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

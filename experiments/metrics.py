@@ -1,4 +1,8 @@
-"""Metrics: a JSON-lines file and TensorBoard event files in the workdir, a console progress bar."""
+"""Metrics: a JSON-lines file and TensorBoard event files in the workdir, a console progress bar.
+
+tensorboardX is imported when a writer is made, not with this module: it imports torch whenever
+torch is installed (seconds), which a run that stops at a config error should not wait for.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import sys
 from typing import Any
 
 import tqdm
-from tensorboardX import SummaryWriter
 
 
 class _NoBar:
@@ -34,6 +37,7 @@ class MetricWriter:
     self.enabled = enabled
     self.workdir = workdir
     if enabled:
+      from tensorboardX import SummaryWriter
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -4,17 +4,31 @@
 ``checkpoints/`` (Orbax), ``metrics.jsonl``, TensorBoard event files, ``config.json`` (with its
 fingerprint) and ``summary.json``. Rerunning with the same workdir resumes from the newest
 readable checkpoint, mid-epoch, with the same data order and random streams.
+
+What a long run meets, and what the driver does:
+
+* a bad configuration: :func:`validate_config` rejects it before any data is read or anything is
+  compiled (:class:`ConfigError`, naming the key, the value and what is allowed);
+* a workdir that holds another config: refused before anything in it is written;
+* a NaN or Inf: every training step also reduces ``isfinite`` over its loss and new state on the
+  device; the driver reads that flag one step late (so the device never waits) and before every
+  checkpoint, so only finite states are saved. On a fault it restores the last good checkpoint,
+  replays the batches up to the failing one, locates the first non-finite value with
+  :func:`experiments.diagnose.first_nonfinite` and raises :class:`NumericalError`;
+* SIGTERM/SIGINT: a checkpoint at the end of the current batch, then a clean exit;
+* a damaged checkpoint: see :mod:`experiments.checkpoint`.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +38,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from empf_jax import accounting, models, training
+from experiments import diagnose
 from experiments import input as data_input
 from experiments.checkpoint import Checkpoints
+from experiments.configs import common
 from experiments.metrics import MetricWriter
 
 HARMLESS_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
@@ -37,6 +53,23 @@ class ConfigError(ValueError):
   """A configuration value that is not allowed; the message names key, value and what is allowed."""
 
 
+class NumericalError(FloatingPointError):
+  """Training produced a NaN or Inf.
+
+  Attributes:
+    step: global step (batches trained, counting the failing one) at which it appeared.
+    fault: where it first appeared in the step-by-step replay, or None if that stayed finite.
+    checkpoint: step of the newest checkpoint kept (all of them are finite), or None.
+  """
+
+  def __init__(self, message: str, *, step: int, fault: diagnose.Fault | None,
+               checkpoint: int | None):
+    super().__init__(message)
+    self.step = step
+    self.fault = fault
+    self.checkpoint = checkpoint
+
+
 def fingerprint(config: ml_collections.ConfigDict) -> str:
   """A hash of every config value that changes the result (harmless keys left out)."""
   values = config.to_dict()
@@ -45,26 +78,92 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: value} of every leaf of a (nested) config."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flat_config(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the training keys before any compute (the model's options are checked by
-  :func:`empf_jax.models.validate`). Raises :class:`ConfigError`."""
+  """Checks every key of a training config before any data is read or anything is compiled.
+
+  Checks that the keys are exactly those of :func:`experiments.configs.common.base_config`, that
+  every value has its type and range, the model's options (:func:`empf_jax.models.validate`: a
+  known network, neuron, weights, stem, and no contradicting options), and that the batch splits
+  over the devices.
+
+  Raises:
+    ConfigError: one line naming the first bad key, its value and what is allowed.
+  """
   def fail(key, value, allowed):
     raise ConfigError(f"config.{key}={value!r} is not allowed; allowed: {allowed}")
 
+  known = _flat_config(common.base_config())
+  given = _flat_config(config)
+  for key in given:
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known), n=1)
+      hint = f" (did you mean config.{close[0]}?)" if close else ""
+      fail(key, given[key], f"the keys of experiments/configs/common.py{hint}")
+  for key in known:
+    if key not in given:
+      raise ConfigError(f"config.{key} is missing; every key of experiments/configs/common.py "
+                        "is required")
+
+  if config.dataset not in data_input.LOADERS:
+    fail("dataset", config.dataset, ", ".join(sorted(data_input.LOADERS)))
   if config.mode not in training.MODES:
     fail("mode", config.mode, ", ".join(training.MODES))
-  for key in ("time_steps", "batch_size", "epochs"):
-    value = config[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      fail(key, value, "an integer >= 1")
-  if not (isinstance(config.learning_rate, (int, float)) and config.learning_rate > 0):
-    fail("learning_rate", config.learning_rate, "a number > 0")
   if config.compute_dtype not in DTYPES:
     fail("compute_dtype", config.compute_dtype, ", ".join(DTYPES))
+  for key in ("data_dir", "model.stem"):
+    if not isinstance(given[key], str):
+      fail(key, given[key], "a string ('' for the default)")
+  for key in ("augment", "nesterov", "mix", "progress", "model.mem_bn", "model.parallel",
+              "model.learnable_lif"):
+    if not isinstance(given[key], bool):
+      fail(key, given[key], "True, False")
+  for key in ("time_steps", "batch_size", "epochs", "checkpoint_every_steps",
+              "keep_checkpoints", "log_every_steps", "eval_every_epochs"):
+    if not _is_int(given[key]) or given[key] < 1:
+      fail(key, given[key], "an integer >= 1")
+  for key in ("warmup_epochs", "seed"):
+    if not _is_int(given[key]) or given[key] < 0:
+      fail(key, given[key], "an integer >= 0")
+  if not (_is_real(config.learning_rate) and config.learning_rate > 0):
+    fail("learning_rate", config.learning_rate, "a finite number > 0")
+  if not (_is_real(config.weight_decay) and config.weight_decay >= 0):
+    fail("weight_decay", config.weight_decay, "a finite number >= 0")
+  if not (_is_real(config.momentum) and 0 <= config.momentum < 1):
+    fail("momentum", config.momentum, "a number in [0, 1)")
+  if not (_is_real(config.warmup_start) and 0 < config.warmup_start <= 1):
+    fail("warmup_start", config.warmup_start, "a number in (0, 1]")
+  if not (_is_real(config.label_smoothing) and 0 <= config.label_smoothing < 1):
+    fail("label_smoothing", config.label_smoothing, "a number in [0, 1)")
   if config.model.spike_bits not in (0, 4):
     fail("model.spike_bits", config.model.spike_bits, "0 (floating-point spikes), 4")
-  if config.checkpoint_every_steps < 1:
-    fail("checkpoint_every_steps", config.checkpoint_every_steps, "an integer >= 1")
+  m = config.model
+  try:
+    models.validate(m.name, num_classes=1, time_steps=config.time_steps, in_channels=None,
+                    stem=m.stem or None, neuron=m.neuron, weights=m.weights, mem_bn=m.mem_bn,
+                    parallel=m.parallel, spike_bits=m.spike_bits or None, seca=m.seca,
+                    learnable_lif=m.learnable_lif, width=m.width)
+  except models.ConfigError as error:
+    raise ConfigError(f"config.model.{error}") from None
   devices = jax.device_count()
   if config.batch_size % devices:
     fail("batch_size", config.batch_size,
@@ -82,7 +181,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, in_channels
         parallel=m.parallel, spike_bits=m.spike_bits or None, seca=m.seca,
         learnable_lif=m.learnable_lif, width=m.width, rngs=nnx.Rngs(config.seed))
   except models.ConfigError as error:
-    raise ConfigError(f"config.model: {error}") from None
+    raise ConfigError(f"config.model.{error}") from None
 
 
 class _Interrupt:
@@ -111,6 +210,26 @@ def _batch_parts(batch):
   return x, np.maximum(y, 0), data_input.valid_mask(y).astype(np.float32)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+  """True iff every floating-point leaf of ``tree`` is finite (one reduction on the device)."""
+  checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
+def checked_step(train_step: Callable) -> Callable:
+  """Wraps a training step so that it also returns ``finite``: whether the batch's loss and the
+  whole new state (parameters, statistics, optimizer state) are finite.
+
+  A non-finite gradient always reaches the parameters through the update, so this covers losses
+  and gradients; the reduction is fused into the step.
+  """
+  def step(state, x, labels, learning_rate, seed_key):
+    state, out = train_step(state, x, labels, learning_rate, seed_key)
+    return state, out, jnp.isfinite(out.loss) & _all_finite(state)
+  return step
+
+
 class Trainer:
   """Holds the compiled steps, the mesh and the state of one run."""
 
@@ -131,7 +250,6 @@ class Trainer:
       raise ConfigError(f"config.time_steps={config.time_steps} is not allowed for "
                         f"{config.dataset!r}; allowed: {shape[0]} (its examples have "
                         f"{shape[0]} time steps)")
-    self.model = build_model(config, self.train_data.num_classes, shape[-1])
     self.step_config = training.StepConfig(
         mode=config.mode, time_steps=config.time_steps, num_classes=self.train_data.num_classes,
         static_input=not self.train_data.time_major, label_smoothing=config.label_smoothing,
@@ -140,39 +258,60 @@ class Trainer:
                                              weight_decay=config.weight_decay,
                                              nesterov=config.nesterov,
                                              learning_rate=config.learning_rate)
-    self.graphdef, state = training.create_train_state(self.model, self.optimizer)
     self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
                               axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    self.state = jax.device_put(state, self.replicated)
+    self.state = self.initial_state()
     self.seed_key = jax.random.key(config.seed)
+    self._learning_rates: dict[int, float] = {}
     self._train_step = jax.jit(
-        training.make_train_step(self.graphdef, self.optimizer, self.step_config),
+        checked_step(training.make_train_step(self.graphdef, self.optimizer, self.step_config)),
         in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding, None, None),
-        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        out_shardings=(self.replicated, self.replicated, self.replicated), donate_argnums=0)
     self._eval_step = jax.jit(
         training.make_eval_step(self.graphdef, self.step_config),
         in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding,
                       self.batch_sharding),
         out_shardings=self.replicated)
 
+  def initial_state(self) -> training.TrainState:
+    """The state before training (a fresh model from the seed), replicated on the mesh; also
+    sets ``self.model`` and ``self.graphdef``."""
+    self.model = build_model(self.config, self.train_data.num_classes,
+                             self.train_data.input_shape[-1])
+    self.graphdef, state = training.create_train_state(self.model, self.optimizer)
+    return jax.device_put(state, self.replicated)
+
   def learning_rate(self, epoch: int) -> float:
-    c = self.config
-    return float(training.epoch_learning_rate(epoch, base=c.learning_rate, epochs=c.epochs,
-                                              warmup_epochs=c.warmup_epochs,
-                                              warmup_start=c.warmup_start))
+    if epoch not in self._learning_rates:
+      c = self.config
+      self._learning_rates[epoch] = float(training.epoch_learning_rate(
+          epoch, base=c.learning_rate, epochs=c.epochs, warmup_epochs=c.warmup_epochs,
+          warmup_start=c.warmup_start))
+    return self._learning_rates[epoch]
 
   def global_batch(self, *arrays: np.ndarray) -> list[jax.Array]:
     """Assembles each process's slice of the global batch into one sharded array."""
     return [jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(a))
             for a in arrays]
 
-  def train_batch(self, x: np.ndarray, y: np.ndarray, epoch: int) -> training.StepOutput:
+  def train_batch(self, x: np.ndarray, y: np.ndarray, epoch: int
+                  ) -> tuple[training.StepOutput, jax.Array]:
+    """One training step on this process's slice of a global batch: (metrics, finite flag).
+
+    Both are left on the device (read them later, so that the next step is already queued).
+    """
     x, y = self.global_batch(x, y.astype(np.int32))
-    self.state, out = self._train_step(self.state, x, y, jnp.float32(self.learning_rate(epoch)),
-                                       self.seed_key)
-    return out
+    self.state, out, finite = self._train_step(self.state, x, y,
+                                               jnp.float32(self.learning_rate(epoch)),
+                                               self.seed_key)
+    return out, finite
+
+  def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's slice of the training batch that makes global step ``step`` (1-based)."""
+    epoch, position = divmod(step - 1, self.train_data.batches_per_epoch)
+    return next(iter(self.train_data.epoch(epoch, start=position)))
 
   def evaluate(self) -> dict[str, Any]:
     """Accuracy at every step, loss, firing rate per layer, learned decay/threshold."""
@@ -207,113 +346,208 @@ def _meta(config, step, epoch, position) -> dict:
           "fingerprint": fingerprint(config)}
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str, allow_other_config: bool):
-  """Refuses a workdir that holds a run of a different config (fingerprint mismatch)."""
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, allow_other_config: bool
+                  ) -> None:
+  """Refuses a workdir that holds a run of a different config (fingerprint mismatch); reads only.
+
+  Raises:
+    ConfigError: the fingerprints differ and ``allow_other_config`` is False.
+  """
   path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved.get("fingerprint") != fingerprint(config) and not allow_other_config:
-      raise ConfigError(
-          f"workdir {workdir} holds a run of a different config (fingerprint "
-          f"{saved.get('fingerprint')} != {fingerprint(config)}); use another --workdir, or pass "
-          "--allow_config_change to continue this run with the new config")
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"fingerprint": fingerprint(config), "config": config.to_dict()}, f, indent=2,
-                default=str)
-    os.replace(tmp, path)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  if saved.get("fingerprint") != fingerprint(config) and not allow_other_config:
+    raise ConfigError(
+        f"workdir {workdir} holds a run of a different config (fingerprint "
+        f"{saved.get('fingerprint')} != {fingerprint(config)}); use another --workdir, or pass "
+        "--allow_config_change to continue this run with the new config")
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes ``workdir/config.json`` (config and fingerprint) atomically, on process 0."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump({"fingerprint": fingerprint(config), "config": config.to_dict()}, f, indent=2,
+              default=str)
+  os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, eval_only: bool = False,
                        allow_config_change: bool = False) -> dict[str, Any]:
-  """Trains (resuming if ``workdir`` has checkpoints), evaluates and returns the summary."""
-  trainer = Trainer(config, workdir)
+  """Trains (resuming if ``workdir`` has checkpoints), evaluates and returns the summary.
+
+  The summary is ``{"interrupted": signal number}`` if a signal stopped training (after a
+  checkpoint).
+
+  Raises:
+    ConfigError: bad config, or a workdir of another config (nothing is read or written first).
+    experiments.input.DataError: missing or malformed data.
+    experiments.checkpoint.CheckpointError: checkpoints exist but none can be read.
+    NumericalError: a NaN or Inf in training; no checkpoint after the last finite state is kept.
+  """
+  validate_config(config)
   if not eval_only:
     check_workdir(config, workdir, allow_config_change)
+  trainer = Trainer(config, workdir)
+  if not eval_only:
+    write_config(config, workdir)
   checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"),
                             keep=config.keep_checkpoints)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                           trainer.state)
-  restored = checkpoints.restore_latest(abstract)
-  start_step = 0
-  if restored is not None:
-    start_step, trainer.state, meta = restored
-    print(f"resuming from step {start_step} (epoch {meta['epoch']}, batch "
-          f"{meta['batch_in_epoch']})", flush=True)
-  elif eval_only:
-    raise ConfigError(f"--eval_only: no checkpoint in {workdir}/checkpoints")
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = None
   try:
+    restored = checkpoints.restore_latest(abstract)
+    start_step = 0
+    if restored is not None:
+      start_step, trainer.state, meta = restored
+      print(f"resuming from step {start_step} (epoch {meta['epoch']}, batch "
+            f"{meta['batch_in_epoch']})", flush=True)
+    elif eval_only:
+      raise ConfigError(f"--eval_only: no checkpoint in {workdir}/checkpoints")
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     if not eval_only:
-      interrupted = _train_loop(trainer, checkpoints, writer, start_step)
-      if interrupted:
-        return {"interrupted": True}
+      try:
+        signum = _train_loop(trainer, checkpoints, writer, start_step)
+      except _NonFinite as nonfinite:
+        error = _locate_fault(trainer, checkpoints, abstract, nonfinite.step)
+        located = error.fault._asdict() if error.fault is not None else {}
+        writer.write("fault", {"step": error.step, "checkpoint": error.checkpoint,
+                               "time_step": located.get("time_step"),
+                               "where": located.get("where"), "value": located.get("kind")})
+        raise error from None
+      if signum is not None:
+        return {"interrupted": signum}
     summary = trainer.evaluate()
     summary.update(trainer.model_sizes())
     summary["step"] = int(trainer.state.step)
     writer.write_summary(summary)
     return summary
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
     checkpoints.close()
 
 
+class _NonFinite(Exception):
+  """The fused step that made global step ``step`` returned a non-finite loss or state."""
+
+  def __init__(self, step: int):
+    super().__init__(step)
+    self.step = step
+
+
 def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter,
-                start_step: int) -> bool:
-  """Runs the remaining epochs; returns True if interrupted by a signal (after checkpointing)."""
+                start_step: int) -> int | None:
+  """Runs the remaining epochs; returns the signal number if one stopped it (after a checkpoint).
+
+  Raises:
+    _NonFinite: a step's loss or new state is not finite; nothing from that step on is saved.
+  """
   config = trainer.config
   per_epoch = trainer.train_data.batches_per_epoch
   total = per_epoch * config.epochs
   step = start_step
+  unchecked = []  # (step, finite flag) of dispatched steps whose flag was not read yet
+
+  def confirm_finite():
+    while unchecked:
+      checked, finite = unchecked.pop(0)
+      if not bool(finite):
+        raise _NonFinite(checked)
+
+  def save():
+    confirm_finite()
+    checkpoints.save(step, trainer.state, _meta(config, step, *divmod(step, per_epoch)))
+
   bar = writer.progress(total=total, initial=step, enabled=config.progress)
   with _Interrupt() as interrupt:
-    while step < total:
-      epoch, position = divmod(step, per_epoch)
-      tick, seen, window = time.perf_counter(), 0, []
-      for x, y in trainer.train_data.epoch(epoch, start=position):
-        out = trainer.train_batch(x, y, epoch)
-        step += 1
-        seen += len(y) * trainer.process_count
-        window.append(out)
-        if step % config.log_every_steps == 0 or step % per_epoch == 0:
-          means = jax.device_get(jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *window))
-          rate = seen / (time.perf_counter() - tick)
-          record = {"step": step, "epoch": epoch, "loss": float(means.loss),
-                    "train_accuracy": float(means.accuracy), "images_per_second": rate,
-                    "learning_rate": trainer.learning_rate(epoch)}
-          if not math.isfinite(record["loss"]):
-            raise FloatingPointError(
-                f"non-finite training loss {record['loss']} at step {step} (epoch {epoch}); "
-                f"the last good checkpoint is kept in {checkpoints.manager.directory}")
-          writer.write("train", record)
-          bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
-                          img_s=f"{rate:.0f}")
-          tick, seen, window = time.perf_counter(), 0, []
-        bar.update(1)
-        if step % config.checkpoint_every_steps == 0:
-          checkpoints.save(step, trainer.state, _meta(config, step, *divmod(step, per_epoch)))
-        if interrupt.signal is not None:
-          checkpoints.save(step, trainer.state, _meta(config, step, *divmod(step, per_epoch)))
-          bar.close()
-          print(f"\nstopped by signal {interrupt.signal} at step {step}; checkpoint saved, "
-                "rerun with the same --workdir to resume", flush=True)
-          return True
-      checkpoints.save(step, trainer.state, _meta(config, step, *divmod(step, per_epoch)))
-      if (epoch + 1) % config.eval_every_epochs == 0 or step == total:
-        result = trainer.evaluate()
-        writer.write("eval", {"step": step, "epoch": epoch, "accuracy": result["accuracy"],
-                              "loss": result["loss"],
-                              "accuracy_per_step": result["accuracy_per_step"]})
-        bar.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy "
-                  f"{100 * result['accuracy']:.2f} % (per step: "
-                  + ", ".join(f"{100 * a:.1f}" for a in result["accuracy_per_step"]) + ")")
-  bar.close()
-  return False
+    try:
+      while step < total:
+        epoch, position = divmod(step, per_epoch)
+        tick, seen, window = time.perf_counter(), 0, []
+        for x, y in trainer.train_data.epoch(epoch, start=position):
+          out, finite = trainer.train_batch(x, y, epoch)
+          # Reading the previous step's flag waits for that step only: this one is queued.
+          confirm_finite()
+          step += 1
+          unchecked.append((step, finite))
+          seen += len(y) * trainer.process_count
+          window.append(out)
+          if step % config.log_every_steps == 0 or step % per_epoch == 0:
+            means = jax.device_get(jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *window))
+            confirm_finite()
+            rate = seen / (time.perf_counter() - tick)
+            record = {"step": step, "epoch": epoch, "loss": float(means.loss),
+                      "train_accuracy": float(means.accuracy), "images_per_second": rate,
+                      "learning_rate": trainer.learning_rate(epoch)}
+            writer.write("train", record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
+                            img_s=f"{rate:.0f}")
+            tick, seen, window = time.perf_counter(), 0, []
+          bar.update(1)
+          if step % config.checkpoint_every_steps == 0:
+            save()
+          if interrupt.signal is not None:
+            save()
+            bar.close()
+            print(f"\nstopped by signal {interrupt.signal} at step {step}; checkpoint saved, "
+                  "rerun with the same --workdir to resume", flush=True)
+            return interrupt.signal
+        save()
+        if (epoch + 1) % config.eval_every_epochs == 0 or step == total:
+          result = trainer.evaluate()
+          writer.write("eval", {"step": step, "epoch": epoch, "accuracy": result["accuracy"],
+                                "loss": result["loss"],
+                                "accuracy_per_step": result["accuracy_per_step"]})
+          bar.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy "
+                    f"{100 * result['accuracy']:.2f} % (per step: "
+                    + ", ".join(f"{100 * a:.1f}" for a in result["accuracy_per_step"]) + ")")
+    finally:
+      bar.close()
+  return None
+
+
+def _locate_fault(trainer: Trainer, checkpoints: Checkpoints, abstract: Any,
+                  step: int) -> NumericalError:
+  """Restores the last good checkpoint before global step ``step``, replays the fused steps up to
+  the failing batch and locates that batch's first non-finite value; returns the error to raise."""
+  restored = checkpoints.restore_latest(abstract, before=step)
+  if restored is None:
+    good, trainer.state = None, trainer.initial_state()
+  else:
+    good, trainer.state, _ = restored
+  per_epoch = trainer.train_data.batches_per_epoch
+  for replayed in range((good or 0) + 1, step):
+    _, finite = trainer.train_batch(*trainer.batch(replayed), (replayed - 1) // per_epoch)
+    if not bool(finite):  # the same program on the same batches failed earlier: locate that
+      return _locate_fault(trainer, checkpoints, abstract, replayed)
+  epoch, position = divmod(step - 1, per_epoch)
+  x, y = trainer.batch(step)
+  x, y = trainer.global_batch(x, y.astype(np.int32))
+  try:
+    fault = diagnose.first_nonfinite(trainer.graphdef, trainer.optimizer, trainer.step_config,
+                                     trainer.state, x, y, trainer.learning_rate(epoch),
+                                     trainer.seed_key)
+    where = (fault.describe(trainer.config.time_steps) if fault is not None else
+             "the step-by-step replay of this batch stays finite (it rounds differently from "
+             "the fused step), so the time step and layer are unknown")
+  except Exception as error:  # pylint: disable=broad-except
+    # The global step and the kept checkpoint are known; a failed diagnosis must not hide them.
+    fault, where = None, f"locating it failed ({type(error).__name__}: {error})"
+  kept = (f"the last good checkpoint, step {good}, is kept in {checkpoints.directory}"
+          if good is not None else "no checkpoint was written before it")
+  return NumericalError(
+      f"non-finite value at global step {step} (epoch {epoch + 1}, batch {position + 1} of "
+      f"{per_epoch}), {where}; {kept}; lower the learning rate or check the data",
+      step=step, fault=fault, checkpoint=good)
 
 
 def exit_code(summary: dict) -> int:
-  """143 (128 + SIGTERM) for an interrupted run, else 0."""
-  return 128 + signal.SIGTERM if summary.get("interrupted") else 0
+  """128 + the signal number for a run stopped by a signal (143 for SIGTERM), else 0."""
+  return 128 + summary["interrupted"] if "interrupted" in summary else 0
