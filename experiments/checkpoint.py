@@ -14,12 +14,14 @@ reported on one line of stderr and the next older one is used; once an older one
 the unreadable newer ones are deleted, so that the resumed run saves those steps afresh. If no
 checkpoint can be read, :class:`CheckpointError` is raised and nothing is deleted, instead of
 silently starting over (the usual cause is a model that changed under ``--allow_config_change``).
+The tracebacks that reads abandoned by a failed restore would print are dropped (see
+:func:`_dropping_abandoned_reads`), so the warning line is all that a damaged checkpoint prints.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -29,6 +31,22 @@ _REASON_CHARS = 200
 
 class CheckpointError(RuntimeError):
   """Checkpoints exist but none of them can be read; the message lists each one's reason."""
+
+
+def _dropping_abandoned_reads(previous: Callable) -> Callable:
+  """An unraisable-error hook that drops the errors of reads a failed restore left in flight.
+
+  Orbax restores inside an asyncio event loop that it closes as soon as one read fails; the
+  TensorStore reads still in flight then complete into the closed loop, and each reports
+  ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``: dozens of tracebacks,
+  some after the restore has returned, that say nothing beyond the failure already reported.
+  Exactly these are dropped; every other unraisable error goes to ``previous``.
+  """
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  return hook
 
 
 def _reason(error: Exception) -> str:
@@ -76,7 +94,18 @@ class Checkpoints:
       CheckpointError: there are checkpoints to consider but none of them can be read.
     """
     candidates = [s for s in reversed(self.steps()) if before is None or s < before]
-    failures, unreadable = [], []
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _dropping_abandoned_reads(previous_hook)
+    unreadable = []
+    try:
+      return self._restore_first_readable(candidates, abstract_state, unreadable)
+    finally:
+      if not unreadable:  # no read was abandoned: nothing can complete late
+        sys.unraisablehook = previous_hook
+
+  def _restore_first_readable(self, candidates: list[int], abstract_state: Any,
+                              unreadable: list[int]) -> tuple[int, Any, dict] | None:
+    failures = []
     for i, step in enumerate(candidates):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
