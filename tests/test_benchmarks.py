@@ -1,0 +1,170 @@
+"""Tests of the benchmark scripts: compiled memory against T, the throughput and GPU scripts on
+tiny sizes, and the maths behind the online-versus-BPTT gradient comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import gradient_scaling as gs
+from benchmarks import memory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_NET = dict(name="convnet_small", num_classes=10, in_channels=1, weights="binary",
+                width=1 / 8)
+TINY_IMAGE = (16, 16, 1)
+
+
+def _clean_env() -> dict[str, str]:
+  """The environment without the eight fake devices of conftest (scripts run on one CPU)."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+@pytest.fixture(scope="module")
+def tiny_memory():
+  return memory.sweep(TINY_NET, modes=("online", "bptt"), time_steps=(2, 4), batch=8,
+                      image_shape=TINY_IMAGE)
+
+
+def test_online_memory_is_flat_and_bptt_memory_grows(tiny_memory):
+  online = memory.series(tiny_memory, "online")
+  bptt = memory.series(tiny_memory, "bptt")
+  # Online: one step's activations whatever T; BPTT keeps every step's activations for the
+  # backward pass, so doubling T nearly doubles its scratch memory.
+  assert memory.relative_spread(online, 2, 4) <= 0.1, online
+  assert bptt[4] >= 1.5 * bptt[2], bptt
+  assert bptt[4] > online[4]
+  for point in tiny_memory:
+    sizes = point["bytes"]
+    assert sizes["total"] == sizes["temp"] + sizes["argument"]
+    assert sizes["peak"] == sizes["total"] + sizes["output"] - sizes["alias"]
+    # The donated train state is reused for the new one.
+    assert sizes["alias"] > 0
+
+
+def test_acceptance_reports_each_criterion():
+  def point(mode, steps, total, rolled=False):
+    return {"mode": mode, "time_steps": steps, "rolled": rolled, "bytes": {"total": total}}
+
+  points = [point("online", 4, 100), point("online", 16, 104),
+            point("random_step", 4, 100), point("random_step", 16, 110),
+            point("bptt", 4, 100), point("bptt", 16, 290)]
+  checks = memory.acceptance(points)
+  assert checks["online"]["passed"] and checks["online"]["value"] == pytest.approx(0.04)
+  assert not checks["random_step"]["passed"]
+  assert not checks["bptt"]["passed"] and checks["bptt"]["value"] == pytest.approx(2.9)
+  assert "online (rolled)" not in checks
+
+
+def _problem(scenario: gs.Scenario, seed: int = 0) -> gs.Problem:
+  return gs.make_problem(jax.random.key(seed), scenario, batch=6, inputs=5, neurons_=7,
+                         classes=3, time_steps=4)
+
+
+@pytest.mark.parametrize("loss", gs.LOSSES)
+@pytest.mark.parametrize("static", [True, False])
+def test_online_membrane_gradient_is_the_direct_term_of_bptt(loss, static):
+  """delta^on_t = H_t g_t and delta^BPTT_t = H_t g_t + lambda_{t+1} (1 - H_t) delta^BPTT_{t+1}."""
+  problem = _problem(gs.Scenario("mixed", static=static), seed=int(static))
+  online, _, fires = gs.gradients(problem, online=True, loss=loss)
+  bptt, _, fires_bptt = gs.gradients(problem, online=False, loss=loss)
+  chex.assert_shape([online, bptt, fires], (4, 6, 7))
+  np.testing.assert_array_equal(fires, fires_bptt)  # the cut does not change the forward pass
+  fires = np.asarray(fires)
+  assert 0.1 < fires.mean() < 0.9  # both cases occur, so the identities below mean something
+  np.testing.assert_array_equal(np.asarray(online)[~fires], 0.0)
+  np.testing.assert_allclose(np.asarray(online)[fires], np.asarray(bptt)[fires], rtol=0,
+                             atol=1e-7)
+  decay = jax.nn.sigmoid(problem.params.a)
+  for t in range(3):
+    expected = online[t] + decay[t + 1] * (1.0 - fires[t]) * bptt[t + 1]
+    np.testing.assert_allclose(bptt[t], expected, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(online[-1], bptt[-1], rtol=0, atol=1e-7)
+  assert float(jnp.max(jnp.abs(bptt - online))) > 1e-4  # silent neurons receive BPTT gradient
+
+
+def test_lif_bptt_gradient_passes_the_surrogate_reset():
+  """LIF: u_t = m_t - theta' H(m_t - theta'), so du_t/dm_t = 1 - theta' max(1 - |m_t - theta'|, 0)."""
+  problem = _problem(gs.Scenario("lif", neuron="lif"), seed=2)
+  online, _, _ = gs.gradients(problem, online=True, loss="summed", neuron="lif")
+  bptt, _, _ = gs.gradients(problem, online=False, loss="summed", neuron="lif")
+  _, membranes, _ = gs.forward(problem, problem.w, jnp.zeros_like(online), online=True,
+                                neuron="lif")
+  threshold = jax.nn.sigmoid(problem.params.b) + 0.5
+  decay = jax.nn.sigmoid(problem.params.a)
+  for t in range(3):
+    surrogate = jnp.maximum(1.0 - jnp.abs(membranes[t] - threshold[t]), 0.0)
+    expected = online[t] + decay[t + 1] * (1.0 - threshold[t] * surrogate) * bptt[t + 1]
+    np.testing.assert_allclose(bptt[t], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_rescaling_is_exact_when_every_neuron_fires_and_fails_otherwise():
+  problem = _problem(gs.Scenario("all fire", drive=0.05, bias=3.0))
+  result = gs.compare(problem, loss="summed")
+  assert all(s["firing_fraction"] == 1.0 for s in result["steps"])
+  assert all(gs.pure_rescaling(result))
+  assert all(s["least_squares_scale"] == pytest.approx(1.0) for s in result["steps"])
+  mixed = gs.compare(_problem(gs.Scenario("mixed")), loss="summed")
+  assert not all(gs.pure_rescaling(mixed))
+  assert gs.pure_rescaling(mixed)[-1]
+  record = gs.run(batch=4, inputs=3, neurons_=5, classes=3, time_steps=3, seed=1,
+                  scenarios=(gs.Scenario("all fire", drive=0.05, bias=3.0),))
+  assert "It held at every step in: all fire." in record["verdict"]
+
+
+def _run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_clean_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_throughput_smoke_runs_both_frameworks_on_one_core(tmp_path):
+  out = tmp_path / "throughput.json"
+  done = _run_script(["benchmarks.throughput", "--device=cpu", "--smoke",
+                      "--modes=online", f"--out={out}"], timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = json.loads(out.read_text())
+  assert record["meta"]["cores_used"] == 1 and record["meta"]["torch_num_threads"] == 1
+  entry = record["results"]["online"]
+  for framework in ("jax", "torch"):
+    seconds = entry[framework]["repeat_seconds"]
+    assert len(seconds) == 2 and min(seconds) > 0
+    # Median of two repeats of one batch of 4 images.
+    assert entry[framework]["images_per_second"] == pytest.approx(4 / np.median(seconds),
+                                                                  rel=1e-2)
+  assert entry["jax_over_torch"] == pytest.approx(
+      entry["jax"]["images_per_second"] / entry["torch"]["images_per_second"], rel=1e-2)
+  assert set(record["goals"]) == {"online JAX/PyTorch >= 0.59", "online JAX/PyTorch >= 1.0"}
+
+
+def test_throughput_refuses_a_missing_gpu(tmp_path):
+  done = _run_script(["benchmarks.throughput", "--device=gpu", "--smoke",
+                      f"--out={tmp_path / 'x.json'}"], timeout=120)
+  assert done.returncode != 0
+  assert "no GPU is visible" in done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+  env = _clean_env()
+  env["OUT"] = str(tmp_path)
+  env["PYTHON"] = sys.executable
+  done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  for name in ("fp32_b64_online", "fp32_b64_random_step", "fp32_b64_eval"):
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert record["meta"]["device"] == "cpu"
+    (mode,) = record["results"]
+    assert record["results"][mode]["jax"]["images_per_second"] > 0
