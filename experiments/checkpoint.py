@@ -6,8 +6,10 @@ within the epoch, config fingerprint).
 Why a kill never leaves a half-written checkpoint under a step's name: Orbax writes every item into
 ``<step>.orbax-checkpoint-tmp/<item>.orbax-checkpoint-tmp``, renames each item directory when its
 data is complete, and renames the step directory last. A process killed before that last rename
-leaves only a ``*.orbax-checkpoint-tmp`` directory, which ``all_steps`` does not list and which the
-next run removes (``cleanup_tmp_directories``); a directory named after a step is always complete.
+leaves only ``<step>.orbax-checkpoint-tmp``, which ``all_steps`` does not list and which Orbax
+removes when the resumed run saves that step again; a directory named after a step is always
+complete. (Orbax's ``cleanup_tmp_directories`` option is not used: its cleanup runs in a thread
+that fails noisily at exit if the process ends before its first save.)
 
 A checkpoint that exists but cannot be read (damaged on disk: truncated or corrupted files) is
 reported on one line of stderr and the next older one is used; once an older one has been read,
@@ -65,8 +67,7 @@ class Checkpoints:
 
   def __init__(self, directory: str, *, keep: int = 3):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
+                                           enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "meta"))
     self.directory = str(self.manager.directory)

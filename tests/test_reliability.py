@@ -149,8 +149,9 @@ checkpoints.save(2, {"w": jnp.arange(4.0) + 1}, {"step": 2})
 @pytest.mark.timeout(120)
 def test_killed_save_leaves_no_step_directory(tmp_path):
   """SIGKILL at each of a save's renames (item 'meta', item 'state', the step directory, which
-  come after all data is written): never a directory named after the step, and the next run
-  restores the previous checkpoint and removes the temporary directory."""
+  come after all data is written): never a directory named after the step; the next run
+  restores the previous checkpoint, and saving that step again replaces the temporary
+  directory."""
   abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32,
                                         sharding=jax.sharding.SingleDeviceSharding(
                                             jax.devices()[0]))}
