@@ -12,8 +12,8 @@ complete. (Orbax's ``cleanup_tmp_directories`` option is not used: its cleanup r
 that fails noisily at exit if the process ends before its first save.)
 
 A checkpoint that exists but cannot be read (damaged on disk: truncated or corrupted files) is
-reported on one line of stderr and the next older one is used; once an older one has been read,
-the unreadable newer ones are deleted, so that the resumed run saves those steps afresh. If no
+reported on one line of stderr and the next older one is used; a training run then deletes the
+unreadable newer ones (``delete_unreadable``), so that it saves those steps afresh. If no
 checkpoint can be read, :class:`CheckpointError` is raised and nothing is deleted, instead of
 silently starting over (the usual cause is a model that changed under ``--allow_config_change``).
 The tracebacks that reads abandoned by a failed restore would print are dropped (see
@@ -83,13 +83,15 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state: Any, *, before: int | None = None
-                     ) -> tuple[int, Any, dict] | None:
+  def restore_latest(self, abstract_state: Any, *, before: int | None = None,
+                     delete_unreadable: bool = False) -> tuple[int, Any, dict] | None:
     """The newest readable checkpoint as (step, state, meta), or None if there is none.
 
     Args:
       abstract_state: shapes, dtypes and shardings of the state (e.g. from ``jax.eval_shape``).
       before: only consider checkpoints of steps < ``before``.
+      delete_unreadable: once a checkpoint has been read, delete the newer unreadable ones (a run
+        that will save those steps again must, since Orbax only saves steps after the newest).
 
     Raises:
       CheckpointError: there are checkpoints to consider but none of them can be read.
@@ -99,13 +101,15 @@ class Checkpoints:
     sys.unraisablehook = _dropping_abandoned_reads(previous_hook)
     unreadable = []
     try:
-      return self._restore_first_readable(candidates, abstract_state, unreadable)
+      return self._restore_first_readable(candidates, abstract_state, unreadable,
+                                          delete_unreadable)
     finally:
       if not unreadable:  # no read was abandoned: nothing can complete late
         sys.unraisablehook = previous_hook
 
   def _restore_first_readable(self, candidates: list[int], abstract_state: Any,
-                              unreadable: list[int]) -> tuple[int, Any, dict] | None:
+                              unreadable: list[int], delete_unreadable: bool
+                              ) -> tuple[int, Any, dict] | None:
     failures = []
     for i, step in enumerate(candidates):
       try:
@@ -122,7 +126,7 @@ class Checkpoints:
         print(f"warning: checkpoint {step} in {self.directory} is unreadable "
               f"({_reason(error)}); {then}", file=sys.stderr, flush=True)
         continue
-      for damaged in unreadable:
+      for damaged in unreadable if delete_unreadable else ():
         self.manager.delete(damaged)
       return step, state, dict(restored["meta"])
     if failures:

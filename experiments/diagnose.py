@@ -234,7 +234,8 @@ def _inputs(config: training.StepConfig, state: training.TrainState, x: jax.Arra
   targets = jax.nn.one_hot(labels, config.num_classes)
   if config.mix:
     # The training step's own key for mixing (training.py exposes no public name for it).
-    key = training._batch_key(seed_key, state.step, training._KEY_MIX)  # pylint: disable=protected-access
+    key = training._batch_key(  # pylint: disable=protected-access
+        seed_key, state.step, training._KEY_MIX)  # pylint: disable=protected-access
     x, targets = training.mix_batch(key, x, targets)
   targets = training.smoothed_targets(targets, config.num_classes, config.label_smoothing)
   return training.time_major(x, config.time_steps, static=config.static_input), targets

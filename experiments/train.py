@@ -402,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, eval_
                           trainer.state)
   writer = None
   try:
-    restored = checkpoints.restore_latest(abstract)
+    restored = checkpoints.restore_latest(abstract, delete_unreadable=True)
     start_step = 0
     if restored is not None:
       start_step, trainer.state, meta = restored
@@ -517,7 +517,7 @@ def _locate_fault(trainer: Trainer, checkpoints: Checkpoints, abstract: Any,
                   step: int) -> NumericalError:
   """Restores the last good checkpoint before global step ``step``, replays the fused steps up to
   the failing batch and locates that batch's first non-finite value; returns the error to raise."""
-  restored = checkpoints.restore_latest(abstract, before=step)
+  restored = checkpoints.restore_latest(abstract, before=step, delete_unreadable=True)
   if restored is None:
     good, trainer.state = None, trainer.initial_state()
   else:
