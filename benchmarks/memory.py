@@ -15,22 +15,19 @@ Acceptance (SPEC section 4: online and random-step memory is O(1) in T, BPTT's g
 online and random-step memory within 5 % over T = 4..16, BPTT growing at least 3x over the same
 range.
 
-``--rolled`` also measures the online rule with its time scan rolled (``unroll=1``). The library
-unrolls that scan fully on the CPU (:func:`empf_jax.neurons.default_unroll`) and has no switch
-for it; this diagnostic replaces ``empf_jax.training.default_unroll`` while the step is traced.
+The online series is traced with its time scan fully unrolled (``StepConfig(time_unroll=True)``);
+``--rolled`` also measures it rolled (``time_unroll=1``), which is the library's default.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import sys
 import time
-from typing import Any, Iterator, Sequence
-from unittest import mock
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,13 +58,6 @@ def abstract_train_state(network: dict[str, Any], time_steps: int,
                                        jax.ShapeDtypeStruct((), jnp.int32))
 
 
-@contextlib.contextmanager
-def rolled_time_scan() -> Iterator[None]:
-  """Traces the online rule's time scan rolled (``unroll=1``) inside the ``with`` block."""
-  with mock.patch.object(training, "default_unroll", lambda: 1):
-    yield
-
-
 def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, batch: int,
                       image_shape: Sequence[int], rolled: bool = False) -> dict[str, Any]:
   """Compiles one train step on abstract inputs and returns XLA's memory analysis in bytes.
@@ -78,7 +68,8 @@ def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, ba
     time_steps: T.
     batch: batch size.
     image_shape: one static image [H, W, C].
-    rolled: trace the online time scan rolled (see :func:`rolled_time_scan`).
+    rolled: the online time scan rolled (``StepConfig.time_unroll=1``, the library's default)
+      rather than fully unrolled.
 
   Returns:
     ``temp``, ``argument``, ``output``, ``alias``, ``generated_code`` bytes, ``total`` = temp +
@@ -87,15 +78,15 @@ def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, ba
   optimizer = training.make_optimizer()
   graphdef, state = abstract_train_state(network, time_steps, optimizer)
   config = training.StepConfig(mode=mode, time_steps=time_steps,
-                               num_classes=network["num_classes"])
+                               num_classes=network["num_classes"],
+                               time_unroll=1 if rolled else True)
   x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
   seed_key = jax.eval_shape(lambda: jax.random.key(0))
   start = time.perf_counter()
-  with rolled_time_scan() if rolled else contextlib.nullcontext():
-    step = jax.jit(training.make_train_step(graphdef, optimizer, config), donate_argnums=0)
-    compiled = step.lower(state, x, labels, learning_rate, seed_key).compile()
+  step = jax.jit(training.make_train_step(graphdef, optimizer, config), donate_argnums=0)
+  compiled = step.lower(state, x, labels, learning_rate, seed_key).compile()
   seconds = time.perf_counter() - start
   analysis = compiled.memory_analysis()
   sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes"))

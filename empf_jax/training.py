@@ -25,7 +25,6 @@ import optax
 from flax import nnx
 
 from empf_jax import layers
-from empf_jax.neurons import default_unroll
 from empf_jax.models import SpikingNetwork
 
 MODES = ("online", "random_step", "bptt")
@@ -170,6 +169,9 @@ class StepConfig(NamedTuple):
   label_smoothing: float = LABEL_SMOOTHING
   mix: bool = False
   compute_dtype: Any = jnp.float32
+  # Unroll of the online rule's time scan. Rolled (1) keeps the compiled step's memory flat in T;
+  # on CPU it also trained faster than fully unrolled (benchmarks/memory.py, throughput.py).
+  time_unroll: bool | int = 1
 
 
 def _batch_key(seed_key: jax.Array, step: jax.Array, purpose: int) -> jax.Array:
@@ -234,7 +236,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     (params, rest, opt_state, _), (losses, correct) = jax.lax.scan(
         body, (state.params, state.rest, opt_state, neuron_state),
-        (x_seq, jnp.arange(steps)), unroll=default_unroll())
+        (x_seq, jnp.arange(steps)), unroll=config.time_unroll)
     return (TrainState(params, rest, opt_state, state.step + 1),
             StepOutput(jnp.mean(losses), correct[-1], jnp.asarray(steps, jnp.int32)))
 
