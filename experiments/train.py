@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from empf_jax import accounting, models, training
-from experiments import diagnose
+from experiments import diagnose, report
 from experiments import input as data_input
 from experiments.checkpoint import Checkpoints
 from experiments.configs import common
@@ -426,6 +426,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, eval_
     summary = trainer.evaluate()
     summary.update(trainer.model_sizes())
     summary["step"] = int(trainer.state.step)
+    if jax.process_index() == 0:
+      model = training.merge(trainer.graphdef, jax.device_get(trainer.state))
+      efficiency = report.write_efficiency_report(model, trainer.test_data.epoch(0), workdir)
+      summary["energy_pj_per_example"] = {
+          "authors": efficiency["totals"]["energy_authors_pj"],
+          "full": efficiency["totals"]["energy_full_pj"]}
     writer.write_summary(summary)
     return summary
   finally:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -22,8 +23,15 @@ SHORT = ["--config.epochs=2", "--config.checkpoint_every_steps=5", "--config.mod
          "--config.progress=False", "--config.log_every_steps=1000"]
 
 
+# Compiled programs are shared between the subprocesses of one test session (each run would
+# otherwise spend most of its time compiling the same train and eval steps).
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="empf_jax_test_cache_")
+
+
 def env(devices=2, **extra):
   e = dict(os.environ)
+  e["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
+  e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   e["JAX_PLATFORMS"] = "cpu"
   e["PYTHONUNBUFFERED"] = "1"
@@ -84,6 +92,10 @@ def test_digits_trains_to_97_percent(tmp_path):
   assert {"train", "eval", "summary"} <= {r["kind"] for r in records}
   assert any(name.startswith("events.out.tfevents")
              for name in os.listdir(tmp_path / "tensorboard"))
+  # The efficiency report is written at the end of every run.
+  for name in ("efficiency.md", "efficiency.json", "efficiency.png"):
+    assert (tmp_path / name).exists(), name
+  assert 0 < summary["energy_pj_per_example"]["authors"] <= summary["energy_pj_per_example"]["full"]
 
 
 @pytest.mark.timeout(400)
