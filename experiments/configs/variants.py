@@ -7,7 +7,11 @@ VARIANTS = ("default", "ternary_parallel_4bit", "membn_seca", "lif", "bptt_lif",
 
 
 def apply(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """Applies a named variant to ``c`` in place and returns it."""
+  """Applies a named variant to ``c`` in place and returns it.
+
+  ``ternary_parallel_4bit`` needs a ResNet (parallel neurons exist only there); with another
+  network the configuration check rejects it.
+  """
   if variant not in VARIANTS:
     raise ValueError(f"config variant {variant!r} is not allowed; allowed: {', '.join(VARIANTS)}")
   if variant == "ternary_parallel_4bit":
