@@ -1,7 +1,7 @@
 """Compiled training-step memory against the number of time steps T (no arrays are allocated).
 
     python -m benchmarks.memory [--time_steps=1,2,4,8,16] [--modes=online,random_step,bptt]
-        [--batch=64] [--width=1.0] [--rolled] [--out=benchmarks/results/memory.json]
+        [--batch=64] [--width=1.0] [--unrolled] [--out=benchmarks/results/memory.json]
 
 For each training rule and T, the train step of :func:`empf_jax.training.make_train_step` is
 lowered on abstract inputs (``jax.ShapeDtypeStruct`` for the batch, ``nnx.eval_shape`` for the
@@ -15,8 +15,11 @@ Acceptance (SPEC section 4: online and random-step memory is O(1) in T, BPTT's g
 online and random-step memory within 5 % over T = 4..16, BPTT growing at least 3x over the same
 range.
 
-The online series is traced with its time scan fully unrolled (``StepConfig(time_unroll=True)``);
-``--rolled`` also measures it rolled (``time_unroll=1``), which is the library's default.
+Every rule runs as the library ships it (the online rule's time scan rolled, the default of
+``StepConfig.time_unroll``); ``--unrolled`` also measures the online rule with that scan fully
+unrolled (``time_unroll=True``), whose memory grows with T: XLA fuses the unrolled steps'
+elementwise optimizer updates into one another, so every step's weight gradient and updated
+parameters stay alive until the last update.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def abstract_train_state(network: dict[str, Any], time_steps: int,
 
 
 def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, batch: int,
-                      image_shape: Sequence[int], rolled: bool = False) -> dict[str, Any]:
+                      image_shape: Sequence[int], unrolled: bool = False) -> dict[str, Any]:
   """Compiles one train step on abstract inputs and returns XLA's memory analysis in bytes.
 
   Args:
@@ -68,8 +71,8 @@ def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, ba
     time_steps: T.
     batch: batch size.
     image_shape: one static image [H, W, C].
-    rolled: the online time scan rolled (``StepConfig.time_unroll=1``, the library's default)
-      rather than fully unrolled.
+    unrolled: the online time scan fully unrolled (``StepConfig(time_unroll=True)``) instead of
+      the library's default.
 
   Returns:
     ``temp``, ``argument``, ``output``, ``alias``, ``generated_code`` bytes, ``total`` = temp +
@@ -78,8 +81,9 @@ def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, ba
   optimizer = training.make_optimizer()
   graphdef, state = abstract_train_state(network, time_steps, optimizer)
   config = training.StepConfig(mode=mode, time_steps=time_steps,
-                               num_classes=network["num_classes"],
-                               time_unroll=1 if rolled else True)
+                               num_classes=network["num_classes"])
+  if unrolled:
+    config = config._replace(time_unroll=True)
   x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
@@ -93,35 +97,35 @@ def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, ba
            for name in ("temp", "argument", "output", "alias", "generated_code")}
   sizes["total"] = sizes["temp"] + sizes["argument"]
   sizes["peak"] = sizes["total"] + sizes["output"] - sizes["alias"]
-  return {"mode": mode, "time_steps": time_steps, "rolled": rolled, "bytes": sizes,
+  return {"mode": mode, "time_steps": time_steps, "unrolled": unrolled, "bytes": sizes,
           "compile_seconds": round(seconds, 1)}
 
 
 def sweep(network: dict[str, Any], *, modes: Sequence[str], time_steps: Sequence[int],
-          batch: int, image_shape: Sequence[int], rolled: bool = False,
+          batch: int, image_shape: Sequence[int], unrolled: bool = False,
           log: bool = False) -> list[dict[str, Any]]:
-  """:func:`train_step_memory` for every mode and T (plus the rolled online rule if asked)."""
+  """:func:`train_step_memory` for every mode and T (plus the unrolled online rule if asked)."""
   cases = [(mode, False) for mode in modes]
-  if rolled and "online" in modes:
+  if unrolled and "online" in modes:
     cases.append(("online", True))
   points = []
   for mode, roll in cases:
     for steps in time_steps:
       point = train_step_memory(network, mode=mode, time_steps=steps, batch=batch,
-                                image_shape=image_shape, rolled=roll)
+                                image_shape=image_shape, unrolled=roll)
       points.append(point)
       if log:
-        print(f"{mode}{' (rolled)' if roll else ''} T={steps}: "
+        print(f"{mode}{' (unrolled)' if roll else ''} T={steps}: "
               f"{point['bytes']['total'] / MIB:.1f} MiB (temp {point['bytes']['temp'] / MIB:.1f},"
               f" compile {point['compile_seconds']} s)", flush=True)
   return points
 
 
-def series(points: Sequence[dict[str, Any]], mode: str, rolled: bool = False,
+def series(points: Sequence[dict[str, Any]], mode: str, unrolled: bool = False,
            key: str = "total") -> dict[int, int]:
   """{T: bytes} of one mode."""
   return {p["time_steps"]: p["bytes"][key] for p in points
-          if p["mode"] == mode and p["rolled"] == rolled}
+          if p["mode"] == mode and p["unrolled"] == unrolled}
 
 
 def relative_spread(values: dict[int, int], lo: int, hi: int) -> float:
@@ -134,12 +138,12 @@ def acceptance(points: Sequence[dict[str, Any]], lo: int = ACCEPTANCE_RANGE[0],
                hi: int = ACCEPTANCE_RANGE[1]) -> dict[str, dict[str, Any]]:
   """PASS/FAIL per criterion: online and random-step flat within 5 %, BPTT growth >= 3x."""
   checks = {}
-  for mode, rolled in (("online", False), ("random_step", False), ("online", True)):
-    values = series(points, mode, rolled)
+  for mode, unrolled in (("online", False), ("random_step", False), ("online", True)):
+    values = series(points, mode, unrolled)
     if not {lo, hi} <= values.keys():
       continue
     spread = relative_spread(values, lo, hi)
-    checks[mode + (" (rolled)" if rolled else "")] = {
+    checks[mode + (" (unrolled)" if unrolled else "")] = {
         "criterion": f"(max/min - 1) over T={lo}..{hi} <= {FLAT_TOLERANCE:.0%}",
         "value": round(spread, 4), "passed": spread <= FLAT_TOLERANCE}
   values = series(points, "bptt")
@@ -156,11 +160,11 @@ def plot(points: Sequence[dict[str, Any]], path: str, title: str) -> None:
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  for mode, rolled in sorted({(p["mode"], p["rolled"]) for p in points}):
-    values = series(points, mode, rolled)
+  for mode, unrolled in sorted({(p["mode"], p["unrolled"]) for p in points}):
+    values = series(points, mode, unrolled)
     ts = sorted(values)
-    ax.plot(ts, [values[t] / MIB for t in ts], marker="o", linestyle="--" if rolled else "-",
-            label=mode + (" (scan rolled)" if rolled else ""))
+    ax.plot(ts, [values[t] / MIB for t in ts], marker="o", linestyle="--" if unrolled else "-",
+            label=mode + (" (time scan unrolled)" if unrolled else ""))
   ax.set_xscale("log", base=2)
   ax.set_xticks(sorted({p["time_steps"] for p in points}))
   ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -199,8 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--width", type=float, default=1.0)
   parser.add_argument("--size", type=int, default=32, help="image height and width")
-  parser.add_argument("--rolled", action="store_true",
-                      help="also measure the online rule with its time scan rolled")
+  parser.add_argument("--unrolled", action="store_true",
+                      help="also measure the online rule with its time scan fully unrolled")
   parser.add_argument("--out", default="benchmarks/results/memory.json")
   parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
   args = parser.parse_args(argv)
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if mode not in training.MODES:
       parser.error(f"mode {mode!r} is not allowed; allowed: {', '.join(training.MODES)}")
   points = sweep(network, modes=modes, time_steps=time_steps, batch=args.batch,
-                 image_shape=(args.size, args.size, 3), rolled=args.rolled, log=True)
+                 image_shape=(args.size, args.size, 3), unrolled=args.unrolled, log=True)
   checks = acceptance(points)
   for name, check in checks.items():
     print(f"{'PASS' if check['passed'] else 'FAIL'} {name}: {check['criterion']} "

@@ -15,8 +15,8 @@ the same weights (``empf_jax.convert``) and the same batches:
 * ``bptt``: loss on the sum of the T outputs, one update;
 * ``eval``: all T steps in evaluation mode (JAX: :func:`empf_jax.training.make_eval_step`, which
   also counts spikes per layer; PyTorch: ``torch_reference.run_eval`` plus per-step accuracy);
-* ``online`` is timed with JAX's time scan fully unrolled (``StepConfig(time_unroll=True)``);
-  ``online_rolled`` (not in the default list) with it rolled, the library's default, against the
+* ``online_unrolled`` (diagnostic, not in the default list): the online rule with JAX's time scan
+  fully unrolled (``StepConfig(time_unroll=True)``; the library rolls it by default) against the
   same PyTorch online loop.
 
 A repeat is ``--iters`` batches, timed after the device has finished (``block_until_ready`` /
@@ -46,7 +46,7 @@ import sys
 import time
 from typing import Any, Callable
 
-MODES = ("online", "random_step", "bptt", "eval", "online_rolled")
+MODES = ("online", "random_step", "bptt", "eval", "online_unrolled")
 DEFAULT_MODES = MODES[:4]
 FRAMEWORKS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
@@ -133,13 +133,13 @@ class JaxRunner:
 
     self.jax = jax
     self.mode = mode
-    self.rolled = mode == "online_rolled"
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    rule = {"eval": "online", "online_rolled": "online"}.get(mode, mode)
+    rule = {"eval": "online", "online_unrolled": "online"}.get(mode, mode)
     config = training.StepConfig(mode=rule,
                                  time_steps=args.time_steps, num_classes=NUM_CLASSES,
-                                 compute_dtype=dtype,
-                                 time_unroll=1 if self.rolled else True)
+                                 compute_dtype=dtype)
+    if mode == "online_unrolled":
+      config = config._replace(time_unroll=True)
     optimizer = training.make_optimizer()
     graphdef, state = training.create_train_state(model, optimizer)
     device = jax.devices()[0]
@@ -205,7 +205,7 @@ class TorchRunner:
 
   def one(self, x, y) -> None:
     ref = self.ref
-    if self.mode in ("online", "online_rolled"):
+    if self.mode in ("online", "online_unrolled"):
       ref.online_step(self.model, self.optimizer, x, y)
     elif self.mode == "random_step":
       ref.random_step(self.model, self.optimizer, x, y, self.t_star(self.calls))
@@ -448,7 +448,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "torch": torch.__version__, "python": platform.python_version(),
       "machine": platform.platform(), "cpus_visible": os.cpu_count(), "cores_used": len(cores),
       "torch_num_threads": torch.get_num_threads(),
-      "conv_backward": conv_backward_mode(), "load_average_start": load_average(),
+      "conv_backward": conv_backward_mode(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+      "load_average_start": load_average(),
   }
   if args.device == "gpu" and torch.cuda.is_available():
     meta["torch_cuda_device"] = torch.cuda.get_device_name()

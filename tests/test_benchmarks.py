@@ -55,8 +55,8 @@ def test_online_memory_is_flat_and_bptt_memory_grows(tiny_memory):
 
 
 def test_acceptance_reports_each_criterion():
-  def point(mode, steps, total, rolled=False):
-    return {"mode": mode, "time_steps": steps, "rolled": rolled, "bytes": {"total": total}}
+  def point(mode, steps, total, unrolled=False):
+    return {"mode": mode, "time_steps": steps, "unrolled": unrolled, "bytes": {"total": total}}
 
   points = [point("online", 4, 100), point("online", 16, 104),
             point("random_step", 4, 100), point("random_step", 16, 110),
@@ -65,7 +65,7 @@ def test_acceptance_reports_each_criterion():
   assert checks["online"]["passed"] and checks["online"]["value"] == pytest.approx(0.04)
   assert not checks["random_step"]["passed"]
   assert not checks["bptt"]["passed"] and checks["bptt"]["value"] == pytest.approx(2.9)
-  assert "online (rolled)" not in checks
+  assert "online (unrolled)" not in checks
 
 
 def _problem(scenario: gs.Scenario, seed: int = 0) -> gs.Problem:
