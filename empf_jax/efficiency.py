@@ -53,7 +53,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from empf_jax import deploy, ops
-from empf_jax.layers import SECA, SECA_TAPS, Dense, EMPFNeuron, LIFNeuron, Neuron, QConv
+from empf_jax.layers import (SECA, SECA_TAPS, Dense, EMPFNeuron, LIFNeuron, Neuron, QConv,
+                             set_recording)
 from empf_jax.models import SpikingNetwork
 from empf_jax.quantize import ternary_codes
 
@@ -173,13 +174,6 @@ class Report:
   def energy_full_pj(self) -> float:
     """Every synaptic operation at its price, plus neuron operations and SECA."""
     return sum(layer.energy_pj for layer in (*self.synaptic, *self.neurons, *self.attention))
-
-
-def set_recording(model: nnx.Module, on: bool) -> None:
-  """Turns the ``record`` flag of every recording module (convs, FC layers, neurons) on or off."""
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module) and hasattr(node, "record"):
-      node.record = on
 
 
 def recorded_run(model: SpikingNetwork, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

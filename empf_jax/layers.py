@@ -56,6 +56,14 @@ class FixedNeuronScalar(nnx.Variable):
 WEIGHT_KINDS = {"binary": BinaryWeight, "ternary": TernaryWeight, "float": FloatWeight}
 
 
+def set_recording(model: nnx.Module, on: bool) -> None:
+  """Turns the ``record`` flag of every recording module (convs, FC layers, neurons) on or off;
+  recording modules then ``sow`` their inputs or spikes into ``nnx.Intermediate``."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and hasattr(node, "record"):
+      node.record = on
+
+
 def _recording(module: nnx.Module) -> bool:
   return getattr(module, "record", False)
 

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 from empf_jax import layers
+from empf_jax.layers import set_recording
 from empf_jax.models import SpikingNetwork
 
 MODES = ("online", "random_step", "bptt")
@@ -296,13 +297,6 @@ class EvalOutput(NamedTuple):
   count: jax.Array
   spikes: dict
   elements: dict
-
-
-def set_recording(model: nnx.Module, on: bool) -> None:
-  """Turns the ``record`` hooks of every layer on or off (layers then ``sow`` their spikes/inputs)."""
-  for _, module in nnx.iter_graph(model):
-    if isinstance(module, nnx.Module) and hasattr(module, "record"):
-      module.record = on
 
 
 def neuron_layers(model: nnx.Module) -> dict[str, layers.Neuron]:
