@@ -149,6 +149,13 @@ def unbiased(var: jax.Array, count: int) -> jax.Array:
   return var * (count / max(count - 1, 1))
 
 
+def update_rows(stat: nnx.Variable, t0: jax.Array | int, new: jax.Array) -> None:
+  """Per-step running averages [T, C]: rows t0..t0+S-1 each get r <- 0.9 r + 0.1 new[s]."""
+  old = jax.lax.dynamic_slice_in_dim(stat[...], t0, new.shape[0])
+  stat[...] = jax.lax.dynamic_update_slice_in_dim(
+      stat[...], (1.0 - BN_MOMENTUM) * old + BN_MOMENTUM * new, t0, axis=0)
+
+
 class StepBatchNorm(nnx.Module):
   """BatchNorm over channels with statistics of each time step's batch.
 
@@ -156,36 +163,51 @@ class StepBatchNorm(nnx.Module):
   spatial axes of step t's slice only (so no gradient crosses time through the statistics).
   Running averages: r <- 0.9 r + 0.1 stat_t once per step, in step order, unbiased variance.
   Evaluation uses the running averages.
+
+  By default one set of running averages serves every step (SPEC section 4). With
+  ``time_steps=T`` each step t keeps its own running averages r_t <- 0.9 r_t + 0.1 stat_t and
+  evaluation at step t uses r_t (an option beyond the SPEC, for inputs whose distribution
+  changes with t, e.g. sequences fed chunk by chunk; gamma and beta stay shared).
   """
 
-  def __init__(self, features: int):
+  def __init__(self, features: int, time_steps: int | None = None):
     self.features = features
+    self.time_steps = time_steps
+    stat_shape = (features,) if time_steps is None else (time_steps, features)
     self.scale = NormParam(jnp.ones((features,)))
     self.bias = NormParam(jnp.zeros((features,)))
-    self.mean = nnx.BatchStat(jnp.zeros((features,)))
-    self.var = nnx.BatchStat(jnp.ones((features,)))
+    self.mean = nnx.BatchStat(jnp.zeros(stat_shape))
+    self.var = nnx.BatchStat(jnp.ones(stat_shape))
 
   def affine(self) -> tuple[jax.Array, jax.Array]:
-    """Evaluation-mode BN as y = A x + C, per channel."""
+    """Evaluation-mode BN as y = A x + C, per channel ([C], or [T, C] with per-step statistics)."""
     a = self.scale[...] / jnp.sqrt(self.var[...] + BN_EPSILON)
     return a, self.bias[...] - a * self.mean[...]
 
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """Normalises time-major [S, B, ..., C]; in training updates the running averages S times."""
+  def __call__(self, x: jax.Array, t0: jax.Array | int = 0, *, train: bool) -> jax.Array:
+    """Normalises time-major [S, B, ..., C] holding steps t0..t0+S-1; in training updates the
+    running averages S times (per-step statistics: rows t0..t0+S-1 once each)."""
+    steps = x.shape[0]
+    shape = (steps,) + (1,) * (x.ndim - 2) + (self.features,)
     if not train:
       a, c = self.affine()
+      if self.time_steps is not None:
+        a = jax.lax.dynamic_slice_in_dim(a, t0, steps).reshape(shape)
+        c = jax.lax.dynamic_slice_in_dim(c, t0, steps).reshape(shape)
       return x * a.astype(x.dtype) + c.astype(x.dtype)
     axes = tuple(range(1, x.ndim - 1))
     xf = x.astype(jnp.float32)
     mean, var = slice_moments(xf, axes)  # [S, C]
-    steps = x.shape[0]
-    count = math.prod(x.shape[1:-1])
-    # S sequential updates r <- (1 - m) r + m stat_s, written in closed form.
-    weights = BN_MOMENTUM * (1.0 - BN_MOMENTUM) ** jnp.arange(steps - 1, -1, -1)
-    decay = (1.0 - BN_MOMENTUM) ** steps
-    self.mean[...] = decay * self.mean[...] + weights @ mean
-    self.var[...] = decay * self.var[...] + weights @ unbiased(var, count)
-    shape = (steps,) + (1,) * (x.ndim - 2) + (self.features,)
+    var_unbiased = unbiased(var, math.prod(x.shape[1:-1]))
+    if self.time_steps is None:
+      # S sequential updates r <- (1 - m) r + m stat_s, written in closed form.
+      weights = BN_MOMENTUM * (1.0 - BN_MOMENTUM) ** jnp.arange(steps - 1, -1, -1)
+      decay = (1.0 - BN_MOMENTUM) ** steps
+      self.mean[...] = decay * self.mean[...] + weights @ mean
+      self.var[...] = decay * self.var[...] + weights @ var_unbiased
+    else:
+      update_rows(self.mean, t0, mean)
+      update_rows(self.var, t0, var_unbiased)
     y = (xf - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + BN_EPSILON)
     return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
@@ -231,11 +253,8 @@ class MemBN(nnx.Module):
 
   def update(self, t0: jax.Array, means: jax.Array, variances: jax.Array, count: int) -> None:
     """Running averages of rows t0 .. t0+S-1, each updated once with its step's statistics."""
-    steps = means.shape[0]
-    for stat, new in ((self.mean, means), (self.var, unbiased(variances, count))):
-      old = jax.lax.dynamic_slice_in_dim(stat[...], t0, steps)
-      stat[...] = jax.lax.dynamic_update_slice_in_dim(
-          stat[...], (1.0 - BN_MOMENTUM) * old + BN_MOMENTUM * new, t0, axis=0)
+    update_rows(self.mean, t0, means)
+    update_rows(self.var, t0, unbiased(variances, count))
 
 
 class SECA(nnx.Module):

@@ -46,6 +46,11 @@ class NetOptions:
   learnable_lif: bool = False
   width: float = 1.0
   symmetric_init: bool = False
+  step_stats: bool = False
+
+  def norm(self, features: int) -> StepBatchNorm:
+    """A conv BatchNorm: shared running averages, or one set per time step (``step_stats``)."""
+    return StepBatchNorm(features, self.time_steps if self.step_stats else None)
 
   def channels(self, base: int) -> int:
     """Channel count scaled by the width multiplier (at least 1)."""
@@ -115,10 +120,10 @@ class Stem(nnx.Module):
                         rngs=rngs)
     else:
       self.conv = QConv(in_channels, out_channels, 3, weights="float", rngs=rngs)
-    self.bn = StepBatchNorm(out_channels)
+    self.bn = opts.norm(out_channels)
 
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    y = self.bn(self.conv(x), train=train)
+  def __call__(self, x: jax.Array, t0: jax.Array | int, *, train: bool) -> jax.Array:
+    y = self.bn(self.conv(x), t0, train=train)
     if self.kind in ("imagenet", "tiny"):
       y = ops.fold_time(y, ops.max_pool)
     return y
@@ -136,16 +141,16 @@ class BasicBlock(nnx.Module):
     self.seca_variant = opts.seca if not (opts.seca == 2 and cin != cout) else 1
     self.act1 = opts.neuron_layer(cin)
     self.conv1 = opts.conv(cin, cout, 3, stride=stride, rngs=rngs)
-    self.bn1 = StepBatchNorm(cout)
+    self.bn1 = opts.norm(cout)
     self.act2 = opts.neuron_layer(cout, parallel=opts.parallel)
     self.conv2 = opts.conv(cout, cout, 3, rngs=rngs)
-    self.bn2 = StepBatchNorm(cout)
+    self.bn2 = opts.norm(cout)
     self.seca1 = SECA(rngs=rngs) if opts.seca else None
     self.seca2 = SECA(rngs=rngs) if opts.seca else None
     if stride != 1 or cin != cout:
       self.shortcut_conv = QConv(cin, cout, 1, stride=stride, padding=0, weights=opts.weights,
                                  symmetric_init=opts.symmetric_init, rngs=rngs)
-      self.shortcut_bn = StepBatchNorm(cout)
+      self.shortcut_bn = opts.norm(cout)
     else:
       self.shortcut_conv = None
       self.shortcut_bn = None
@@ -160,13 +165,13 @@ class BasicBlock(nnx.Module):
   def __call__(self, x, state, t0, *, train: bool, online: bool):
     state1, state2 = state if state is not None else (None, None)
     spikes, state1 = self.act1(x, state1, t0, train=train, online=online)
-    out = self._attend(self.seca1, x, self.bn1(self.conv1(spikes), train=train))
+    out = self._attend(self.seca1, x, self.bn1(self.conv1(spikes), t0, train=train))
     spikes, state2 = self.act2(out, state2, t0, train=train, online=online)
-    y = self._attend(self.seca2, out, self.bn2(self.conv2(spikes), train=train))
+    y = self._attend(self.seca2, out, self.bn2(self.conv2(spikes), t0, train=train))
     if self.shortcut_conv is None:
       shortcut = x
     else:
-      shortcut = self.shortcut_bn(self.shortcut_conv(x), train=train)
+      shortcut = self.shortcut_bn(self.shortcut_conv(x), t0, train=train)
     return y + shortcut, (state1, state2)
 
 
@@ -203,7 +208,7 @@ class ResNet(SpikingNetwork):
   def run(self, x, state, t0, *, train, online=True):
     if state is None:
       state = {"blocks": [None] * len(self.blocks), "head": None}
-    h = self.stem(x, train=train)
+    h = self.stem(x, t0, train=train)
     block_states = []
     for block, block_state in zip(self.blocks, state["blocks"]):
       h, block_state = block(h, block_state, t0, train=train, online=online)
@@ -222,12 +227,12 @@ class ConvUnit(nnx.Module):
   def __init__(self, cin: int, cout: int, opts: NetOptions, *, weights: str | None = None,
                rngs: nnx.Rngs):
     self.conv = opts.conv(cin, cout, 3, weights=weights, rngs=rngs)
-    self.bn = StepBatchNorm(cout)
+    self.bn = opts.norm(cout)
     self.seca = SECA(rngs=rngs) if opts.seca else None
     self.neuron = opts.neuron_layer(cout)
 
   def __call__(self, x, state, t0, *, train: bool, online: bool):
-    y = self.bn(self.conv(x), train=train)
+    y = self.bn(self.conv(x), t0, train=train)
     if self.seca is not None:
       y = self.seca(y)
     return self.neuron(y, state, t0, train=train, online=online)
@@ -324,7 +329,8 @@ def _is_integer(value: Any) -> bool:
 
 def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int | None,
              stem: str | None, neuron: str, weights: str, mem_bn: bool, parallel: bool,
-             spike_bits: int | None, seca: int, learnable_lif: bool, width: float) -> str:
+             spike_bits: int | None, seca: int, learnable_lif: bool, width: float,
+             step_stats: bool = False) -> str:
   """Checks every option of :func:`create`; returns the stem to use. Raises :class:`ConfigError`."""
   _allowed("name", name, NETWORKS)
   _allowed("neuron", neuron, NEURONS)
@@ -341,7 +347,8 @@ def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int |
     raise ConfigError(f"width={width!r} is not allowed; allowed: a number > 0")
   stem = stem if stem is not None else NETWORK_STEMS[name][0]
   _allowed(f"stem (for {name})", stem, NETWORK_STEMS[name])
-  for key, value in (("mem_bn", mem_bn), ("parallel", parallel), ("learnable_lif", learnable_lif)):
+  for key, value in (("mem_bn", mem_bn), ("parallel", parallel), ("learnable_lif", learnable_lif),
+                     ("step_stats", step_stats)):
     _allowed(key, value, (False, True))
   if parallel and name not in RESNETS:
     raise ConfigError(f"parallel=True is not allowed with {name!r}; allowed only in: "
@@ -365,7 +372,8 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
            stem: str | None = None, neuron: str = "empf", weights: str = "binary",
            mem_bn: bool = False, parallel: bool = False, spike_bits: int | None = None,
            seca: int = 0, learnable_lif: bool = False, width: float = 1.0,
-           symmetric_init: bool = False, rngs: nnx.Rngs | None = None) -> SpikingNetwork:
+           symmetric_init: bool = False, step_stats: bool = False,
+           rngs: nnx.Rngs | None = None) -> SpikingNetwork:
   """Builds one of the networks of SPEC section 3.
 
   Args:
@@ -386,6 +394,9 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
     learnable_lif: train the LIF decay and threshold (LIF only).
     width: channel multiplier (tests build e.g. width=1/8 networks).
     symmetric_init: latent binary/ternary weights uniform in [-1e-3, 1e-3) instead of [0, 1e-3).
+    step_stats: every conv BatchNorm keeps separate running averages per time step and evaluates
+      step t with its own (beyond the SPEC, which shares them; meant for inputs whose
+      distribution changes with t, such as row chunks of sequential Fashion-MNIST).
     rngs: parameter RNG; default ``nnx.Rngs(0)``.
 
   Returns:
@@ -393,14 +404,15 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
   """
   stem = validate(name, num_classes=num_classes, time_steps=time_steps, in_channels=in_channels,
                   stem=stem, neuron=neuron, weights=weights, mem_bn=mem_bn, parallel=parallel,
-                  spike_bits=spike_bits, seca=seca, learnable_lif=learnable_lif, width=width)
+                  spike_bits=spike_bits, seca=seca, learnable_lif=learnable_lif, width=width,
+                  step_stats=step_stats)
   in_channels = (2 if stem == "event" else 3) if in_channels is None else int(in_channels)
   num_classes, time_steps = int(num_classes), int(time_steps)
   rngs = rngs if rngs is not None else nnx.Rngs(0)
   opts = NetOptions(time_steps=time_steps, neuron=neuron, weights=weights, mem_bn=mem_bn,
                     parallel=parallel, spike_bits=spike_bits, seca=seca,
                     learnable_lif=learnable_lif, width=float(width),
-                    symmetric_init=symmetric_init)
+                    symmetric_init=symmetric_init, step_stats=step_stats)
   common = dict(num_classes=num_classes, in_channels=in_channels, opts=opts, rngs=rngs)
   if name == "resnet18":
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2), stem=stem, **common)

@@ -85,17 +85,6 @@ def _atomic_write(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def create_options(config: ml_collections.ConfigDict, num_classes: int,
-                   in_channels: int) -> dict[str, Any]:
-  """The :func:`empf_jax.models.create` options of a training config (``experiments.train``)."""
-  m = config.model
-  return {"num_classes": num_classes, "time_steps": config.time_steps,
-          "in_channels": in_channels, "stem": m.stem or None, "neuron": m.neuron,
-          "weights": m.weights, "mem_bn": m.mem_bn, "parallel": m.parallel,
-          "spike_bits": m.spike_bits or None, "seca": m.seca, "learnable_lif": m.learnable_lif,
-          "width": m.width}
-
-
 def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, str | None]:
   """The config of a training workdir, from ``workdir/config.json`` ({fingerprint, config})."""
   if not os.path.isdir(workdir):
@@ -161,7 +150,7 @@ def export(workdir: str, out: str, *, report_dir: str | None, report_batches: in
   model, step = restore_model(workdir, config, test.num_classes, in_channels)
   try:
     deployed = deploy.deploy(model, config.model.name,
-                             **create_options(config, test.num_classes, in_channels))
+                             **train.model_options(config, test.num_classes, in_channels))
   except (deploy.DeployError, models.ConfigError) as error:
     raise UsageError(f"{workdir}: cannot deploy this network: {error}") from None
   data = bundle.to_bytes(deployed)

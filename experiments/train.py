@@ -46,6 +46,9 @@ from experiments.metrics import MetricWriter
 
 HARMLESS_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
                  "eval_every_epochs", "progress", "data_dir")
+# Keys added after the first release, with the value that reproduces runs made without them: left
+# out of the fingerprint while they hold it, so that those runs' workdirs still resume.
+ADDED_MODEL_KEYS = {"step_stats": False}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -75,6 +78,9 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   values = config.to_dict()
   for key in HARMLESS_KEYS:
     values.pop(key, None)
+  for key, old_behaviour in ADDED_MODEL_KEYS.items():
+    if values["model"].get(key, old_behaviour) == old_behaviour:
+      values["model"].pop(key, None)
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -134,7 +140,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(given[key], str):
       fail(key, given[key], "a string ('' for the default)")
   for key in ("augment", "nesterov", "mix", "progress", "model.mem_bn", "model.parallel",
-              "model.learnable_lif"):
+              "model.learnable_lif", "model.step_stats"):
     if not isinstance(given[key], bool):
       fail(key, given[key], "True, False")
   for key in ("time_steps", "batch_size", "epochs", "checkpoint_every_steps",
@@ -158,10 +164,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("model.spike_bits", config.model.spike_bits, "0 (floating-point spikes), 4")
   m = config.model
   try:
-    models.validate(m.name, num_classes=1, time_steps=config.time_steps, in_channels=None,
-                    stem=m.stem or None, neuron=m.neuron, weights=m.weights, mem_bn=m.mem_bn,
-                    parallel=m.parallel, spike_bits=m.spike_bits or None, seca=m.seca,
-                    learnable_lif=m.learnable_lif, width=m.width)
+    models.validate(m.name, **model_options(config, num_classes=1, in_channels=None))
   except models.ConfigError as error:
     raise ConfigError(f"config.model.{error}") from None
   devices = jax.device_count()
@@ -170,16 +173,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"a multiple of the device count {devices} (data-parallel over all devices)")
 
 
+def model_options(config: ml_collections.ConfigDict, num_classes: int,
+                  in_channels: int | None) -> dict[str, Any]:
+  """The :func:`empf_jax.models.create` options (all but the name) of ``config.model``."""
+  m = config.model
+  return {"num_classes": num_classes, "time_steps": config.time_steps,
+          "in_channels": in_channels, "stem": m.stem or None, "neuron": m.neuron,
+          "weights": m.weights, "mem_bn": m.mem_bn, "parallel": m.parallel,
+          "spike_bits": m.spike_bits or None, "seca": m.seca, "learnable_lif": m.learnable_lif,
+          "width": m.width, "step_stats": m.get("step_stats", False)}
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int, in_channels: int
                 ) -> models.SpikingNetwork:
   """The network of ``config.model`` (options checked by :func:`empf_jax.models.create`)."""
-  m = config.model
   try:
-    return models.create(
-        m.name, num_classes=num_classes, time_steps=config.time_steps, in_channels=in_channels,
-        stem=m.stem or None, neuron=m.neuron, weights=m.weights, mem_bn=m.mem_bn,
-        parallel=m.parallel, spike_bits=m.spike_bits or None, seca=m.seca,
-        learnable_lif=m.learnable_lif, width=m.width, rngs=nnx.Rngs(config.seed))
+    return models.create(config.model.name, **model_options(config, num_classes, in_channels),
+                         rngs=nnx.Rngs(config.seed))
   except models.ConfigError as error:
     raise ConfigError(f"config.model.{error}") from None
 

@@ -92,6 +92,7 @@ INVALID = [
     ("resnet18", dict(width=0), "width", "0", "> 0"),
     ("resnet18", dict(seca=True), "seca", "True", "0, 1, 2"),
     ("resnet18", dict(mem_bn=1), "mem_bn", "1", "False, True"),
+    ("convnet_small", dict(step_stats="yes"), "step_stats", "'yes'", "False, True"),
     ("resnet18", dict(time_steps=2.0), "time_steps", "2.0", ">= 1"),
 ]
 
@@ -371,6 +372,40 @@ def test_step_batch_norm_statistics_and_running_update():
   chex.assert_trees_all_close(bn(x, train=False), jnp.asarray(expected, jnp.float32), atol=1e-5)
 
 
+def test_step_batch_norm_per_step_statistics():
+  # time_steps=T: rows t0..t0+S-1 of the running averages get their own step's statistics once;
+  # other rows are untouched; evaluation at step t uses row t (t0 traced, as in random-step).
+  bn = testing.randomize(layers.StepBatchNorm(3, time_steps=4), jax.random.key(3))
+  chex.assert_shape((bn.mean[...], bn.var[...]), (4, 3))
+  old_mean, old_var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+  x = _normal(6, (2, 4, 3, 3, 3)) * jnp.array([1.0, 2.0, 0.5]) + jnp.array([0.0, 1.0, -1.0])
+  graphdef, state = nnx.split(bn)
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def run(state, x, t0, train):
+    module = nnx.merge(graphdef, state)
+    return module(x, t0, train=train), nnx.state(module)
+
+  y, state = run(state, x, jnp.int32(1), True)
+  xs = np.asarray(x)
+  mean, var = old_mean.copy(), old_var.copy()
+  scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
+  for s in range(2):
+    mu, sigma2 = xs[s].mean(axis=(0, 1, 2)), xs[s].var(axis=(0, 1, 2))
+    expected = (xs[s] - mu) / np.sqrt(sigma2 + layers.BN_EPSILON) * scale + bias
+    chex.assert_trees_all_close(y[s], jnp.asarray(expected, jnp.float32), atol=1e-5)
+    mean[1 + s] = 0.9 * old_mean[1 + s] + 0.1 * mu
+    var[1 + s] = 0.9 * old_var[1 + s] + 0.1 * xs[s].var(axis=(0, 1, 2), ddof=1)
+  trained = nnx.merge(graphdef, state)
+  np.testing.assert_allclose(np.asarray(trained.mean[...]), mean, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(trained.var[...]), var, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(trained.mean[...])[[0, 3]], old_mean[[0, 3]])
+  y_eval, _ = run(state, x, jnp.int32(2), False)
+  for s in range(2):
+    expected = (xs[s] - mean[2 + s]) / np.sqrt(var[2 + s] + layers.BN_EPSILON) * scale + bias
+    chex.assert_trees_all_close(y_eval[s], jnp.asarray(expected, jnp.float32), atol=1e-5)
+
+
 # -------------------------------------------------------------------------------------- coverage
 
 # Every option on convnet_small and resnet18, covered by a few combined configurations (the
@@ -434,8 +469,8 @@ def test_forward_shapes_single_trace_and_finite(name, options):
 
 EXECUTION = [
     ("convnet_small", dict(mem_bn=True, seca=1, spike_bits=4), 3),
-    ("convnet_small", dict(neuron="lif", learnable_lif=True), 3),
-    ("mini_resnet", dict(mem_bn=True, parallel=True, spike_bits=4, seca=2), 2),
+    ("convnet_small", dict(neuron="lif", learnable_lif=True, step_stats=True), 3),
+    ("mini_resnet", dict(mem_bn=True, parallel=True, spike_bits=4, seca=2, step_stats=True), 2),
     ("mini_resnet", dict(neuron="lif"), 2),
     pytest.param("resnet18", dict(weights="ternary", mem_bn=True, seca=2), 2,
                  marks=pytest.mark.slow),

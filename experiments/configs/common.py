@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.seca = 0
   c.model.learnable_lif = False
   c.model.width = 1.0
+  c.model.step_stats = False  # True: per-time-step BatchNorm running averages (beyond the SPEC)
 
   c.mode = "online"  # online | random_step | bptt
   c.time_steps = 4
