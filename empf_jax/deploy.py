@@ -15,6 +15,9 @@ Folds (eval mode, BN_l(z) = A z + C per channel from the running statistics):
   s_o = A_o alpha; each code takes 2 bits (a non-zero bit and a negative bit, bit planes
   interleaved), plus s and C per output channel.
 * Full-precision convolution (stem, first VGG conv): W'[..., o] = A_o W[..., o], bias C.
+* With per-step BatchNorm statistics (``step_stats``), A and C have one row per time step: the
+  scale s and bias C are stored as [T, C_out] (a full-precision kernel stays unscaled and gets
+  its own scale A), and step t uses row t.
 * EM-PF neuron: decay lambda_t = sigma(a_t) and threshold theta_t = sigma(b_t) are stored directly.
   With Mem-BN, m_hat_t = k_t (lambda_t u_{t-1} + I_t) + h_t with
   k_t = sigma(d_t) + sigma(c_t) A_t and h_t = sigma(c_t) C_t (SPEC section 1), stored per channel
@@ -63,6 +66,8 @@ class ConvSpec:
   stride: int
   padding: int
   weights: str
+  # BatchNorm with per-step running averages: scale and bias hold one row per time step.
+  per_step: bool = False
 
   @property
   def kernel_shape(self) -> tuple[int, int, int, int]:
@@ -126,7 +131,8 @@ class ResNetLayout:
 
 @dataclasses.dataclass(frozen=True)
 class PlainLayout:
-  """A chain of units ('C'), 2x2 average pooling ('M') and GAP ('G'), then flatten or GAP, FC."""
+  """A chain of units ('C'), 2x2 average pooling ('M'), GAP ('G') and flattening of each step's
+  input to a 1x1 map ('F', the mlp), then flatten or GAP, FC."""
 
   units: tuple[UnitSpec, ...]
   plan: tuple[str, ...]
@@ -146,8 +152,12 @@ class Architecture:
   layout: ResNetLayout | PlainLayout
 
   def option(self, key: str) -> Any:
-    """The value of one ``create()`` option."""
-    return dict(self.options)[key]
+    """The value of one ``create()`` option (its default for options added after a bundle was
+    written)."""
+    options = dict(self.options)
+    if key in options:
+      return options[key]
+    return inspect.signature(models.create).parameters[key].default
 
   @property
   def time_steps(self) -> int:
@@ -196,9 +206,9 @@ def _dotted(*parts: Any) -> str:
   return ".".join(str(p) for p in parts)
 
 
-def _conv_spec(conv: QConv, name: str) -> ConvSpec:
+def _conv_spec(conv: QConv, bn: StepBatchNorm, name: str) -> ConvSpec:
   return ConvSpec(name, conv.in_features, conv.out_features, conv.kernel_size, conv.stride,
-                  conv.padding, conv.weights)
+                  conv.padding, conv.weights, bn.time_steps is not None)
 
 
 def _neuron_spec(neuron: nnx.Module, name: str, features: int) -> NeuronSpec:
@@ -212,7 +222,7 @@ def _neuron_spec(neuron: nnx.Module, name: str, features: int) -> NeuronSpec:
 
 
 def _unit_spec(unit: models.ConvUnit, name: str) -> UnitSpec:
-  conv = _conv_spec(unit.conv, _dotted(name, "conv"))
+  conv = _conv_spec(unit.conv, unit.bn, _dotted(name, "conv"))
   return UnitSpec(name, conv, unit.seca is not None,
                   _neuron_spec(unit.neuron, _dotted(name, "neuron"), conv.out_features))
 
@@ -223,19 +233,20 @@ def layout_of(model: models.SpikingNetwork) -> ResNetLayout | PlainLayout:
     blocks = []
     for i, block in enumerate(model.blocks):
       name = _dotted("blocks", i)
-      conv1 = _conv_spec(block.conv1, _dotted(name, "conv1"))
+      conv1 = _conv_spec(block.conv1, block.bn1, _dotted(name, "conv1"))
       shortcut = (None if block.shortcut_conv is None
-                  else _conv_spec(block.shortcut_conv, _dotted(name, "shortcut_conv")))
+                  else _conv_spec(block.shortcut_conv, block.shortcut_bn,
+                                  _dotted(name, "shortcut_conv")))
       blocks.append(BlockSpec(
           name, _neuron_spec(block.act1, _dotted(name, "act1"), conv1.in_features), conv1,
           _neuron_spec(block.act2, _dotted(name, "act2"), conv1.out_features),
-          _conv_spec(block.conv2, _dotted(name, "conv2")), shortcut,
+          _conv_spec(block.conv2, block.bn2, _dotted(name, "conv2")), shortcut,
           block.seca_variant if block.seca1 is not None else 0))
     hidden = head = None
     if model.fc_hidden is not None:
       hidden = DenseSpec("fc_hidden", model.fc_hidden.in_features, model.fc_hidden.out_features)
       head = _neuron_spec(model.head_neuron, "head_neuron", hidden.out_features)
-    return ResNetLayout(_conv_spec(model.stem.conv, "stem.conv"),
+    return ResNetLayout(_conv_spec(model.stem.conv, model.stem.bn, "stem.conv"),
                         model.stem.kind in ("imagenet", "tiny"), tuple(blocks), hidden, head,
                         DenseSpec("fc", model.fc.in_features, model.fc.out_features))
   fc = DenseSpec("fc", model.fc.in_features, model.fc.out_features)
@@ -246,8 +257,11 @@ def layout_of(model: models.SpikingNetwork) -> ResNetLayout | PlainLayout:
   if isinstance(model, models.ConvNetSmall):
     units = tuple(_unit_spec(getattr(model, name), name) for name in ("unit1", "unit2", "unit3"))
     return PlainLayout(units, ("C", "C", "M", "C"), False, fc)
+  if isinstance(model, models.MLP):
+    units = tuple(_unit_spec(getattr(model, name), name) for name in ("unit1", "unit2"))
+    return PlainLayout(units, ("F", "C", "C"), False, fc)
   raise DeployError(f"cannot deploy a {type(model).__name__}; supported: ResNet, Plain, "
-                    "ConvNetSmall networks from empf_jax.models.create")
+                    "ConvNetSmall, MLP networks from empf_jax.models.create")
 
 
 def _variable_signature(model: nnx.Module) -> dict[str, str]:
@@ -328,6 +342,8 @@ def _fold_conv(spec: ConvSpec, conv: QConv, bn: StepBatchNorm) -> Params:
   a, c = bn.affine()
   kernel = conv.kernel[...]
   p = spec.name
+  if spec.per_step and spec.weights == "float":
+    return {f"{p}.kernel": _f32(kernel), f"{p}.scale": _f32(a), f"{p}.bias": _f32(c)}
   if spec.weights == "binary":
     alpha = binary_scale(kernel).reshape(-1)
     return {f"{p}.bits": pack_binary(kernel), f"{p}.scale": _f32(a * alpha), f"{p}.bias": _f32(c)}
@@ -384,7 +400,7 @@ def _fold(model: models.SpikingNetwork, layout: ResNetLayout | PlainLayout) -> P
       params.update(_fold_neuron(layout.head_neuron, model.head_neuron))
   else:
     modules = (model.units if isinstance(model, models.Plain)
-               else [model.unit1, model.unit2, model.unit3])
+               else [getattr(model, spec.name) for spec in layout.units])
     for spec, unit in zip(layout.units, modules, strict=True):
       params.update(_fold_conv(spec.conv, unit.conv, unit.bn))
       if spec.seca:
@@ -425,13 +441,15 @@ def expected_arrays(arch: Architecture) -> dict[str, tuple[tuple[int, ...], np.d
 
   def conv(spec: ConvSpec):
     count = int(np.prod(spec.kernel_shape))
+    rows = (steps, spec.out_features) if spec.per_step else (spec.out_features,)
     if spec.weights == "float":
       out[f"{spec.name}.kernel"] = (spec.kernel_shape, f32)
     else:
       bits = count if spec.weights == "binary" else 2 * count
       out[f"{spec.name}.bits"] = (((bits + 7) // 8,), u8)
-      out[f"{spec.name}.scale"] = ((spec.out_features,), f32)
-    out[f"{spec.name}.bias"] = ((spec.out_features,), f32)
+    if spec.weights != "float" or spec.per_step:
+      out[f"{spec.name}.scale"] = (rows, f32)
+    out[f"{spec.name}.bias"] = (rows, f32)
 
   def neuron(spec: NeuronSpec):
     out[f"{spec.name}.threshold"] = ((steps,), f32)
@@ -494,11 +512,15 @@ def _build(kind: Any, value: Any, where: str) -> Any:
     if not isinstance(value, dict):
       raise ValueError(f"{where}: expected an object for {kind.__name__}, got {value!r}")
     hints = typing.get_type_hints(kind)
-    names = [f.name for f in dataclasses.fields(kind)]
-    if sorted(value) != sorted(names):
-      raise ValueError(f"{where}: {kind.__name__} needs fields {sorted(names)}, "
-                       f"got {sorted(value)}")
-    return kind(**{n: _build(hints[n], value[n], _dotted(where, n)) for n in names})
+    fields = dataclasses.fields(kind)
+    names = [f.name for f in fields]
+    # Fields with a default were added later; bundles written before them omit them.
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]
+    if not set(required) <= set(value) <= set(names):
+      raise ValueError(f"{where}: {kind.__name__} needs fields {sorted(required)} (optional: "
+                       f"{sorted(set(names) - set(required))}), got {sorted(value)}")
+    return kind(**{n: _build(hints[n], value[n], _dotted(where, n)) for n in names
+                   if n in value})
   if origin in (Union, types.UnionType):
     args = typing.get_args(kind)
     if value is None and type(None) in args:
@@ -562,11 +584,15 @@ class _Runner:
     self.membranes: dict[str, jax.Array] = {}
 
   def conv(self, spec: ConvSpec, x: jax.Array) -> jax.Array:
-    """y = s * conv(x, W_q) + C (quantised) or conv(x, W') + C (float)."""
+    """y = s * conv(x, W_q) + C (quantised) or conv(x, W') + C (float); with per-step
+    statistics s and C are step t's rows (and a float W keeps its own scale s)."""
     y = ops.conv2d(x, self.kernels[spec.name], spec.stride, spec.padding)
-    if spec.weights != "float":
-      y = y * self.params[f"{spec.name}.scale"]
-    return y + self.params[f"{spec.name}.bias"]
+    scale, bias = self.params.get(f"{spec.name}.scale"), self.params[f"{spec.name}.bias"]
+    if spec.per_step:
+      scale, bias = scale[self.t], bias[self.t]
+    if scale is not None:
+      y = y * scale
+    return y + bias
 
   def dense(self, spec: DenseSpec, x: jax.Array) -> jax.Array:
     return x @ self.params[f"{spec.name}.kernel"] + self.params[f"{spec.name}.bias"]
@@ -629,6 +655,8 @@ class _Runner:
         h = ops.avg_pool(h, 2)
       elif item == "G":
         h = ops.spatial_mean(h)
+      elif item == "F":
+        h = h.reshape(h.shape[0], 1, 1, -1)
       else:
         unit = next(units)
         y = self.conv(unit.conv, h)

@@ -9,6 +9,7 @@ The residual stream of the ResNets carries currents; neurons sit before each blo
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Sequence
 
@@ -225,8 +226,8 @@ class ConvUnit(nnx.Module):
   """conv3x3 -> BN -> (SECA) -> neuron, the unit of the VGG networks and convnet_small."""
 
   def __init__(self, cin: int, cout: int, opts: NetOptions, *, weights: str | None = None,
-               rngs: nnx.Rngs):
-    self.conv = opts.conv(cin, cout, 3, weights=weights, rngs=rngs)
+               kernel_size: int = 3, rngs: nnx.Rngs):
+    self.conv = opts.conv(cin, cout, kernel_size, weights=weights, rngs=rngs)
     self.bn = opts.norm(cout)
     self.seca = SECA(rngs=rngs) if opts.seca else None
     self.neuron = opts.neuron_layer(cout)
@@ -304,14 +305,45 @@ class ConvNetSmall(SpikingNetwork):
     return self.fc(ops.spatial_mean(h)), (s1, s2, s3)
 
 
+class MLP(SpikingNetwork):
+  """Fully connected EM-PF network for sequences of small inputs (sequential Fashion-MNIST).
+
+  Per step: x_t flattened to F values;  h1 = neuron(BN(W1 x_t)) with W1 F->H in full precision;
+  h2 = neuron(BN(W2 h1)) with W2 H->H binary (or the network's weights);  logits = FC(h2);
+  H = 256 * width. The two layers are 1x1 convolutions on a 1x1 map, so binarisation (one
+  scale per output unit), BatchNorm, SECA, deployment and accounting are those of the conv
+  layers.
+  """
+
+  def __init__(self, *, num_classes: int, in_features: int, opts: NetOptions, rngs: nnx.Rngs):
+    self.time_steps = opts.time_steps
+    self.in_features = in_features
+    hidden = opts.channels(256)
+    self.unit1 = ConvUnit(in_features, hidden, opts, weights="float", kernel_size=1, rngs=rngs)
+    self.unit2 = ConvUnit(hidden, hidden, opts, kernel_size=1, rngs=rngs)
+    self.fc = Dense(hidden, num_classes, rngs=rngs)
+
+  def run(self, x, state, t0, *, train, online=True):
+    features = math.prod(x.shape[2:])
+    if features != self.in_features:
+      raise ValueError(f"input of shape {tuple(x.shape)} has {features} values per example and "
+                       f"step; this mlp was built for in_features={self.in_features}")
+    state = state if state is not None else (None, None)
+    h = x.reshape(x.shape[:2] + (1, 1, features))
+    h, s1 = self.unit1(h, state[0], t0, train=train, online=online)
+    h, s2 = self.unit2(h, state[1], t0, train=train, online=online)
+    return self.fc(h[:, :, 0, 0, :]), (s1, s2)
+
+
 VGG11_PLAN = (64, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 VGG13_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, 512, "M", 512, "G")
 
 RESNETS = ("resnet18", "resnet19", "resnet34")
-NETWORKS = RESNETS + ("vgg11", "vgg13", "vgg_snn", "convnet_small")
+NETWORKS = RESNETS + ("vgg11", "vgg13", "vgg_snn", "convnet_small", "mlp")
 NETWORK_STEMS = {
     "resnet18": STEMS, "resnet34": STEMS, "resnet19": ("cifar", "event"),
     "vgg11": ("cifar",), "vgg13": ("cifar",), "vgg_snn": ("event",), "convnet_small": ("cifar",),
+    "mlp": ("dense",),
 }
 
 
@@ -328,6 +360,7 @@ def _is_integer(value: Any) -> bool:
 
 
 def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int | None,
+             in_features: int | None = None,
              stem: str | None, neuron: str, weights: str, mem_bn: bool, parallel: bool,
              spike_bits: int | None, seca: int, learnable_lif: bool, width: float,
              step_stats: bool = False) -> str:
@@ -342,6 +375,9 @@ def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int |
       raise ConfigError(f"{key}={value!r} is not allowed; allowed: an integer >= 1")
   if in_channels is not None and (not _is_integer(in_channels) or in_channels < 1):
     raise ConfigError(f"in_channels={in_channels!r} is not allowed; allowed: an integer >= 1")
+  if name == "mlp" and (not _is_integer(in_features) or in_features < 1):
+    raise ConfigError(f"in_features={in_features!r} is not allowed with 'mlp'; allowed: an "
+                      "integer >= 1 (the number of input values per example and time step)")
   if (not isinstance(width, numbers.Real) or isinstance(width, (bool, np.bool_))
       or not width > 0):
     raise ConfigError(f"width={width!r} is not allowed; allowed: a number > 0")
@@ -369,6 +405,7 @@ def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int |
 
 
 def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | None = None,
+           in_features: int | None = None,
            stem: str | None = None, neuron: str = "empf", weights: str = "binary",
            mem_bn: bool = False, parallel: bool = False, spike_bits: int | None = None,
            seca: int = 0, learnable_lif: bool = False, width: float = 1.0,
@@ -378,13 +415,16 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
 
   Args:
     name: one of ``resnet18``, ``resnet19``, ``resnet34``, ``vgg11``, ``vgg13``, ``vgg_snn``,
-      ``convnet_small``.
+      ``convnet_small``, ``mlp``.
     num_classes: classifier outputs.
     time_steps: T; every neuron layer has T decay and T threshold scalars.
     in_channels: input channels; default 2 for the event stem, else 3 (1 is common for
       convnet_small on grey images).
+    in_features: input values per example and time step (H * W * C); ``mlp`` only, which
+      needs it; the other networks ignore it.
     stem: ``cifar`` (3x3), ``imagenet`` (7x7/2 + maxpool), ``tiny`` (3x3 + maxpool) or ``event``
-      (3x3 on 2 polarity channels); default ``event`` for vgg_snn, else ``cifar``.
+      (3x3 on 2 polarity channels); default ``event`` for vgg_snn, ``dense`` (its full-precision
+      first layer, the only choice) for mlp, else ``cifar``.
     neuron: ``empf`` (the EM-PF family) or ``lif`` (baseline).
     weights: ``binary`` (1 bit), ``ternary`` (1.5 bit) or ``float`` for the block convolutions.
     mem_bn: Mem-BN in every EM-PF neuron with state (EM-PF only).
@@ -403,6 +443,7 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
     The network. Raises :class:`ConfigError` naming the bad option and what is allowed.
   """
   stem = validate(name, num_classes=num_classes, time_steps=time_steps, in_channels=in_channels,
+                  in_features=in_features,
                   stem=stem, neuron=neuron, weights=weights, mem_bn=mem_bn, parallel=parallel,
                   spike_bits=spike_bits, seca=seca, learnable_lif=learnable_lif, width=width,
                   step_stats=step_stats)
@@ -428,4 +469,6 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
     return Plain(VGG13_PLAN, first_weights="float", **common)
   if name == "vgg_snn":
     return Plain(VGG11_PLAN, first_weights=weights, flatten_to=3, **common)
+  if name == "mlp":
+    return MLP(num_classes=num_classes, in_features=int(in_features), opts=opts, rngs=rngs)
   return ConvNetSmall(**common)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -102,13 +103,13 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, str | None
 
 
 def restore_model(workdir: str, config: ml_collections.ConfigDict, num_classes: int,
-                  in_channels: int) -> tuple[models.SpikingNetwork, int]:
+                  step_shape: tuple[int, ...]) -> tuple[models.SpikingNetwork, int]:
   """The network of ``config`` with the newest readable checkpoint of ``workdir``: (model, step)."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise UsageError(f"no checkpoint in {workdir}: {directory} does not exist")
   try:
-    model = train.build_model(config, num_classes, in_channels)
+    model = train.build_model(config, num_classes, step_shape)
   except (train.ConfigError, AttributeError, KeyError) as error:  # a bad value or a missing key
     raise UsageError(f"{workdir}/config.json: {error}") from None
   optimizer = training.make_optimizer(momentum=config.momentum, weight_decay=config.weight_decay,
@@ -146,11 +147,11 @@ def export(workdir: str, out: str, *, report_dir: str | None, report_batches: in
   config, fingerprint = read_run_config(workdir)
   data_dir = config.get("data_dir") or None
   test = _test_split(config.dataset, batch_size=config.batch_size, data_dir=data_dir)
-  in_channels = test.input_shape[-1]
-  model, step = restore_model(workdir, config, test.num_classes, in_channels)
+  shape = train.step_shape(test)
+  model, step = restore_model(workdir, config, test.num_classes, shape)
   try:
     deployed = deploy.deploy(model, config.model.name,
-                             **train.model_options(config, test.num_classes, in_channels))
+                             **train.model_options(config, test.num_classes, shape))
   except (deploy.DeployError, models.ConfigError) as error:
     raise UsageError(f"{workdir}: cannot deploy this network: {error}") from None
   data = bundle.to_bytes(deployed)
@@ -200,6 +201,8 @@ def check_fits(arch: deploy.Architecture, test: data_input.Batches, dataset: str
   wanted = {"num_classes": test.num_classes, "in_channels": test.input_shape[-1]}
   if test.time_major:
     wanted["time_steps"] = test.input_shape[0]
+  if arch.option("in_features") is not None:
+    wanted["in_features"] = math.prod(train.step_shape(test))
   for key, value in wanted.items():
     if arch.option(key) != value:
       raise UsageError(f"dataset {dataset!r} has {key}={value}, the bundle's network "

@@ -164,7 +164,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("model.spike_bits", config.model.spike_bits, "0 (floating-point spikes), 4")
   m = config.model
   try:
-    models.validate(m.name, **model_options(config, num_classes=1, in_channels=None))
+    models.validate(m.name, **model_options(config, num_classes=1, step_shape=(1,)))
   except models.ConfigError as error:
     raise ConfigError(f"config.model.{error}") from None
   devices = jax.device_count()
@@ -173,22 +173,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"a multiple of the device count {devices} (data-parallel over all devices)")
 
 
+def step_shape(data: data_input.Batches) -> tuple[int, ...]:
+  """The shape of one example at one time step, e.g. (H, W, C)."""
+  return tuple(data.input_shape[1:] if data.time_major else data.input_shape)
+
+
 def model_options(config: ml_collections.ConfigDict, num_classes: int,
-                  in_channels: int | None) -> dict[str, Any]:
-  """The :func:`empf_jax.models.create` options (all but the name) of ``config.model``."""
+                  step_shape: tuple[int, ...]) -> dict[str, Any]:
+  """The :func:`empf_jax.models.create` options (all but the name) of ``config.model`` for
+  examples of ``step_shape`` per time step."""
   m = config.model
   return {"num_classes": num_classes, "time_steps": config.time_steps,
-          "in_channels": in_channels, "stem": m.stem or None, "neuron": m.neuron,
+          "in_channels": step_shape[-1], "in_features": math.prod(step_shape),
+          "stem": m.stem or None, "neuron": m.neuron,
           "weights": m.weights, "mem_bn": m.mem_bn, "parallel": m.parallel,
           "spike_bits": m.spike_bits or None, "seca": m.seca, "learnable_lif": m.learnable_lif,
           "width": m.width, "step_stats": m.get("step_stats", False)}
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, in_channels: int
+def build_model(config: ml_collections.ConfigDict, num_classes: int, step_shape: tuple[int, ...]
                 ) -> models.SpikingNetwork:
   """The network of ``config.model`` (options checked by :func:`empf_jax.models.create`)."""
   try:
-    return models.create(config.model.name, **model_options(config, num_classes, in_channels),
+    return models.create(config.model.name, **model_options(config, num_classes, step_shape),
                          rngs=nnx.Rngs(config.seed))
   except models.ConfigError as error:
     raise ConfigError(f"config.model.{error}") from None
@@ -289,7 +296,7 @@ class Trainer:
     """The state before training (a fresh model from the seed), replicated on the mesh; also
     sets ``self.model`` and ``self.graphdef``."""
     self.model = build_model(self.config, self.train_data.num_classes,
-                             self.train_data.input_shape[-1])
+                             step_shape(self.train_data))
     self.graphdef, state = training.create_train_state(self.model, self.optimizer)
     return jax.device_put(state, self.replicated)
 

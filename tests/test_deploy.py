@@ -21,7 +21,7 @@ ATOL, RTOL = 1e-5, 1e-4
 TIE_WINDOW = 1e-4  # |4 s - (k + 1/2)| below this is a rounding tie a float difference may flip
 
 INPUTS = {"convnet_small": (8, 8, 1), "resnet18": (16, 16, 3), "resnet19": (16, 16, 3),
-          "vgg_snn": (48, 48, 2)}
+          "vgg_snn": (48, 48, 2), "mlp": (2, 6, 1)}
 
 # Pairwise cover of weights x neuron x mem_bn x parallel x spike_bits x seca (and the networks).
 CASES = [
@@ -39,8 +39,12 @@ CASES = [
     ("vgg_snn", dict(weights="binary", mem_bn=True, seca=1)),
     ("vgg_snn", dict(weights="ternary", neuron="lif")),
     ("vgg_snn", dict(weights="float", spike_bits=4)),
+    ("mlp", dict(weights="binary", step_stats=True, mem_bn=True)),
+    ("mlp", dict(weights="float", neuron="lif", step_stats=True)),
+    ("convnet_small", dict(weights="ternary", step_stats=True, spike_bits=4)),
+    ("resnet18", dict(weights="binary", step_stats=True, parallel=True)),
 ]
-QUICK = {0, 1, 3}
+QUICK = {0, 1, 3, 14, 15, 16}
 
 
 def _case_id(case):
@@ -68,6 +72,8 @@ def _build(name, options, seed=0):
   full = dict(num_classes=5, time_steps=2, width=1 / 8, **options)
   if name == "convnet_small":
     full["in_channels"] = 1
+  if name == "mlp":
+    full["in_features"] = math.prod(INPUTS[name])
   model = models.create(name, **full, rngs=nnx.Rngs(seed))
   testing.randomize(model, jax.random.key(seed + 1))
   _randomize_kernels(model, jax.random.key(seed + 2))

@@ -179,7 +179,7 @@ def test_cli_unknown_dataset_is_a_clear_error(random_bundle):
 
 def test_workdir_without_checkpoint_and_bundle_without_dataset(tmp_path, random_bundle):
   with pytest.raises(deploy_cli.UsageError, match="no checkpoint in"):
-    deploy_cli.restore_model(str(tmp_path), digits.get_config(), 10, 1)
+    deploy_cli.restore_model(str(tmp_path), digits.get_config(), 10, (8, 8, 1))
   assert not (tmp_path / "checkpoints").exists()  # nothing is created in the workdir
   with pytest.raises(deploy_cli.UsageError, match="pass --dataset"):
     deploy_cli.evaluate(str(random_bundle), dataset=None, data_dir=None, batch_size=8,
@@ -248,7 +248,7 @@ def test_bundle_accuracy_equals_training_summary(exported, tmp_path):
 def test_bundle_logits_equal_trained_model(exported):
   workdir, out, _ = exported
   config, _ = deploy_cli.read_run_config(str(workdir))
-  model, step = deploy_cli.restore_model(str(workdir), config, 10, 1)
+  model, step = deploy_cli.restore_model(str(workdir), config, 10, (8, 8, 1))
   assert step > 0
   deployed = bundle.from_bytes(out.read_bytes())
   graphdef, state = nnx.split(model)

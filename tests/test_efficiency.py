@@ -100,6 +100,7 @@ NETWORKS = {
                  {"stem.conv", "blocks.0.shortcut_conv", "blocks.3.shortcut_conv",
                   "blocks.6.shortcut_conv", "fc_hidden"}),
     "vgg_snn": (dict(weights="binary", mem_bn=True), (48, 48, 2), set()),
+    "mlp": (dict(weights="binary", step_stats=True), (2, 6, 1), {"unit1.conv"}),
 }
 NEURON_OPS = {"empf": (1, 2), "empf+mem_bn": (2, 3), "parallel": (0, 1), "lif": (1, 2)}
 
@@ -109,6 +110,8 @@ def _network(name):
   full = dict(num_classes=4, time_steps=2, width=1 / 8, **options)
   if name == "convnet_small":
     full["in_channels"] = 1
+  if name == "mlp":
+    full["in_features"] = math.prod(shape)
   model = models.create(name, **full, rngs=nnx.Rngs(0))
   testing.randomize(model, jax.random.key(1))
   _randomize_kernels(model, jax.random.key(2))
@@ -119,7 +122,7 @@ def _network(name):
   return model, batches
 
 
-@pytest.mark.parametrize("name", ["resnet18"] + [pytest.param(name, marks=pytest.mark.slow)
+@pytest.mark.parametrize("name", ["resnet18", "mlp"] + [pytest.param(name, marks=pytest.mark.slow)
                                                   for name in ("convnet_small", "resnet19",
                                                                "vgg_snn")])
 def test_measure_matches_brute_force(name):
@@ -134,7 +137,9 @@ def test_measure_matches_brute_force(name):
   record = jax.jit(lambda state, x: efficiency.recorded_run(nnx.merge(graphdef, state), x)[1])
   recorded = [record(state, x) for x in batches]
   first_conv = "stem.conv" if "stem.conv" in recorded[0] else report.synaptic[0].name
-  np.testing.assert_array_equal(recorded[0][first_conv], batches[0])
+  # The first layer reads the input itself (the mlp reads each step's input flattened).
+  np.testing.assert_array_equal(recorded[0][first_conv],
+                                batches[0].reshape(recorded[0][first_conv].shape))
   modules = {".".join(map(str, p)): n for p, n in nnx.iter_graph(model)}
   assert {layer.source for layer in report.synaptic if layer.name in currents} <= {"currents"}
   assert {layer.name for layer in report.synaptic if layer.source == "currents"} == currents

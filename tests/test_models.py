@@ -27,7 +27,7 @@ CLASSES = 5
 BATCH = 2
 INPUTS = {"resnet18": (16, 16, 3), "resnet19": (16, 16, 3), "resnet34": (16, 16, 3),
           "vgg11": (16, 16, 3), "vgg13": (16, 16, 3), "vgg_snn": (48, 48, 2),
-          "convnet_small": (8, 8, 1), "mini_resnet": (8, 8, 3)}
+          "convnet_small": (8, 8, 1), "mini_resnet": (8, 8, 3), "mlp": (2, 6, 1)}
 
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -46,7 +46,8 @@ def _rngs(seed=0):
 
 def _create(name, *, time_steps=2, seed=0, **options):
   return models.create(name, num_classes=CLASSES, time_steps=time_steps, width=WIDTH,
-                       in_channels=INPUTS[name][-1], rngs=_rngs(seed), **options)
+                       in_channels=INPUTS[name][-1], in_features=math.prod(INPUTS[name]),
+                       rngs=_rngs(seed), **options)
 
 
 def _mini_resnet(time_steps, **options):
@@ -93,6 +94,7 @@ INVALID = [
     ("resnet18", dict(seca=True), "seca", "True", "0, 1, 2"),
     ("resnet18", dict(mem_bn=1), "mem_bn", "1", "False, True"),
     ("convnet_small", dict(step_stats="yes"), "step_stats", "'yes'", "False, True"),
+    ("mlp", dict(), "in_features", "None", "an integer >= 1"),
     ("resnet18", dict(time_steps=2.0), "time_steps", "2.0", ">= 1"),
 ]
 
@@ -472,6 +474,7 @@ EXECUTION = [
     ("convnet_small", dict(neuron="lif", learnable_lif=True, step_stats=True), 3),
     ("mini_resnet", dict(mem_bn=True, parallel=True, spike_bits=4, seca=2, step_stats=True), 2),
     ("mini_resnet", dict(neuron="lif"), 2),
+    ("mlp", dict(mem_bn=True, step_stats=True), 3),
     pytest.param("resnet18", dict(weights="ternary", mem_bn=True, seca=2), 2,
                  marks=pytest.mark.slow),
     pytest.param("resnet19", dict(parallel=True, spike_bits=4), 2, marks=pytest.mark.slow),
