@@ -9,7 +9,7 @@ Modules:
   quantize    straight-through estimators: binarize_ste, ternarize_ste, quantize_spike_ste.
   layers      Flax NNX layers: QConv, Dense, StepBatchNorm, MemBN, SECA, neuron modules.
   models      networks and models.create(name, ...): resnet18/19/34, vgg11/13, vgg_snn,
-              convnet_small.
+              convnet_small, mlp.
   training    online, random single-step and BPTT train steps, evaluation step, optimizer and
               learning-rate schedule.
   accounting  model size by the paper's rule (param_megabytes) and packed (packed_megabytes).

@@ -331,8 +331,9 @@ def make_eval_step(graphdef: nnx.GraphDef, config: StepConfig) -> Callable:
     model = merge(graphdef, state)
     set_recording(model, True)
     x_seq = time_major(x.astype(config.compute_dtype), steps, static=config.static_input)
-    logits = model(x_seq, train=False).astype(jnp.float32)
-    recorded = nnx.pop(model, nnx.Intermediate)
+    logits, recorded = nnx.capture(lambda net, inputs: net(inputs, train=False),
+                                   nnx.Intermediate)(model, x_seq)
+    logits = logits.astype(jnp.float32)
     mask = mask.astype(jnp.float32)
     cumulative = jnp.cumsum(logits, axis=0)
     correct = jnp.sum((jnp.argmax(cumulative, -1) == labels[None]) * mask[None], axis=1)
