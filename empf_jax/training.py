@@ -282,6 +282,38 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   return train_step
 
 
+def reset_batch_stats(graphdef: nnx.GraphDef, state: TrainState) -> TrainState:
+  """``state`` with every BatchNorm running average back at its initial value (mean 0, var 1)."""
+  model = merge(graphdef, state)
+  for path, variable in nnx.iter_graph(model):
+    if isinstance(variable, nnx.BatchStat):
+      fill = jnp.zeros_like if path[-1] == "mean" else jnp.ones_like
+      variable[...] = fill(variable[...])
+  return state._replace(rest=nnx.state(model, nnx.Not(nnx.Param)))
+
+
+def make_recalibrate_step(graphdef: nnx.GraphDef, config: StepConfig) -> Callable:
+  """Builds ``recalibrate_step(state, x) -> state``: one forward pass over all T steps in training
+  mode with the parameters frozen, so only the BatchNorm running averages move (each step's
+  statistics enter them once, in step order, as in training).
+
+  Re-estimating the running averages this way after :func:`reset_batch_stats` (BN
+  re-estimation, an option beyond the SPEC) makes them depend on the final weights only. It
+  matters for binary weights trained online: the running averages mix statistics taken between
+  the T updates of every batch, and latent weights near zero flip sign from one update to the
+  next, so those averages can describe no single set of weights.
+  """
+  steps = config.time_steps
+
+  def recalibrate_step(state: TrainState, x: jax.Array) -> TrainState:
+    model = merge(graphdef, state)
+    model(time_major(x.astype(config.compute_dtype), steps, static=config.static_input),
+          train=True)
+    return state._replace(rest=nnx.state(model, nnx.Not(nnx.Param)))
+
+  return recalibrate_step
+
+
 class EvalOutput(NamedTuple):
   """Sums over one evaluation batch (divide by ``count`` for means).
 

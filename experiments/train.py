@@ -48,7 +48,7 @@ HARMLESS_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps"
                  "eval_every_epochs", "progress", "data_dir")
 # Keys added after the first release, with the value that reproduces runs made without them: left
 # out of the fingerprint while they hold it, so that those runs' workdirs still resume.
-ADDED_MODEL_KEYS = {"step_stats": False}
+ADDED_KEYS = {"model.step_stats": False, "bn_recalibration_batches": 0}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -78,9 +78,13 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   values = config.to_dict()
   for key in HARMLESS_KEYS:
     values.pop(key, None)
-  for key, old_behaviour in ADDED_MODEL_KEYS.items():
-    if values["model"].get(key, old_behaviour) == old_behaviour:
-      values["model"].pop(key, None)
+  for dotted, old_behaviour in ADDED_KEYS.items():
+    *parents, key = dotted.split(".")
+    section = values
+    for parent in parents:
+      section = section[parent]
+    if section.get(key, old_behaviour) == old_behaviour:
+      section.pop(key, None)
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -147,7 +151,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
               "keep_checkpoints", "log_every_steps", "eval_every_epochs"):
     if not _is_int(given[key]) or given[key] < 1:
       fail(key, given[key], "an integer >= 1")
-  for key in ("warmup_epochs", "seed"):
+  for key in ("warmup_epochs", "seed", "bn_recalibration_batches"):
     if not _is_int(given[key]) or given[key] < 0:
       fail(key, given[key], "an integer >= 0")
   if not (_is_real(config.learning_rate) and config.learning_rate > 0):
@@ -286,6 +290,9 @@ class Trainer:
         checked_step(training.make_train_step(self.graphdef, self.optimizer, self.step_config)),
         in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding, None, None),
         out_shardings=(self.replicated, self.replicated, self.replicated), donate_argnums=0)
+    self._recalibrate_step = jax.jit(
+        training.make_recalibrate_step(self.graphdef, self.step_config),
+        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
     self._eval_step = jax.jit(
         training.make_eval_step(self.graphdef, self.step_config),
         in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding,
@@ -329,6 +336,18 @@ class Trainer:
     """This process's slice of the training batch that makes global step ``step`` (1-based)."""
     epoch, position = divmod(step - 1, self.train_data.batches_per_epoch)
     return next(iter(self.train_data.epoch(epoch, start=position)))
+
+  def recalibrate_batch_stats(self) -> None:
+    """With ``config.bn_recalibration_batches`` = N > 0: resets every BatchNorm running average
+    and re-estimates it from the first N training batches of epoch 0 (at most one epoch) with
+    the parameters frozen, so the averages depend on the current weights only. N = 0: nothing."""
+    count = self.config.bn_recalibration_batches
+    if not count:
+      return
+    state = jax.device_put(training.reset_batch_stats(self.graphdef, self.state), self.replicated)
+    for _, (x, _labels) in zip(range(count), self.train_data.epoch(0)):
+      state = self._recalibrate_step(state, *self.global_batch(x))
+    self.state = state
 
   def evaluate(self) -> dict[str, Any]:
     """Accuracy at every step, loss, firing rate per layer, learned decay/threshold."""
@@ -427,6 +446,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, eval_
             f"{meta['batch_in_epoch']})", flush=True)
     elif eval_only:
       raise ConfigError(f"--eval_only: no checkpoint in {workdir}/checkpoints")
+    if eval_only:
+      trainer.recalibrate_batch_stats()
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     if not eval_only:
       try:
@@ -522,6 +543,7 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
             print(f"\nstopped by signal {interrupt.signal} at step {step}; checkpoint saved, "
                   "rerun with the same --workdir to resume", flush=True)
             return interrupt.signal
+        trainer.recalibrate_batch_stats()
         save()
         if (epoch + 1) % config.eval_every_epochs == 0 or step == total:
           result = trainer.evaluate()

@@ -304,6 +304,7 @@ BAD_CONFIGS = [
     ({"momentum": 1.0}, "config.momentum=1.0", "[0, 1)"),
     ({"weight_decay": -1e-4}, "config.weight_decay=-0.0001", ">= 0"),
     ({"seed": -1}, "config.seed=-1", "an integer >= 0"),
+    ({"bn_recalibration_batches": -5}, "config.bn_recalibration_batches=-5", "an integer >= 0"),
     ({"compute_dtype": "float16"}, "config.compute_dtype='float16'", "float32, bfloat16"),
     ({"model.spike_bits": 8}, "config.model.spike_bits=8", "0 (floating-point spikes), 4"),
     ({"model.seca": 3}, "config.model.seca=3", "0, 1, 2"),
@@ -442,6 +443,21 @@ def test_fingerprint_changes_with_every_key_but_the_harmless_ones():
     same = train.fingerprint(changed) == train.fingerprint(base)
     assert same == (key in train.HARMLESS_KEYS), key
   assert train.fingerprint(copy.deepcopy(base)) == train.fingerprint(base)
+
+
+def test_fingerprint_of_runs_made_before_a_key_was_added_is_unchanged():
+  # A workdir written before a key existed has a config without it; at its old behaviour the
+  # key leaves the fingerprint alone, so that workdir still resumes.
+  base = digits.get_config()
+  older = copy.deepcopy(base)
+  for dotted in train.ADDED_KEYS:
+    *parents, key = dotted.split(".")
+    section = older
+    for parent in parents:
+      section = section[parent]
+    with section.unlocked():
+      del section[key]
+  assert train.fingerprint(older) == train.fingerprint(base)
 
 
 def snapshot(workdir):

@@ -266,3 +266,30 @@ def test_eight_device_sharded_step_matches_one_device():
     results.append(jax.device_get(state))
   chex.assert_trees_all_close(results[0].params, results[1].params, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(results[0].rest, results[1].rest, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_norm_recalibration_depends_on_the_weights_only():
+  # Two states with the same parameters and different running averages: after reset and
+  # re-estimation on the same batches they hold the same averages; parameters never move.
+  x, labels = batch()
+  model = tiny_model(mem_bn=True)
+  optimizer = training.make_optimizer()
+  graphdef, state = training.create_train_state(model, optimizer)
+  _, other = training.create_train_state(
+      testing.randomize(tiny_model(mem_bn=True), jax.random.key(9), scale=0.5), optimizer)
+  other = other._replace(params=state.params)
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, state.rest, other.rest)))
+  recalibrate = jax.jit(training.make_recalibrate_step(graphdef, training.StepConfig(
+      time_steps=T, num_classes=CLASSES)))
+  results = []
+  for start in (state, other):
+    reset = training.reset_batch_stats(graphdef, start)
+    for path, variable in nnx.to_flat_state(nnx.State(reset.rest)):
+      if path[-1] in ("mean", "var"):
+        np.testing.assert_array_equal(np.asarray(variable[...]), float(path[-1] == "var"))
+    done = recalibrate(recalibrate(reset, x), 2.0 * x)
+    chex.assert_trees_all_equal(done.params, start.params)
+    results.append(done.rest)
+  chex.assert_trees_all_close(results[0], results[1], atol=1e-6)
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), results[0], state.rest))
+  assert any(changed)

@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mix = False  # mixup (alpha 0.8) or cutmix (alpha 1.0), one of them per batch
   c.compute_dtype = "float32"  # or bfloat16 (parameters stay float32)
   c.seed = 42
+  # BN re-estimation (beyond the SPEC): at every epoch end (and with --eval_only) reset the
+  # BatchNorm running averages and re-estimate them from this many training batches with the
+  # weights frozen; 0 keeps the running averages of training.
+  c.bn_recalibration_batches = 0
 
   # Harmless keys: they do not change the result and are left out of the config fingerprint.
   c.checkpoint_every_steps = 1000
