@@ -153,23 +153,26 @@ class _Replay:
     return model
 
   @staticmethod
-  def _finish(model: nnx.Module, logits: jax.Array, output: jax.Array, targets: jax.Array):
-    recorded = nnx.pop(model, nnx.Intermediate)
+  def _finish(model: nnx.Module, recorded: nnx.State, logits: jax.Array, output: jax.Array,
+              targets: jax.Array):
     rest = nnx.state(model, nnx.Not(nnx.Param))
     return training.cross_entropy(output, targets), (logits, recorded, rest)
 
   def step(self, params, rest, neuron_state, x_t, t, targets):
     """One online time step: (loss_t, (logits_t, recorded, rest, neuron_state))."""
     model = self._model(params, rest)
-    logits, neuron_state = model.step(x_t, neuron_state, t, train=True)
-    loss, aux = self._finish(model, logits, logits, targets)
+    (logits, neuron_state), recorded = nnx.capture(
+        lambda net: net.step(x_t, neuron_state, t, train=True), nnx.Intermediate)(model)
+    loss, aux = self._finish(model, recorded, logits, logits, targets)
     return loss, aux + (neuron_state,)
 
   def sequence(self, params, rest, x_seq, targets):
     """All steps with gradients through time: (CE(sum_t f_t), (logits [T, ...], recorded, rest))."""
     model = self._model(params, rest)
-    logits = model(x_seq, train=True, online=False)
-    return self._finish(model, logits, jnp.sum(logits.astype(jnp.float32), axis=0), targets)
+    logits, recorded = nnx.capture(lambda net: net(x_seq, train=True, online=False),
+                                   nnx.Intermediate)(model)
+    return self._finish(model, recorded, logits, jnp.sum(logits.astype(jnp.float32), axis=0),
+                        targets)
 
   def update(self, params, opt_state, grads):
     updates, opt_state = self.optimizer.update(grads, opt_state, params)

@@ -220,7 +220,7 @@ def test_stem_output_size(stem, side):
   model = _abstract("resnet18", stem=stem)
   graphdef, state = nnx.split(model)
   x = jax.ShapeDtypeStruct((2, BATCH, 32, 32, 3), jnp.float32)
-  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).stem(x, train=False), state, x)
+  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).stem(x, 0, train=False), state, x)
   assert out.shape == (2, BATCH, side, side, 64)
 
 
