@@ -227,6 +227,13 @@ def _unit_spec(unit: models.ConvUnit, name: str) -> UnitSpec:
                   _neuron_spec(unit.neuron, _dotted(name, "neuron"), conv.out_features))
 
 
+# Networks whose conv units are attributes: (attribute names, plan of PlainLayout).
+_NAMED_UNIT_PLANS = {
+    models.ConvNetSmall: (("unit1", "unit2", "unit3"), ("C", "C", "M", "C")),
+    models.MLP: (("unit1", "unit2"), ("F", "C", "C")),
+}
+
+
 def layout_of(model: models.SpikingNetwork) -> ResNetLayout | PlainLayout:
   """Reads the layer layout of a network (works on abstract models from ``nnx.eval_shape``)."""
   if isinstance(model, models.ResNet):
@@ -254,12 +261,10 @@ def layout_of(model: models.SpikingNetwork) -> ResNetLayout | PlainLayout:
     units = tuple(_unit_spec(unit, _dotted("units", i)) for i, unit in enumerate(model.units))
     plan = tuple(item if isinstance(item, str) else "C" for item in model.plan)
     return PlainLayout(units, plan, model.flatten, fc)
-  if isinstance(model, models.ConvNetSmall):
-    units = tuple(_unit_spec(getattr(model, name), name) for name in ("unit1", "unit2", "unit3"))
-    return PlainLayout(units, ("C", "C", "M", "C"), False, fc)
-  if isinstance(model, models.MLP):
-    units = tuple(_unit_spec(getattr(model, name), name) for name in ("unit1", "unit2"))
-    return PlainLayout(units, ("F", "C", "C"), False, fc)
+  for kind, (names, plan) in _NAMED_UNIT_PLANS.items():
+    if isinstance(model, kind):
+      return PlainLayout(tuple(_unit_spec(getattr(model, name), name) for name in names), plan,
+                         False, fc)
   raise DeployError(f"cannot deploy a {type(model).__name__}; supported: ResNet, Plain, "
                     "ConvNetSmall, MLP networks from empf_jax.models.create")
 

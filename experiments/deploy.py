@@ -97,7 +97,7 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, str | None
   try:
     with open(path) as f:
       saved = json.load(f)
-    return ml_collections.ConfigDict(saved["config"]), saved.get("fingerprint")
+    return train.with_added_keys(saved["config"]), saved.get("fingerprint")
   except (OSError, ValueError, KeyError, TypeError) as error:
     raise UsageError(f"cannot read {path}: {error}") from None
 

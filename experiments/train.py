@@ -73,16 +73,31 @@ class NumericalError(FloatingPointError):
     self.checkpoint = checkpoint
 
 
+def _section(values: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
+  """The nested dict holding the dotted key ``a.b.c`` of ``values``, and its last part."""
+  *parents, key = dotted.split(".")
+  for parent in parents:
+    values = values[parent]
+  return values, key
+
+
+def with_added_keys(values: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A saved config (plain dict) as a ConfigDict, keys added since it was written set to the
+  values that reproduce it (:data:`ADDED_KEYS`)."""
+  values = json.loads(json.dumps(values))
+  for dotted, old_behaviour in ADDED_KEYS.items():
+    section, key = _section(values, dotted)
+    section.setdefault(key, old_behaviour)
+  return ml_collections.ConfigDict(values)
+
+
 def fingerprint(config: ml_collections.ConfigDict) -> str:
   """A hash of every config value that changes the result (harmless keys left out)."""
   values = config.to_dict()
   for key in HARMLESS_KEYS:
     values.pop(key, None)
   for dotted, old_behaviour in ADDED_KEYS.items():
-    *parents, key = dotted.split(".")
-    section = values
-    for parent in parents:
-      section = section[parent]
+    section, key = _section(values, dotted)
     if section.get(key, old_behaviour) == old_behaviour:
       section.pop(key, None)
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -192,7 +207,7 @@ def model_options(config: ml_collections.ConfigDict, num_classes: int,
           "stem": m.stem or None, "neuron": m.neuron,
           "weights": m.weights, "mem_bn": m.mem_bn, "parallel": m.parallel,
           "spike_bits": m.spike_bits or None, "seca": m.seca, "learnable_lif": m.learnable_lif,
-          "width": m.width, "step_stats": m.get("step_stats", False)}
+          "width": m.width, "step_stats": m.step_stats}
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, step_shape: tuple[int, ...]

@@ -273,3 +273,13 @@ def test_flipped_byte_is_a_clear_error(exported, tmp_path):
   result = cli(f"--bundle={corrupted}", "--evaluate", "--dataset=digits")
   assert_one_line_error(result, "not a valid bundle", "checksum mismatch")
   assert not (tmp_path / deploy_cli.EVALUATION).exists()
+
+
+def test_config_of_a_workdir_written_before_added_keys_reads_with_their_old_values(tmp_path):
+  config = digits.get_config().to_dict()
+  del config["model"]["step_stats"], config["bn_recalibration_batches"]
+  (tmp_path / "config.json").write_text(json.dumps({"fingerprint": "f", "config": config}))
+  read, fingerprint = deploy_cli.read_run_config(str(tmp_path))
+  assert fingerprint == "f"
+  assert read.model.step_stats is False and read.bn_recalibration_batches == 0
+  assert read.to_dict() == digits.get_config().to_dict()
