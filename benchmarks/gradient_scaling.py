@@ -1,4 +1,4 @@
-"""How the online gradient of each membrane relates to the BPTT gradient (SPEC section 1).
+"""How the online gradient of each membrane relates to the BPTT gradient (docs/model.md §1).
 
     python -m benchmarks.gradient_scaling [--out=benchmarks/results/gradient_scaling.json]
         (the verdict also goes to the same path with .txt)

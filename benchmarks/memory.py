@@ -11,7 +11,7 @@ sizes. The figure of merit is temp + argument bytes (scratch buffers plus inputs
 alias (donated, reused) bytes are recorded too, and ``peak_bytes = temp + argument + output -
 alias``.
 
-Acceptance (SPEC section 4: online and random-step memory is O(1) in T, BPTT's grows with T):
+Acceptance (docs/model.md §4: online and random-step memory is O(1) in T, BPTT's grows with T):
 online and random-step memory within 5 % over T = 4..16, BPTT growing at least 3x over the same
 range.
 

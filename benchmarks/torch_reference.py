@@ -1,6 +1,6 @@
-"""PyTorch reference implementation of the EM-PF spiking ResNets (SPEC sections 1-4).
+"""PyTorch reference implementation of the EM-PF spiking ResNets (docs/model.md §1-4).
 
-Written from ../shared/SPEC.md the way PyTorch spiking-network code is usually written: eager,
+Written from docs/model.md the way PyTorch spiking-network code is usually written: eager,
 NCHW, one call of the network per time step, neuron modules that keep their own membrane and step
 counter between calls (``reset()`` clears them), ``detach()`` of the previous membrane for online
 training, and a Python loop over time in the training functions. It is the benchmark peer of the
@@ -149,7 +149,8 @@ class MemBN(nn.Module):
 class EMPFNeuron(nn.Module):
   """Stateful EM-PF neuron: one call per time step; ``reset()`` before a new sequence.
 
-  ``online=True`` detaches the previous membrane (SPEC section 1, m_t = lambda_t sg(u_{t-1}) + I_t);
+  ``online=True`` detaches the previous membrane (docs/model.md §1,
+  m_t = lambda_t sg(u_{t-1}) + I_t);
   ``online=False`` keeps the gradient through time (BPTT).
   """
 
@@ -271,7 +272,7 @@ class Stem(nn.Module):
 
 
 class SpikingResNet(nn.Module):
-  """EM-PF ResNet-18/34/19 (SPEC section 3); ``forward`` is ONE time step on NCHW input."""
+  """EM-PF ResNet-18/34/19 (docs/model.md §3); ``forward`` is ONE time step on NCHW input."""
 
   def __init__(self, blocks: tuple[int, ...], widths: tuple[int, ...], strides: tuple[int, ...],
                *, num_classes: int, in_channels: int, stem: str, time_steps: int, weights: str,

@@ -1,4 +1,4 @@
-"""Model size accounting (SPEC section 2): the paper's rule and the packed deployment size.
+"""Model size accounting (docs/model.md §2): the paper's rule and the packed deployment size.
 
 Works on concrete models and on abstract ones from ``nnx.eval_shape`` (only shapes are read), so
 full-size networks never need to be allocated.

@@ -47,10 +47,10 @@ ternary conv                        also ``weight_clip_val`` = [-1, 1] (checked)
 ==================================  ==============================================
 
 The authors' parallel neuron never advances its step counter, so their trained networks use
-v_th[0] at every step (SPEC section 1); by default the loader copies v_th[0] to all steps so that
+v_th[0] at every step (docs/model.md §1); by default the loader copies v_th[0] to all steps so that
 the JAX network computes what theirs did (``parallel_threshold="per_step"`` reads v_th[t]).
 Their SECA-II keeps the ``out +`` term inside the second gate of blocks whose channels change,
-where the SPEC (and :mod:`empf_jax.models`) falls back to SECA-I; ``--use_eca 2`` checkpoints
+where the method (and :mod:`empf_jax.models`) falls back to SECA-I; ``--use_eca 2`` checkpoints
 therefore compute differently in those blocks. ``convnet_small`` has no counterpart there.
 """
 

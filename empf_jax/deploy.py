@@ -1,4 +1,4 @@
-"""Deployment: fold a trained network into a compact inference model and run it (SPEC section 5).
+"""Deployment: fold a trained network into a compact inference model and run it (docs/model.md §5).
 
 :func:`deploy` turns any network of :func:`empf_jax.models.create` into a :class:`Deployed` model:
 a static :class:`Architecture` (the network's name, every ``create()`` option and a layer layout)
@@ -20,7 +20,7 @@ Folds (eval mode, BN_l(z) = A z + C per channel from the running statistics):
   its own scale A), and step t uses row t.
 * EM-PF neuron: decay lambda_t = sigma(a_t) and threshold theta_t = sigma(b_t) are stored directly.
   With Mem-BN, m_hat_t = k_t (lambda_t u_{t-1} + I_t) + h_t with
-  k_t = sigma(d_t) + sigma(c_t) A_t and h_t = sigma(c_t) C_t (SPEC section 1), stored per channel
+  k_t = sigma(d_t) + sigma(c_t) A_t and h_t = sigma(c_t) C_t (docs/model.md §1), stored per channel
   as decay k_t lambda_t, gain k_t and offset h_t:  m_hat_t = (k_t lambda_t) u_{t-1} + k_t I_t + h_t.
 * Parallel neuron: threshold theta_t only (stateless). LIF: decay sigma(a_t) and threshold
   theta'_t = sigma(b_t) + 0.5. SECA and the fully connected layers keep their float parameters.

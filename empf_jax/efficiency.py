@@ -1,4 +1,4 @@
-"""Firing rates, synaptic and neuron operations, and energy estimates (SPEC section 5).
+"""Firing rates, synaptic and neuron operations, and energy estimates (docs/model.md §5).
 
 Counts come from one evaluation run with the modules' recording hooks on: every :class:`QConv` and
 :class:`Dense` sows its input, every neuron its spikes (:func:`recorded_run`). Each batch is counted

@@ -1,4 +1,4 @@
-"""Spiking neurons as pure step functions (SPEC section 1).
+"""Spiking neurons as pure step functions (docs/model.md §1).
 
 Every neuron is ``step(params, state, current, t) -> (state, spike)`` over a small NamedTuple state,
 and the multi-step form is ``jax.lax.scan`` of that step over time-major input ``[S, B, ...]``
@@ -87,7 +87,7 @@ def empf_integrate(params: EMPFParams, state: MembraneState, current: jax.Array,
   """Leaky integration m_t = sigma(a_t) * sg(u_{t-1}) + I_t."""
   u_prev = state.u
   if online:
-    # SPEC section 1, m_t = lambda_t * sg(u_{t-1}) + I_t: the online rule's only temporal cut.
+    # docs/model.md §1, m_t = lambda_t * sg(u_{t-1}) + I_t: the online rule's only temporal cut.
     u_prev = jax.lax.stop_gradient(u_prev)
   return step_scalar(params.a, t, current) * u_prev + current
 

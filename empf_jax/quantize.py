@@ -1,4 +1,4 @@
-"""Weight and spike quantisers with straight-through gradients (SPEC sections 1 and 2).
+"""Weight and spike quantisers with straight-through gradients (docs/model.md §1-2).
 
 Each quantiser is a module-level ``jax.custom_vjp`` whose docstring states the forward rule and the
 exact backward rule; ``tests/test_quantize.py`` pins both.

@@ -2,7 +2,7 @@
 
 The training step is one fused XLA computation (a scan over all time steps, gradients and updates
 included), so a non-finite loss or parameter at its end says nothing about where the fault arose.
-:func:`first_nonfinite` replays one batch of the step's training rule (SPEC section 4) time step
+:func:`first_nonfinite` replays one batch of the step's training rule (docs/model.md §4) time step
 by time step, as separate computations (forward and gradient of one step, then the update) whose
 layer values are all returned, the layers' ``record`` hooks on; it then checks every value in
 the order the training step computes it. For each time step t that the rule computes:

@@ -9,7 +9,7 @@ writes three files into a folder:
 * ``efficiency.json``: the same rows and totals as numbers;
 * ``efficiency.png``: firing rate per neuron layer and SOPs per synaptic layer.
 
-All figures are per sample (test example), summed over the T time steps (SPEC section 5). The two
+All figures are per sample (test example), summed over the T time steps (docs/model.md §5). The two
 energy columns (45 nm: 0.9 pJ per AC, 4.6 pJ per MAC):
 
     authors = SOPs x 0.9 pJ            (x 1/8 with 4-bit spikes)

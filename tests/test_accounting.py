@@ -1,4 +1,4 @@
-"""Size accounting (SPEC section 2): paper figures on abstract full-size networks; hand counts.
+"""Size accounting (docs/model.md §2): paper figures on abstract full-size networks; hand counts.
 
 Full-size networks are only built abstractly (``nnx.eval_shape``): no weight is allocated.
 """
@@ -51,7 +51,7 @@ def test_vgg_snn_binary_size_to_the_byte():
 
 
 def _resnet_counts(blocks, widths, strides, *, stem_weights, head):
-  """Quantised and float weight counts of a ResNet written out from SPEC section 3."""
+  """Quantised and float weight counts of a ResNet written out from docs/model.md §3."""
   quantised, cin = 0, 64
   for count, cout, stride in zip(blocks, widths, strides):
     for i in range(count):

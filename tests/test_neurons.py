@@ -1,4 +1,4 @@
-"""Neuron maths (SPEC section 1): hand-computed traces, exact gradients, scan == loop, Mem-BN.
+"""Neuron maths (docs/model.md §1): hand-computed traces, exact gradients, scan == loop, Mem-BN.
 
 The hand examples use per-step decays lambda = (0.5, 0.75, 0.25) (logits 0, ln 3, -ln 3) so that a
 wrong time index changes the numbers; every expected value is worked out in the comments.

@@ -1,6 +1,6 @@
 """Weight and spike quantisers: forward values by hand and straight-through backward by definition.
 
-SPEC section 2 (binary, ternary weights) and section 1 (4-bit spikes). Expected numbers are worked
+docs/model.md §2 (binary, ternary weights) and §1 (4-bit spikes). Expected numbers are worked
 out by hand in the comments, never by calling the function under test.
 """
 
