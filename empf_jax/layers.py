@@ -78,13 +78,14 @@ class QConv(nnx.Module):
   (:func:`~empf_jax.quantize.binarize_ste`, :func:`~empf_jax.quantize.ternarize_ste`)
 
   with zero padding ``kernel_size // 2`` by default. Binary/ternary latent weights start uniform in
-  [0, 1e-3) (the authors' initialisation) unless ``symmetric_init``; full-precision kernels are
-  Kaiming-normal with fan_out.
+  [0, latent_init) with latent_init = 1e-3 (the authors' initialisation), or in
+  [-latent_init, latent_init) with ``symmetric_init``; full-precision kernels are Kaiming-normal
+  with fan_out.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
                padding: int | None = None, weights: str = "binary", symmetric_init: bool = False,
-               rngs: nnx.Rngs):
+               latent_init: float = LATENT_INIT_MAX, rngs: nnx.Rngs):
     self.in_features = in_features
     self.out_features = out_features
     self.kernel_size = kernel_size
@@ -98,9 +99,9 @@ class QConv(nnx.Module):
       std = math.sqrt(2.0 / (out_features * kernel_size * kernel_size))
       value = std * jax.random.normal(key, shape)
     elif symmetric_init:
-      value = jax.random.uniform(key, shape, minval=-LATENT_INIT_MAX, maxval=LATENT_INIT_MAX)
+      value = jax.random.uniform(key, shape, minval=-latent_init, maxval=latent_init)
     else:
-      value = jax.random.uniform(key, shape, maxval=LATENT_INIT_MAX)
+      value = jax.random.uniform(key, shape, maxval=latent_init)
     self.kernel = WEIGHT_KINDS[weights](value)
 
   def effective_kernel(self) -> jax.Array:
@@ -164,10 +165,10 @@ class StepBatchNorm(nnx.Module):
   Running averages: r <- 0.9 r + 0.1 stat_t once per step, in step order, unbiased variance.
   Evaluation uses the running averages.
 
-  By default one set of running averages serves every step (SPEC section 4). With
+  By default one set of running averages serves every step (docs/model.md §4). With
   ``time_steps=T`` each step t keeps its own running averages r_t <- 0.9 r_t + 0.1 stat_t and
-  evaluation at step t uses r_t (an option beyond the SPEC, for inputs whose distribution
-  changes with t, e.g. sequences fed chunk by chunk; gamma and beta stay shared).
+  evaluation at step t uses r_t (an option beyond the method, docs/model.md §7, for inputs whose
+  distribution changes with t, e.g. sequences fed chunk by chunk; gamma and beta stay shared).
   """
 
   def __init__(self, features: int, time_steps: int | None = None):

@@ -1,4 +1,4 @@
-"""EM-PF networks as Flax NNX modules and the :func:`create` factory (SPEC section 3).
+"""EM-PF networks as Flax NNX modules and the :func:`create` factory (docs/model.md §3).
 
 Every network runs the consecutive time steps ``t0 .. t0+S-1`` of time-major input ``[S, B, ...]``
 with :meth:`SpikingNetwork.run`; :meth:`SpikingNetwork.step` is one step with an explicit state
@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from empf_jax import ops
-from empf_jax.layers import (SECA, Dense, EMPFNeuron, LIFNeuron, ParallelNeuron, QConv,
-                             StepBatchNorm)
+from empf_jax.layers import (LATENT_INIT_MAX, SECA, Dense, EMPFNeuron, LIFNeuron,
+                             ParallelNeuron, QConv, StepBatchNorm)
 
 NEURONS = ("empf", "lif")
 WEIGHTS = ("binary", "ternary", "float")
@@ -48,6 +48,7 @@ class NetOptions:
   width: float = 1.0
   symmetric_init: bool = False
   step_stats: bool = False
+  latent_init: float = LATENT_INIT_MAX
 
   def norm(self, features: int) -> StepBatchNorm:
     """A conv BatchNorm: shared running averages, or one set per time step (``step_stats``)."""
@@ -70,7 +71,7 @@ class NetOptions:
   def conv(self, cin: int, cout: int, kernel: int, *, stride: int = 1, weights: str | None = None,
            rngs: nnx.Rngs) -> QConv:
     return QConv(cin, cout, kernel, stride=stride, weights=weights or self.weights,
-                 symmetric_init=self.symmetric_init, rngs=rngs)
+                 symmetric_init=self.symmetric_init, latent_init=self.latent_init, rngs=rngs)
 
 
 class SpikingNetwork(nnx.Module):
@@ -150,7 +151,8 @@ class BasicBlock(nnx.Module):
     self.seca2 = SECA(rngs=rngs) if opts.seca else None
     if stride != 1 or cin != cout:
       self.shortcut_conv = QConv(cin, cout, 1, stride=stride, padding=0, weights=opts.weights,
-                                 symmetric_init=opts.symmetric_init, rngs=rngs)
+                                 symmetric_init=opts.symmetric_init,
+                                 latent_init=opts.latent_init, rngs=rngs)
       self.shortcut_bn = opts.norm(cout)
     else:
       self.shortcut_conv = None
@@ -258,6 +260,7 @@ class Plain(SpikingNetwork):
       cin = cout
     self.units = nnx.List(units)
     self.flatten = flatten_to is not None
+    self.flatten_to = flatten_to
     features = cin * flatten_to * flatten_to if self.flatten else cin
     self.fc = Dense(features, num_classes, rngs=rngs)
 
@@ -277,8 +280,19 @@ class Plain(SpikingNetwork):
         h, unit_state = unit(h, unit_state, t0, train=train, online=online)
         states.append(unit_state)
     if h.ndim > 3:
+      if self.flatten and h.shape[2:4] != (self.flatten_to, self.flatten_to):
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} reaches the classifier as {h.shape[2]}x"
+            f"{h.shape[3]} maps; this network flattens {self.flatten_to}x{self.flatten_to} maps "
+            f"(inputs of {self.flatten_to * self.input_stride}x"
+            f"{self.flatten_to * self.input_stride} pixels)")
       h = h.reshape(h.shape[:2] + (-1,)) if self.flatten else ops.spatial_mean(h)
     return self.fc(h), states
+
+  @property
+  def input_stride(self) -> int:
+    """Input pixels per classifier-map pixel along one side (2 per pooling)."""
+    return 2 ** sum(1 for item in self.plan if item == "M")
 
 
 class ConvNetSmall(SpikingNetwork):
@@ -337,13 +351,16 @@ class MLP(SpikingNetwork):
 
 VGG11_PLAN = (64, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 VGG13_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, 512, "M", 512, "G")
+# 28x28 inputs: pool right after the full-precision first unit, two binary units at 14x14 and
+# 7x7, and the 7x7 maps flattened into the classifier (docs/model.md §3).
+CONVNET28_PLAN = (32, "M", 64, "M", 128)
 
 RESNETS = ("resnet18", "resnet19", "resnet34")
-NETWORKS = RESNETS + ("vgg11", "vgg13", "vgg_snn", "convnet_small", "mlp")
+NETWORKS = RESNETS + ("vgg11", "vgg13", "vgg_snn", "convnet_small", "convnet28", "mlp")
 NETWORK_STEMS = {
     "resnet18": STEMS, "resnet34": STEMS, "resnet19": ("cifar", "event"),
     "vgg11": ("cifar",), "vgg13": ("cifar",), "vgg_snn": ("event",), "convnet_small": ("cifar",),
-    "mlp": ("dense",),
+    "convnet28": ("cifar",), "mlp": ("dense",),
 }
 
 
@@ -363,7 +380,8 @@ def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int |
              in_features: int | None = None,
              stem: str | None, neuron: str, weights: str, mem_bn: bool, parallel: bool,
              spike_bits: int | None, seca: int, learnable_lif: bool, width: float,
-             step_stats: bool = False) -> str:
+             step_stats: bool = False, latent_init: float = LATENT_INIT_MAX,
+             symmetric_init: bool = False) -> str:
   """Checks every option of :func:`create`; returns the stem to use. Raises :class:`ConfigError`."""
   _allowed("name", name, NETWORKS)
   _allowed("neuron", neuron, NEURONS)
@@ -381,10 +399,13 @@ def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int |
   if (not isinstance(width, numbers.Real) or isinstance(width, (bool, np.bool_))
       or not width > 0):
     raise ConfigError(f"width={width!r} is not allowed; allowed: a number > 0")
+  if (not isinstance(latent_init, numbers.Real) or isinstance(latent_init, (bool, np.bool_))
+      or not 0 < latent_init <= 1):
+    raise ConfigError(f"latent_init={latent_init!r} is not allowed; allowed: a number in (0, 1]")
   stem = stem if stem is not None else NETWORK_STEMS[name][0]
   _allowed(f"stem (for {name})", stem, NETWORK_STEMS[name])
   for key, value in (("mem_bn", mem_bn), ("parallel", parallel), ("learnable_lif", learnable_lif),
-                     ("step_stats", step_stats)):
+                     ("step_stats", step_stats), ("symmetric_init", symmetric_init)):
     _allowed(key, value, (False, True))
   if parallel and name not in RESNETS:
     raise ConfigError(f"parallel=True is not allowed with {name!r}; allowed only in: "
@@ -410,12 +431,15 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
            mem_bn: bool = False, parallel: bool = False, spike_bits: int | None = None,
            seca: int = 0, learnable_lif: bool = False, width: float = 1.0,
            symmetric_init: bool = False, step_stats: bool = False,
+           latent_init: float = LATENT_INIT_MAX,
            rngs: nnx.Rngs | None = None) -> SpikingNetwork:
-  """Builds one of the networks of SPEC section 3.
+  """Builds one of the networks of docs/model.md §3.
 
   Args:
     name: one of ``resnet18``, ``resnet19``, ``resnet34``, ``vgg11``, ``vgg13``, ``vgg_snn``,
-      ``convnet_small``, ``mlp``.
+      ``convnet_small``, ``convnet28`` (28x28 inputs: 32 full-precision channels, pool, 64 and
+      128 binary channels at 14x14 and 7x7, the 7x7 maps flattened into the classifier),
+      ``mlp``.
     num_classes: classifier outputs.
     time_steps: T; every neuron layer has T decay and T threshold scalars.
     in_channels: input channels; default 2 for the event stem, else 3 (1 is common for
@@ -433,10 +457,13 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
     seca: 0 (none), 1 (SECA-I) or 2 (SECA-II, ResNets only).
     learnable_lif: train the LIF decay and threshold (LIF only).
     width: channel multiplier (tests build e.g. width=1/8 networks).
-    symmetric_init: latent binary/ternary weights uniform in [-1e-3, 1e-3) instead of [0, 1e-3).
+    symmetric_init: latent binary/ternary weights uniform in [-latent_init, latent_init) instead
+      of [0, latent_init) (beyond the method, docs/model.md §7).
     step_stats: every conv BatchNorm keeps separate running averages per time step and evaluates
-      step t with its own (beyond the SPEC, which shares them; meant for inputs whose
-      distribution changes with t, such as row chunks of sequential Fashion-MNIST).
+      step t with its own (beyond the method, which shares them, docs/model.md §7; meant for
+      inputs whose distribution changes with t, such as row chunks of sequential Fashion-MNIST).
+    latent_init: largest magnitude of the initial binary/ternary latent weights (default 1e-3,
+      the authors' initialisation; other values are beyond the method, docs/model.md §7).
     rngs: parameter RNG; default ``nnx.Rngs(0)``.
 
   Returns:
@@ -446,14 +473,16 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
                   in_features=in_features,
                   stem=stem, neuron=neuron, weights=weights, mem_bn=mem_bn, parallel=parallel,
                   spike_bits=spike_bits, seca=seca, learnable_lif=learnable_lif, width=width,
-                  step_stats=step_stats)
+                  step_stats=step_stats, latent_init=latent_init,
+                  symmetric_init=symmetric_init)
   in_channels = (2 if stem == "event" else 3) if in_channels is None else int(in_channels)
   num_classes, time_steps = int(num_classes), int(time_steps)
   rngs = rngs if rngs is not None else nnx.Rngs(0)
   opts = NetOptions(time_steps=time_steps, neuron=neuron, weights=weights, mem_bn=mem_bn,
                     parallel=parallel, spike_bits=spike_bits, seca=seca,
                     learnable_lif=learnable_lif, width=float(width),
-                    symmetric_init=symmetric_init, step_stats=step_stats)
+                    symmetric_init=symmetric_init, step_stats=step_stats,
+                    latent_init=float(latent_init))
   common = dict(num_classes=num_classes, in_channels=in_channels, opts=opts, rngs=rngs)
   if name == "resnet18":
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2), stem=stem, **common)
@@ -469,6 +498,8 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
     return Plain(VGG13_PLAN, first_weights="float", **common)
   if name == "vgg_snn":
     return Plain(VGG11_PLAN, first_weights=weights, flatten_to=3, **common)
+  if name == "convnet28":
+    return Plain(CONVNET28_PLAN, first_weights="float", flatten_to=7, **common)
   if name == "mlp":
     return MLP(num_classes=num_classes, in_features=int(in_features), opts=opts, rngs=rngs)
   return ConvNetSmall(**common)

@@ -1,4 +1,4 @@
-"""Training and evaluation steps as pure functions (SPEC section 4).
+"""Training and evaluation steps as pure functions (docs/model.md §4).
 
 Three training rules share one model and one state:
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from empf_jax import layers
+from empf_jax import layers, quantize
 from empf_jax.layers import set_recording
 from empf_jax.models import SpikingNetwork
 
@@ -49,22 +49,97 @@ class TrainState(NamedTuple):
 
 
 class StepOutput(NamedTuple):
-  """Per-batch training metrics (means over the batch; ``loss`` averaged over the updates)."""
+  """Per-batch training metrics (means over the batch; ``loss`` averaged over the updates).
+
+  ``code_change`` and ``update_ratio`` map every binary/ternary kernel (path name) to the mean over
+  the batch's updates of :func:`code_change_fraction` and of ||W_new - W_old|| / ||W_old|| for its
+  latent weights (:func:`weight_changes`).
+  """
 
   loss: jax.Array
   accuracy: jax.Array
   time_step: jax.Array
+  code_change: dict = {}
+  update_ratio: dict = {}
+
+
+def weight_codes(w: jax.Array, kind: str) -> jax.Array:
+  """The discrete code a latent kernel stands for: sign(W) in {-1, +1} (sign(0) = +1) for
+  ``binary``, the ternary codes in {-1, 0, +1} (:func:`~empf_jax.quantize.ternary_codes`) for
+  ``ternary``."""
+  if kind == "binary":
+    return quantize.binary_sign(w)
+  if kind == "ternary":
+    return quantize.ternary_codes(w)[0]
+  raise ValueError(f"kind={kind!r} is not allowed; allowed: 'binary', 'ternary'")
+
+
+def code_change_fraction(old: jax.Array, new: jax.Array, kind: str) -> jax.Array:
+  """Fraction of the weights of a binary/ternary kernel whose code differs between two latent
+  kernels ``old`` and ``new`` (binary: sign flips; ternary: any change among -1, 0, +1)."""
+  return jnp.mean((weight_codes(old, kind) != weight_codes(new, kind)).astype(jnp.float32))
+
+
+_QUANTIZED_KINDS = {layers.BinaryWeight: "binary", layers.TernaryWeight: "ternary"}
+
+
+def quantized_kernels(params: Any) -> dict[str, tuple[str, jax.Array]]:
+  """{path name: (kind, latent kernel)} of every binary/ternary kernel in a parameter state."""
+  out = {}
+  for path, variable in nnx.to_flat_state(params):
+    kind = _QUANTIZED_KINDS.get(type(variable))
+    if kind is not None:
+      out["/".join(map(str, path[:-1]))] = (kind, variable.get_value())
+  return out
+
+
+def weight_changes(old_params: Any, new_params: Any) -> tuple[dict, dict]:
+  """Per binary/ternary kernel: the fraction of codes one update changed, and the update's size
+  relative to the latent weights, ||W_new - W_old|| / ||W_old||."""
+  old, new = quantized_kernels(old_params), quantized_kernels(new_params)
+  changes, ratios = {}, {}
+  for name, (kind, w_old) in old.items():
+    w_new = new[name][1]
+    changes[name] = code_change_fraction(w_old, w_new, kind)
+    ratios[name] = (jnp.linalg.norm((w_new - w_old).ravel())
+                    / jnp.maximum(jnp.linalg.norm(w_old.ravel()), 1e-30))
+  return changes, ratios
+
+
+def latent_magnitudes(params: Any, quantiles: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9, 0.99)
+                      ) -> dict[str, dict[str, float]]:
+  """Distribution of |W| of every binary/ternary latent kernel: the given quantiles (keys
+  ``p1``, ``p10``, ...), the mean, and the fraction of weights that STE clipping freezes
+  (|W| > 1)."""
+  out = {}
+  for name, (_, w) in quantized_kernels(params).items():
+    magnitude = jnp.abs(jnp.asarray(w, jnp.float32)).ravel()
+    values = jnp.quantile(magnitude, jnp.asarray(quantiles))
+    entry = {f"p{round(100 * q):g}": float(v) for q, v in zip(quantiles, values)}
+    entry["mean"] = float(jnp.mean(magnitude))
+    entry["clipped"] = float(jnp.mean(magnitude > 1.0))
+    out[name] = entry
+  return out
+
+
+def _not_latent(params: Any) -> Any:
+  """True for every parameter except binary/ternary latent kernels (a mask for weight decay)."""
+  return jax.tree.map(lambda v: not isinstance(v, (layers.BinaryWeight, layers.TernaryWeight)),
+                      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(*, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = True,
-                   learning_rate: float = 0.01) -> optax.GradientTransformation:
+                   learning_rate: float = 0.01, decay_latent: bool = True
+                   ) -> optax.GradientTransformation:
   """SGD with Nesterov momentum and coupled L2: g <- g + wd * w, then momentum, then -lr.
 
   The learning rate is an injected hyperparameter so the caller sets it per epoch
   (:func:`set_learning_rate`), independent of how many updates a batch makes.
+  ``decay_latent=False`` leaves the binary/ternary latent kernels out of the weight decay.
   """
   def sgd(learning_rate):
-    return optax.chain(optax.add_decayed_weights(weight_decay),
+    return optax.chain(optax.add_decayed_weights(weight_decay,
+                                                 mask=None if decay_latent else _not_latent),
                        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
   return optax.inject_hyperparams(sgd)(learning_rate=learning_rate)
 
@@ -231,15 +306,18 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       x_t, t = inputs
       (loss, (logits, neuron_state, rest)), grads = grad_fn(params, rest, neuron_state, x_t, t,
                                                             targets)
-      params, opt_state = update(params, opt_state, grads)
+      new_params, opt_state = update(params, opt_state, grads)
+      changes = weight_changes(params, new_params)
       correct = jnp.mean(jnp.argmax(logits, -1) == labels)
-      return (params, rest, opt_state, neuron_state), (loss, correct)
+      return (new_params, rest, opt_state, neuron_state), (loss, correct, changes)
 
-    (params, rest, opt_state, _), (losses, correct) = jax.lax.scan(
+    (params, rest, opt_state, _), (losses, correct, changes) = jax.lax.scan(
         body, (state.params, state.rest, opt_state, neuron_state),
         (x_seq, jnp.arange(steps)), unroll=config.time_unroll)
+    code_change, update_ratio = jax.tree.map(lambda v: jnp.mean(v, 0), changes)
     return (TrainState(params, rest, opt_state, state.step + 1),
-            StepOutput(jnp.mean(losses), correct[-1], jnp.asarray(steps, jnp.int32)))
+            StepOutput(jnp.mean(losses), correct[-1], jnp.asarray(steps, jnp.int32),
+                       code_change, update_ratio))
 
   def random_step(state, x_seq, targets, labels, lr, seed_key):
     t_star = draw_time_step(seed_key, state.step, steps)
@@ -257,7 +335,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     params, opt_state = update(state.params, set_learning_rate(state.opt_state, lr), grads)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return (TrainState(params, rest, opt_state, state.step + 1),
-            StepOutput(loss, accuracy, t_star + 1))
+            StepOutput(loss, accuracy, t_star + 1, *weight_changes(state.params, params)))
 
   def bptt(state, x_seq, targets, labels, lr, seed_key):
     def loss_fn(params):
@@ -270,7 +348,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     params, opt_state = update(state.params, set_learning_rate(state.opt_state, lr), grads)
     accuracy = jnp.mean(jnp.argmax(summed, -1) == labels)
     return (TrainState(params, rest, opt_state, state.step + 1),
-            StepOutput(loss, accuracy, jnp.asarray(steps, jnp.int32)))
+            StepOutput(loss, accuracy, jnp.asarray(steps, jnp.int32),
+                       *weight_changes(state.params, params)))
 
   rule = {"online": online, "random_step": random_step, "bptt": bptt}[config.mode]
 
@@ -298,7 +377,8 @@ def make_recalibrate_step(graphdef: nnx.GraphDef, config: StepConfig) -> Callabl
   statistics enter them once, in step order, as in training).
 
   Re-estimating the running averages this way after :func:`reset_batch_stats` (BN
-  re-estimation, an option beyond the SPEC) makes them depend on the final weights only. It
+  re-estimation, an option beyond the method, docs/model.md §7) makes them depend on the final
+  weights only. It
   matters for binary weights trained online: the running averages mix statistics taken between
   the T updates of every batch, and latent weights near zero flip sign from one update to the
   next, so those averages can describe no single set of weights.

@@ -56,6 +56,14 @@ class MetricWriter:
           self._tb.add_scalar(f"{kind}/{key}/{i + 1}", v, record["step"])
     self._tb.flush()
 
+  def histograms(self, kind: str, values: dict[str, Any], step: int) -> None:
+    """TensorBoard histograms ``kind/name`` of arrays at ``step`` (not in metrics.jsonl)."""
+    if not self.enabled:
+      return
+    for name, array in values.items():
+      self._tb.add_histogram(f"{kind}/{name}", array, step)
+    self._tb.flush()
+
   def write_summary(self, summary: dict[str, Any]) -> None:
     """Writes ``summary.json`` and prints a short table."""
     if not self.enabled:

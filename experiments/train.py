@@ -45,10 +45,13 @@ from experiments.configs import common
 from experiments.metrics import MetricWriter
 
 HARMLESS_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-                 "eval_every_epochs", "progress", "data_dir")
+                 "eval_every_epochs", "progress", "data_dir", "bn_check_batches")
 # Keys added after the first release, with the value that reproduces runs made without them: left
 # out of the fingerprint while they hold it, so that those runs' workdirs still resume.
-ADDED_KEYS = {"model.step_stats": False, "bn_recalibration_batches": 0}
+ADDED_KEYS = {"model.step_stats": False, "bn_recalibration_batches": 0,
+              "model.latent_init": 1e-3, "model.symmetric_init": False,
+              "decay_latent_weights": True,
+              "bn_check_batches": 64}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -159,14 +162,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(given[key], str):
       fail(key, given[key], "a string ('' for the default)")
   for key in ("augment", "nesterov", "mix", "progress", "model.mem_bn", "model.parallel",
-              "model.learnable_lif", "model.step_stats"):
+              "model.learnable_lif", "model.step_stats", "model.symmetric_init",
+              "decay_latent_weights"):
     if not isinstance(given[key], bool):
       fail(key, given[key], "True, False")
   for key in ("time_steps", "batch_size", "epochs", "checkpoint_every_steps",
               "keep_checkpoints", "log_every_steps", "eval_every_epochs"):
     if not _is_int(given[key]) or given[key] < 1:
       fail(key, given[key], "an integer >= 1")
-  for key in ("warmup_epochs", "seed", "bn_recalibration_batches"):
+  for key in ("warmup_epochs", "seed", "bn_recalibration_batches", "bn_check_batches"):
     if not _is_int(given[key]) or given[key] < 0:
       fail(key, given[key], "an integer >= 0")
   if not (_is_real(config.learning_rate) and config.learning_rate > 0):
@@ -207,7 +211,8 @@ def model_options(config: ml_collections.ConfigDict, num_classes: int,
           "stem": m.stem or None, "neuron": m.neuron,
           "weights": m.weights, "mem_bn": m.mem_bn, "parallel": m.parallel,
           "spike_bits": m.spike_bits or None, "seca": m.seca, "learnable_lif": m.learnable_lif,
-          "width": m.width, "step_stats": m.step_stats}
+          "width": m.width, "step_stats": m.step_stats, "latent_init": m.latent_init,
+          "symmetric_init": m.symmetric_init}
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, step_shape: tuple[int, ...]
@@ -293,7 +298,8 @@ class Trainer:
     self.optimizer = training.make_optimizer(momentum=config.momentum,
                                              weight_decay=config.weight_decay,
                                              nesterov=config.nesterov,
-                                             learning_rate=config.learning_rate)
+                                             learning_rate=config.learning_rate,
+                                             decay_latent=config.decay_latent_weights)
     self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
                               axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(self.mesh, P())
@@ -352,40 +358,68 @@ class Trainer:
     epoch, position = divmod(step - 1, self.train_data.batches_per_epoch)
     return next(iter(self.train_data.epoch(epoch, start=position)))
 
+  def reestimated(self, count: int, order: int = 0) -> training.TrainState:
+    """The current state with every BatchNorm running average reset and re-estimated from the
+    first ``count`` training batches (at most one epoch) of epoch ``order``'s order, parameters
+    frozen; ``self.state`` is left as it is."""
+    state = jax.device_put(training.reset_batch_stats(self.graphdef, self.state), self.replicated)
+    for _, (x, _labels) in zip(range(count), self.train_data.epoch(order)):
+      state = self._recalibrate_step(state, *self.global_batch(x))
+    return state
+
   def recalibrate_batch_stats(self) -> None:
     """With ``config.bn_recalibration_batches`` = N > 0: resets every BatchNorm running average
     and re-estimates it from the first N training batches of epoch 0 (at most one epoch) with
     the parameters frozen, so the averages depend on the current weights only. N = 0: nothing."""
-    count = self.config.bn_recalibration_batches
-    if not count:
-      return
-    state = jax.device_put(training.reset_batch_stats(self.graphdef, self.state), self.replicated)
-    for _, (x, _labels) in zip(range(count), self.train_data.epoch(0)):
-      state = self._recalibrate_step(state, *self.global_batch(x))
-    self.state = state
+    if self.config.bn_recalibration_batches:
+      self.state = self.reestimated(self.config.bn_recalibration_batches)
 
-  def evaluate(self) -> dict[str, Any]:
-    """Accuracy at every step, loss, firing rate per layer, learned decay/threshold."""
+  def check_batch_stats(self) -> dict[str, Any] | None:
+    """With ``config.bn_check_batches`` = N > 0: the test accuracy with BatchNorm averages
+    re-estimated from N training batches of another order than :meth:`recalibrate_batch_stats`
+    uses (epoch 1's), computed on a copy; None when N = 0."""
+    count = self.config.bn_check_batches
+    if not count:
+      return None
+    result = self.evaluate(self.reestimated(count, order=1), details=False)
+    return {"accuracy_reestimated": result["accuracy"],
+            "accuracy_per_step_reestimated": result["accuracy_per_step"],
+            "loss_reestimated": result["loss"]}
+
+  def evaluate(self, state: training.TrainState | None = None, *, details: bool = True
+               ) -> dict[str, Any]:
+    """Accuracy at every step, loss, firing rate per layer, learned decay/threshold, of
+    ``state`` (default: the current one); ``details=False`` leaves out the neuron scalars."""
+    state = self.state if state is None else state
     totals = None
     for batch in self.test_data.epoch(0):
       x, y, mask = _batch_parts(batch)
       x, y, mask = self.global_batch(x, y.astype(np.int32), mask.astype(np.float32))
-      out = self._eval_step(self.state, x, y, mask)
+      out = self._eval_step(state, x, y, mask)
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     count = float(totals.count)
     accuracy = [float(c) / count for c in totals.correct]
     rates = {name: float(totals.spikes[name]) / float(totals.elements[name])
              for name in totals.spikes}
-    model = training.merge(self.graphdef, jax.device_get(self.state))
-    return {
+    result = {
         "accuracy_per_step": accuracy,
         "accuracy": accuracy[-1],
         "loss": float(totals.loss) / count,
         "examples": int(count),
         "firing_rate": rates,
-        "neuron_scalars": training.learned_neuron_scalars(model),
     }
+    if details:
+      model = training.merge(self.graphdef, jax.device_get(state))
+      result["neuron_scalars"] = training.learned_neuron_scalars(model)
+    return result
+
+  def weight_statistics(self) -> dict[str, float]:
+    """Flat {``latent_abs_<stat>/<kernel>``: value} of the binary/ternary latent kernels'
+    magnitudes (:func:`empf_jax.training.latent_magnitudes`)."""
+    magnitudes = training.latent_magnitudes(jax.device_get(self.state.params))
+    return {f"latent_abs_{stat}/{name}": value for name, entry in magnitudes.items()
+            for stat, value in entry.items()}
 
   def model_sizes(self) -> dict[str, float]:
     return {"params_mb_paper": accounting.param_megabytes(self.model),
@@ -530,6 +564,10 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
       while step < total:
         epoch, position = divmod(step, per_epoch)
         tick, seen, window = time.perf_counter(), 0, []
+        # Per-kernel code changes and relative update sizes, summed on the device over the epoch
+        # (or since the resumption).
+        changes, counted = None, 0
+        epoch_start = time.perf_counter()
         for x, y in trainer.train_data.epoch(epoch, start=position):
           out, finite = trainer.train_batch(x, y, epoch)
           # Reading the previous step's flag waits for that step only: this one is queued.
@@ -538,13 +576,17 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
           unchecked.append((step, finite))
           seen += len(y) * trainer.process_count
           window.append(out)
+          batch_changes = (out.code_change, out.update_ratio)
+          changes = batch_changes if changes is None else _tree_add(changes, batch_changes)
+          counted += 1
           if step % config.log_every_steps == 0 or step % per_epoch == 0:
             means = jax.device_get(jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *window))
             confirm_finite()
             rate = seen / (time.perf_counter() - tick)
             record = {"step": step, "epoch": epoch, "loss": float(means.loss),
                       "train_accuracy": float(means.accuracy), "images_per_second": rate,
-                      "learning_rate": trainer.learning_rate(epoch)}
+                      "learning_rate": trainer.learning_rate(epoch),
+                      **_prefixed("code_change", means.code_change)}
             writer.write("train", record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
                             img_s=f"{rate:.0f}")
@@ -558,19 +600,52 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
             print(f"\nstopped by signal {interrupt.signal} at step {step}; checkpoint saved, "
                   "rerun with the same --workdir to resume", flush=True)
             return interrupt.signal
+        confirm_finite()
+        train_seconds = time.perf_counter() - epoch_start
+        if counted:
+          code_change, update_ratio = jax.device_get(
+              jax.tree.map(lambda v: v / counted, changes))
+          writer.write("weights", {"step": step, "epoch": epoch, "batches": counted,
+                                   **_prefixed("code_change", code_change),
+                                   **_prefixed("update_ratio", update_ratio),
+                                   **trainer.weight_statistics()})
+          writer.histograms("latent_weights", {
+              name: np.asarray(w) for name, (_, w) in
+              training.quantized_kernels(jax.device_get(trainer.state.params)).items()}, step)
+        tick = time.perf_counter()
         trainer.recalibrate_batch_stats()
+        recalibration_seconds = time.perf_counter() - tick
         save()
         if (epoch + 1) % config.eval_every_epochs == 0 or step == total:
           result = trainer.evaluate()
-          writer.write("eval", {"step": step, "epoch": epoch, "accuracy": result["accuracy"],
-                                "loss": result["loss"],
-                                "accuracy_per_step": result["accuracy_per_step"]})
+          record = {"step": step, "epoch": epoch, "accuracy": result["accuracy"],
+                    "loss": result["loss"], "accuracy_per_step": result["accuracy_per_step"],
+                    "train_seconds": train_seconds,
+                    "recalibration_seconds": recalibration_seconds}
+          check = trainer.check_batch_stats()
+          text = ""
+          if check is not None:
+            record.update(check)
+            record["bn_gap"] = check["accuracy_reestimated"] - result["accuracy"]
+            text = (f"; {100 * check['accuracy_reestimated']:.2f} % with BatchNorm averages "
+                    f"re-estimated from {config.bn_check_batches} batches")
+          writer.write("eval", record)
           bar.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy "
                     f"{100 * result['accuracy']:.2f} % (per step: "
-                    + ", ".join(f"{100 * a:.1f}" for a in result["accuracy_per_step"]) + ")")
+                    + ", ".join(f"{100 * a:.1f}" for a in result["accuracy_per_step"]) + ")"
+                    + text)
     finally:
       bar.close()
   return None
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, float]:
+  """{``prefix/name``: float} of a {name: scalar} dict."""
+  return {f"{prefix}/{name}": float(value) for name, value in values.items()}
 
 
 def _locate_fault(trainer: Trainer, checkpoints: Checkpoints, abstract: Any,

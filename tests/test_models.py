@@ -1,4 +1,4 @@
-"""Networks (SPEC section 3): validation, structure, coverage of every option, and the execution
+"""Networks (docs/model.md §3): validation, structure, coverage of every option, and the execution
 equalities of section 1 and 4 on whole networks (step-by-step == all steps; the online cut).
 
 Networks are width 1/8 with T <= 3 on 16x16 inputs (8x8 for convnet_small). On these tiny programs
@@ -27,7 +27,8 @@ CLASSES = 5
 BATCH = 2
 INPUTS = {"resnet18": (16, 16, 3), "resnet19": (16, 16, 3), "resnet34": (16, 16, 3),
           "vgg11": (16, 16, 3), "vgg13": (16, 16, 3), "vgg_snn": (48, 48, 2),
-          "convnet_small": (8, 8, 1), "mini_resnet": (8, 8, 3), "mlp": (2, 6, 1)}
+          "convnet_small": (8, 8, 1), "convnet28": (28, 28, 1), "mini_resnet": (8, 8, 3),
+          "mlp": (2, 6, 1)}
 
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -186,6 +187,19 @@ def test_convnet_small_structure():
   assert model.fc.kernel.shape == (64, 10)
 
 
+def test_convnet28_structure_and_input_size():
+  model = _abstract("convnet28", num_classes=10, in_channels=1)
+  assert [_kernel(u.conv) for u in model.units] == [((3, 3, 1, 32), FloatWeight),
+                                                    ((3, 3, 32, 64), BinaryWeight),
+                                                    ((3, 3, 64, 128), BinaryWeight)]
+  assert model.plan == (32, "M", 64, "M", 128)
+  assert model.fc.kernel.shape == (7 * 7 * 128, 10)
+  small = models.create("convnet28", num_classes=3, time_steps=1, in_channels=1, width=WIDTH)
+  with pytest.raises(ValueError, match=r"reaches the classifier as 8x8 maps; this network "
+                     r"flattens 7x7 maps \(inputs of 28x28 pixels\)"):
+    small(jnp.zeros((1, 1, 32, 32, 1)))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet34"])
 def test_parallel_replaces_exactly_the_second_neuron_of_each_block(name):
   model = _abstract(name, parallel=True, spike_bits=4)
@@ -273,7 +287,7 @@ def _block_and_equations(graphdef, state, x, variant):
 @pytest.mark.parametrize("seca,cout,stride,variant", [(0, 8, 1, 0), (1, 8, 1, 1), (2, 8, 1, 2),
                                                       (2, 16, 2, 1)])
 def test_basic_block_equations(seca, cout, stride, variant):
-  # SPEC section 3; SECA-II falls back to SECA-I where the channels change.
+  # docs/model.md §3; SECA-II falls back to SECA-I where the channels change.
   opts = models.NetOptions(time_steps=2, seca=seca, symmetric_init=True)
   block = testing.randomize(models.BasicBlock(8, cout, stride, opts, rngs=_rngs(seca)),
                             jax.random.key(seca), kernels=True)
@@ -297,7 +311,7 @@ def _unit(unit, x):
 
 
 def _by_hand(kind, model, x):
-  """The network of SPEC section 3 composed from the model's own submodules."""
+  """The network of docs/model.md §3 composed from the model's own submodules."""
   if kind == "mini_resnet":
     h = model.stem.bn(model.stem.conv(x), train=False)
     for block in model.blocks:

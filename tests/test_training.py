@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from empf_jax import models, testing, training
+from empf_jax import layers, models, testing, training
 
 T = 3
 BATCH = 8
@@ -293,3 +293,74 @@ def test_batch_norm_recalibration_depends_on_the_weights_only():
   chex.assert_trees_all_close(results[0], results[1], atol=1e-6)
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), results[0], state.rest))
   assert any(changed)
+
+
+def test_code_change_counts_sign_flips_and_ternary_code_changes():
+  # Binary: sign(0) = +1, so 0.0 -> -0.1 is a flip and 0.5 -> 0.4 is not: 2 of 4 change.
+  old = jnp.array([[0.5, -0.2], [0.0, 0.3]])
+  new = jnp.array([[0.4, 0.1], [-0.1, 0.3]])
+  assert float(training.code_change_fraction(old, new, "binary")) == 0.5
+  assert float(training.code_change_fraction(old, old, "binary")) == 0.0
+  # Ternary: Delta = 0.7 mean|W_c|; old codes [1, -1, 0, 0] (Delta 0.3675), new codes
+  # [1, 1, -1, 0] (Delta 0.42): positions 1 and 2 change.
+  old_t = jnp.array([1.0, -1.0, 0.1, 0.0])
+  new_t = jnp.array([1.0, 0.5, -0.9, 0.0])
+  np.testing.assert_array_equal(training.weight_codes(old_t, "ternary"), [1, -1, 0, 0])
+  np.testing.assert_array_equal(training.weight_codes(new_t, "ternary"), [1, 1, -1, 0])
+  assert float(training.code_change_fraction(old_t, new_t, "ternary")) == 0.5
+  with pytest.raises(ValueError, match="kind='float' is not allowed"):
+    training.weight_codes(old_t, "float")
+
+
+def test_train_step_reports_code_changes_of_every_binary_kernel():
+  # Random-step and BPTT make one update per batch: the reported fraction is the one computed by
+  # hand from the kernels before and after it. Online reports the mean over its T updates.
+  x, labels = batch()
+  for mode in ("random_step", "bptt", "online"):
+    model = tiny_model()
+    for _, variable in nnx.iter_graph(model):  # latent weights near zero, so that signs flip
+      if isinstance(variable, layers.BinaryWeight):
+        variable[...] = 0.03 * variable[...]
+    optimizer = training.make_optimizer(learning_rate=0.05)
+    graphdef, state = training.create_train_state(model, optimizer)
+    step = jax.jit(training.make_train_step(graphdef, optimizer, training.StepConfig(
+        mode=mode, time_steps=T, num_classes=CLASSES)))
+    new_state, out = step(state, x, labels, jnp.float32(0.05), jax.random.key(0))
+    kernels = training.quantized_kernels(state.params)
+    assert set(out.code_change) == set(kernels) == set(out.update_ratio)
+    assert kernels and all(kind == "binary" for kind, _ in kernels.values())
+    for name, (kind, before) in kernels.items():
+      after = training.quantized_kernels(new_state.params)[name][1]
+      by_hand = float(training.code_change_fraction(before, after, kind))
+      ratio = float(jnp.linalg.norm(after - before) / jnp.linalg.norm(before))
+      if mode == "online":
+        assert 0.0 < float(out.code_change[name]) and float(out.update_ratio[name]) > 0
+      else:
+        assert by_hand > 0
+        np.testing.assert_allclose(float(out.code_change[name]), by_hand, rtol=1e-6)
+        np.testing.assert_allclose(float(out.update_ratio[name]), ratio, rtol=1e-5)
+
+
+def test_latent_weight_decay_can_be_left_out():
+  model = tiny_model()
+  optimizer = training.make_optimizer(decay_latent=False, learning_rate=1.0, momentum=0.0,
+                                      nesterov=False)
+  _, state = training.create_train_state(model, optimizer)
+  zero = jax.tree.map(jnp.zeros_like, state.params)
+  updates, _ = optimizer.update(zero, state.opt_state, state.params)
+  latent = training.quantized_kernels(updates)
+  assert latent and all(not np.any(np.asarray(w)) for _, w in latent.values())
+  floats = [v for path, v in nnx.to_flat_state(updates)
+            if path[-1] == "kernel" and type(v).__name__ == "FloatWeight"]
+  assert floats and all(np.any(np.asarray(v.get_value())) for v in floats)
+
+
+def test_latent_magnitudes_quantiles():
+  model = models.create("convnet_small", num_classes=CLASSES, time_steps=T, in_channels=1,
+                        width=1 / 8)
+  _, state = training.create_train_state(model, training.make_optimizer())
+  stats = training.latent_magnitudes(state.params)
+  assert set(stats) == set(training.quantized_kernels(state.params))
+  for entry in stats.values():
+    assert 0 <= entry["p1"] <= entry["p50"] <= entry["p99"] < 1e-3  # uniform in [0, 1e-3)
+    assert entry["clipped"] == 0.0

@@ -18,6 +18,9 @@ def get_config(variant: str = "default"):
   c.model.name = "mlp"
   c.model.width = 2.0
   c.model.step_stats = True
+  c.batch_size = 64
+  c.epochs = 10
   c.learning_rate = 0.05
   c.warmup_epochs = 0
+  c.checkpoint_every_steps = 500
   return c
