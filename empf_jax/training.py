@@ -158,13 +158,15 @@ def epoch_learning_rate(epoch: int | jax.Array, *, base: float = 0.01, epochs: i
 
     lr(e) = base * (w0 + (1 - w0) e / E_w)                  for e < E_w
     lr(e) = base * (1 + cos(pi (e - E_w) / (E - E_w))) / 2  otherwise
+
+  An ``optax`` schedule evaluated at the epoch index (not at the update count), so the rate does
+  not depend on how many updates a batch makes.
   """
-  epoch = jnp.asarray(epoch, jnp.float32)
-  warm = base * (warmup_start + (1.0 - warmup_start) * epoch / max(warmup_epochs, 1))
-  span = max(epochs - warmup_epochs, 1)
-  progress = jnp.clip((epoch - warmup_epochs) / span, 0.0, 1.0)
-  cosine = base * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-  return jnp.where(epoch < warmup_epochs, warm, cosine)
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(base * warmup_start, base, max(warmup_epochs, 1)),
+       optax.cosine_decay_schedule(base, max(epochs - warmup_epochs, 1))],
+      boundaries=[warmup_epochs])
+  return schedule(jnp.asarray(epoch, jnp.int32))
 
 
 def create_train_state(model: SpikingNetwork, optimizer: optax.GradientTransformation
