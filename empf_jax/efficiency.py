@@ -39,6 +39,11 @@ Two columns:
   as they count it.
 * **full**: every synaptic operation at its AC or MAC price (stem, shortcuts, heads included), plus
   the neuron operations and SECA; no 4-bit discount.
+
+A deployed network is counted by the same rules, per example and step, from the inputs and
+membranes its own runner computes (:func:`step_operations`, a probe of
+:func:`empf_jax.deploy.run` and :func:`empf_jax.deploy.run_early_exit`): with early exit an
+example's operations and energy are the sums over the steps it ran.
 """
 
 from __future__ import annotations
@@ -46,15 +51,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from empf_jax import deploy, ops
-from empf_jax.layers import (SECA, SECA_TAPS, Dense, EMPFNeuron, LIFNeuron, Neuron, QConv,
-                             set_recording)
+from empf_jax.layers import SECA, SECA_TAPS, Dense, Neuron, QConv, set_recording
 from empf_jax.models import SpikingNetwork
 from empf_jax.quantize import ternary_codes
 
@@ -167,13 +171,17 @@ class Report:
   @property
   def energy_authors_pj(self) -> float:
     """SOPs x 0.9 pJ, divided by 8 with 4-bit spikes (the authors' convention)."""
-    factor = FOUR_BIT_FACTOR if self.spike_bits == 4 else 1.0
-    return self.sops * AC_ENERGY_PJ * factor
+    return authors_energy_pj(self.sops, self.spike_bits)
 
   @property
   def energy_full_pj(self) -> float:
     """Every synaptic operation at its price, plus neuron operations and SECA."""
     return sum(layer.energy_pj for layer in (*self.synaptic, *self.neurons, *self.attention))
+
+
+def authors_energy_pj(sops: Any, spike_bits: int | None) -> Any:
+  """The authors' energy: SOPs x 0.9 pJ, x 1/8 with 4-bit spikes."""
+  return sops * AC_ENERGY_PJ * (FOUR_BIT_FACTOR if spike_bits == 4 else 1.0)
 
 
 def recorded_run(model: SpikingNetwork, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -218,16 +226,33 @@ def conv_synaptic_ops(inputs: jax.Array, weights_nonzero: jax.Array, stride: int
   Returns:
     The total over the batch (a float32 scalar).
   """
-  mask = (inputs != 0) if sparse else jnp.ones(inputs.shape, bool)
-  mask = mask.astype(jnp.float32)
-  reached = ops.fold_time(mask, lambda m: ops.conv2d(m, weights_nonzero, stride, padding))
-  return jnp.sum(reached)
+  return jnp.sum(ops.fold_time(inputs, lambda x: conv_synaptic_ops_per_example(
+      x, weights_nonzero, stride, padding, sparse=sparse)))
+
+
+def conv_synaptic_ops_per_example(inputs: jax.Array, weights_nonzero: jax.Array, stride: int,
+                                  padding: int, *, sparse: bool = True) -> jax.Array:
+  """The operations of one step per example: inputs [B, H, W, C_in] -> [B].
+
+  sum_{h, w, o} conv(1[x != 0], 1[W != 0])[h, w, o] = sum_{h, w} conv(1[x != 0], n)[h, w], with
+  n[a, b, c] = sum_o 1[W[a, b, c, o] != 0]: the sum over output channels is taken on the kernel,
+  so the count costs a convolution with one output channel.
+  """
+  mask = ((inputs != 0) if sparse else jnp.ones(inputs.shape, bool)).astype(jnp.float32)
+  fanout = jnp.sum(weights_nonzero, axis=-1, keepdims=True)
+  return jnp.sum(ops.conv2d(mask, fanout, stride, padding), axis=(1, 2, 3))
 
 
 def dense_synaptic_ops(inputs: jax.Array, out_features: int, *, sparse: bool = True) -> jax.Array:
   """sum over steps and inputs of 1[x != 0] * out_features (every input when not sparse)."""
-  count = jnp.sum(inputs != 0) if sparse else inputs.size
-  return jnp.asarray(count, jnp.float32) * out_features
+  return jnp.sum(dense_synaptic_ops_per_example(inputs, out_features, sparse=sparse))
+
+
+def dense_synaptic_ops_per_example(inputs: jax.Array, out_features: int, *,
+                                   sparse: bool = True) -> jax.Array:
+  """1[x != 0] * out_features summed over the last axis of inputs [..., F] -> [...]."""
+  count = jnp.sum(inputs != 0, axis=-1) if sparse else jnp.full(inputs.shape[:-1], inputs.shape[-1])
+  return count.astype(jnp.float32) * out_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,9 +263,8 @@ class _Synapse:
   op: str
 
 
-def _synapses(model: SpikingNetwork) -> list[_Synapse]:
+def _synapses(layout: deploy.ResNetLayout | deploy.PlainLayout) -> list[_Synapse]:
   """Every conv/FC layer with what feeds it, read from the deployed layout."""
-  layout = deploy.layout_of(model)
 
   def conv(spec: deploy.ConvSpec, source: str) -> _Synapse:
     return _Synapse(spec.name, "conv", source, "MAC" if spec.weights == "float" else "AC")
@@ -264,12 +288,9 @@ def _synapses(model: SpikingNetwork) -> list[_Synapse]:
   return out
 
 
-def _neuron_kind(neuron: Neuron) -> str:
-  if isinstance(neuron, LIFNeuron):
-    return "lif"
-  if isinstance(neuron, EMPFNeuron):
-    return "empf+mem_bn" if neuron.mem_bn is not None else "empf"
-  return "parallel"
+def neuron_kind(spec: deploy.NeuronSpec) -> str:
+  """The key of :data:`NEURON_OPS` for a neuron layer."""
+  return "empf+mem_bn" if spec.mem_bn else spec.kind
 
 
 def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
@@ -300,7 +321,7 @@ def _batch_counts(model: SpikingNetwork, x: jax.Array) -> dict[str, dict[str, ja
   _, recorded = recorded_run(model, x)
   modules = _modules(model)
   counts = {}
-  for synapse in _synapses(model):
+  for synapse in _synapses(deploy.layout_of(model)):
     inputs, module = recorded[synapse.name], modules[synapse.name]
     sparse = synapse.source == "spikes"
     if synapse.kind == "conv":
@@ -362,27 +383,93 @@ def measure(model: SpikingNetwork, batches: Iterable[jax.Array]) -> Report:
 
 def _report(model: SpikingNetwork, totals: dict[str, dict[str, float]], samples: int,
             steps: int) -> Report:
+  layout = deploy.layout_of(model)
+  specs = deploy.layer_specs(layout)
   synaptic = tuple(
       SynapticLayer(s.name, s.kind, s.source, s.op,
                     totals[s.name]["nonzero"] / totals[s.name]["size"],
                     totals[s.name]["ops"] / samples)
-      for s in _synapses(model))
+      for s in _synapses(layout))
   neuron_layers, attention, spike_bits = [], [], None
   for name, module in _modules(model).items():
     layer = totals.get(name)
     if isinstance(module, Neuron):
-      kind = _neuron_kind(module)
+      spec = specs[name]
+      kind = neuron_kind(spec)
       muls, adds = NEURON_OPS[kind]
       updates = layer["size"] / samples  # neuron updates per sample over all steps
       neuron_layers.append(NeuronLayer(name, kind, round(updates / steps),
                                        layer["nonzero"] / layer["size"],
                                        muls * updates, adds * updates))
-      spike_bits = getattr(module, "spike_bits", None) or spike_bits
+      spike_bits = spec.spike_bits or spike_bits
     elif isinstance(module, SECA):
       elements = layer["elements"] / samples
       attention.append(AttentionLayer(name, macs=layer["macs"] / samples, muls=elements,
                                       adds=elements))
   return Report(samples, steps, spike_bits, synaptic, tuple(neuron_layers), tuple(attention))
+
+
+def spike_bits_of(arch: deploy.Architecture) -> int | None:
+  """The spike code of a deployed network's neurons (4 or None), for the authors' discount."""
+  return next((spec.spike_bits for spec in deploy.layer_specs(arch.layout).values()
+               if isinstance(spec, deploy.NeuronSpec) and spec.spike_bits), None)
+
+
+def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
+                    record: deploy.StepRecord) -> dict[str, jax.Array]:
+  """The operations and energy of one step of a deployed network, per example.
+
+  A probe for :func:`empf_jax.deploy.run` and :func:`empf_jax.deploy.run_early_exit`: the
+  conventions of :func:`measure` (module docstring) applied to the layer inputs and membranes
+  the deployed runner computed at this step, with 1[W != 0] from the unpacked kernels (ternary
+  zeros skipped, every binary and float weight counted).
+
+  Args:
+    arch: the deployed network's architecture.
+    kernels: its unpacked convolution kernels (+-1 signs, ternary codes or float).
+    record: what the step computed (batch B).
+
+  Returns:
+    Per example [B] (float32): ``sops``, ``acs``, ``macs`` (synaptic), ``neuron_muls``,
+    ``neuron_adds`` and the two energies ``energy_authors_pj`` and ``energy_full_pj`` (SECA
+    included in the full one), the keys of the efficiency report's totals.
+  """
+  specs = deploy.layer_specs(arch.layout)
+  batch = record.logits.shape[0]
+  zero = jnp.zeros(batch, jnp.float32)
+  sops, acs, macs = zero, zero, zero
+  for synapse in _synapses(arch.layout):
+    spec, inputs = specs[synapse.name], record.inputs[synapse.name]
+    sparse = synapse.source == "spikes"
+    if synapse.kind == "conv":
+      nonzero = (kernels[spec.name] != 0 if spec.weights == "ternary"
+                 else jnp.ones(spec.kernel_shape, bool)).astype(jnp.float32)
+      count = conv_synaptic_ops_per_example(inputs, nonzero, spec.stride, spec.padding,
+                                            sparse=sparse)
+    else:
+      count = dense_synaptic_ops_per_example(inputs.reshape(batch, -1), spec.out_features,
+                                             sparse=sparse)
+    sops = sops + count if sparse else sops
+    if synapse.op == "AC":
+      acs = acs + count
+    else:
+      macs = macs + count
+  muls, adds = zero, zero
+  for name, membrane in record.membranes.items():
+    per_neuron = NEURON_OPS[neuron_kind(specs[name])]
+    neurons = math.prod(membrane.shape[1:])
+    muls, adds = muls + per_neuron[0] * neurons, adds + per_neuron[1] * neurons
+  seca = 0.0
+  for name, inputs in record.inputs.items():
+    if name not in specs:  # a SECA gate: pooling additions, 5-tap MACs, gate multiplies
+      elements, channels = math.prod(inputs.shape[1:]), inputs.shape[-1]
+      seca += (elements * (AC_ENERGY_PJ + MUL_ENERGY_PJ)
+               + SECA_TAPS * channels * MAC_ENERGY_PJ)
+  full = (acs * AC_ENERGY_PJ + macs * MAC_ENERGY_PJ + muls * MUL_ENERGY_PJ + adds * AC_ENERGY_PJ
+          + seca)
+  return {"sops": sops, "acs": acs, "macs": macs, "neuron_muls": muls, "neuron_adds": adds,
+          "energy_authors_pj": authors_energy_pj(sops, spike_bits_of(arch)),
+          "energy_full_pj": full}
 
 
 def _fmt(value: float) -> str:
