@@ -2,7 +2,7 @@
 
     python -m experiments.deploy --workdir=DIR --out=FILE [--report_dir=DIR] [--report_batches=N]
     python -m experiments.deploy --bundle=FILE --evaluate [--dataset=NAME] [--data_dir=DIR]
-        [--batch_size=N] [--report_dir=DIR]
+        [--batch_size=N] [--report_dir=DIR] [--exit=RULE:THRESHOLD] [--exit_sweep]
 
 Export reads ``DIR/config.json``, rebuilds the network, restores the newest readable checkpoint of
 ``DIR/checkpoints``, folds it (:func:`empf_jax.deploy.deploy`: BatchNorm and Mem-BN folded, binary
@@ -15,12 +15,24 @@ computes the same spikes, so its firing rates and operation counts are the same.
 
 Evaluate runs the bundle alone (:func:`empf_jax.deploy.run`, no training code) on the test split
 of its dataset (``--dataset``, else the one named in ``FILE.json``) and reports the accuracy at
-every time step t, predicting argmax_k sum_{tau <= t} f_tau(x)_k as the training evaluation does;
-the figures go to stdout and ``evaluation.json`` in the report folder.
+every time step t, predicting argmax_k sum_{tau <= t} f_tau(x)_k as the training evaluation does,
+and the operations and energy per example of the deployed runner over all T steps
+(:func:`empf_jax.efficiency.step_operations`); the figures go to stdout and ``evaluation.json`` in
+the report folder.
+
+Early exit: ``--exit=softmax:0.9`` or ``--exit=margin:2`` runs every example until the rule fires
+(:func:`empf_jax.deploy.run_early_exit`, T the ceiling) and reports its accuracy, mean steps,
+the fraction of examples stopping at each step and the operations and energy counted over the
+steps each example ran. ``--exit_sweep`` evaluates the rules of :data:`SWEEP` from one run of all
+T steps (an example's exit step, prediction and counts up to that step are those the runner would
+stop with: later steps change none of them) and writes ``exit_sweep.md``, ``.json`` and ``.png``
+(:func:`experiments.report.write_exit_report`): accuracy against mean steps and against energy,
+with the all-steps point.
 
 Errors are one line on stderr starting with ``error:``; the exit code is 2 for a missing workdir,
 config or checkpoint, an unreadable or corrupted bundle (the :class:`empf_jax.bundle.BundleError`
-message), an unknown dataset or one that does not fit the bundle, and bad flags.
+message), an unknown dataset or one that does not fit the bundle, and bad flags (an ``--exit``
+value names what is allowed).
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from empf_jax import accounting, bundle, deploy, models, training
+from empf_jax import accounting, bundle, deploy, efficiency, models, training
 from experiments import input as data_input
 from experiments import report, train
 from experiments.checkpoint import CheckpointError, Checkpoints
@@ -47,6 +59,12 @@ EXIT_USAGE = 2
 SIDECAR_SUFFIX = ".json"
 EVALUATION = "evaluation.json"
 DEFAULT_EVAL_BATCH = 100
+# Exit rules of --exit_sweep: softmax confidences from 0.3 to near certainty (training's label
+# smoothing of 0.1 puts a well-trained network's confidence near 0.9, so few examples pass 0.95),
+# and margins of the mean logits from a quarter of a unit to eight.
+SWEEP = tuple(deploy.ExitRule("softmax", p)
+              for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)) + \
+    tuple(deploy.ExitRule("margin", m) for m in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8))
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export (with --out).")
 _OUT = flags.DEFINE_string("out", None, "Bundle file to write (with --workdir).")
@@ -61,6 +79,13 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", DEFAULT_EVAL_BATCH,
 _REPORT_DIR = flags.DEFINE_string(
     "report_dir", None, "Folder for the efficiency report (export) or evaluation.json "
     "(evaluate); default: the bundle's folder.")
+_EXIT = flags.DEFINE_string(
+    "exit", None, "Early exit with --evaluate: softmax:P (stop once the top softmax "
+    "probability of the mean output reaches P, 0 < P <= 1) or margin:M (top-1 minus top-2 of "
+    "the mean output >= M >= 0).")
+_EXIT_SWEEP = flags.DEFINE_bool(
+    "exit_sweep", False, "With --evaluate: accuracy, steps and energy of the exit rules of "
+    "SWEEP, written as exit_sweep.md/.json/.png into the report folder.")
 _REPORT_BATCHES = flags.DEFINE_integer(
     "report_batches", 4, "Test batches the efficiency report measures.", lower_bound=1)
 
@@ -209,28 +234,110 @@ def check_fits(arch: deploy.Architecture, test: data_input.Batches, dataset: str
                        f"{arch.name} has {key}={arch.option(key)}")
 
 
-def evaluate_bundle(deployed: deploy.Deployed, test: data_input.Batches) -> dict[str, Any]:
-  """Accuracy of a deployed network at every time step on an evaluation pipeline.
+class _ExitTally:
+  """Accumulates, over evaluation batches, what examples stopping at chosen steps achieve."""
+
+  def __init__(self, rule: deploy.ExitRule | None, time_steps: int):
+    self.rule = rule
+    self.correct = self.count = 0
+    self.stopped = np.zeros(time_steps, np.int64)  # examples stopping at t = 1..T
+    self.operations: dict[str, float] = {}
+
+  def add(self, predictions: Any, steps: Any, operations: dict[str, Any], y: np.ndarray) -> None:
+    """One batch: per example its prediction, steps run and operations over those steps."""
+    keep = data_input.valid_mask(y)
+    self.correct += int(np.sum((np.asarray(predictions) == y) & keep))
+    self.count += int(keep.sum())
+    self.stopped += np.bincount(np.asarray(steps)[keep] - 1, minlength=len(self.stopped))
+    for key, value in operations.items():
+      self.operations[key] = self.operations.get(key, 0.0) + float(np.sum(np.asarray(value)[keep]))
+
+  def result(self) -> dict[str, Any]:
+    """Accuracy, mean steps, the fraction stopping at each step, and per-example operations."""
+    steps = np.arange(1, len(self.stopped) + 1)
+    return {"rule": None if self.rule is None else self.rule.kind,
+            "threshold": None if self.rule is None else self.rule.threshold,
+            "accuracy": self.correct / self.count,
+            "mean_steps": float(self.stopped @ steps) / self.count,
+            "stopped_per_step": [float(n) / self.count for n in self.stopped],
+            **{key: value / self.count for key, value in self.operations.items()}}
+
+
+def _up_to(per_step: dict[str, np.ndarray], steps: np.ndarray) -> dict[str, np.ndarray]:
+  """Per example, the sum of per-step values [S, B] over its first ``steps`` steps."""
+  return {key: np.take_along_axis(np.cumsum(value, axis=0), steps[None] - 1, axis=0)[0]
+          for key, value in per_step.items()}
+
+
+def evaluate_bundle(deployed: deploy.Deployed, test: data_input.Batches, *,
+                    exit_rule: deploy.ExitRule | None = None,
+                    sweep: tuple[deploy.ExitRule, ...] = ()) -> dict[str, Any]:
+  """Accuracy and counted operations of a deployed network on an evaluation pipeline.
 
   Prediction at step t: argmax_k sum_{tau <= t} f_tau(x)_k; padding examples (label -1) are left
-  out.
+  out. Operations and energies are per example, from :func:`empf_jax.efficiency.step_operations`.
+
+  Args:
+    deployed: the deployed network.
+    test: the evaluation pipeline.
+    exit_rule: also run :func:`empf_jax.deploy.run_early_exit` with this rule (key
+      ``early_exit``).
+    sweep: rules evaluated from the all-steps run with :func:`empf_jax.deploy.exit_steps` (key
+      ``exit_sweep``, the all-steps point first).
   """
   steps = deployed.arch.time_steps
-  correct, count = np.zeros(steps, np.int64), 0
+  correct = np.zeros(steps, np.int64)
+  tallies = [_ExitTally(rule, steps) for rule in (None, *sweep)]
+  early = None if exit_rule is None else _ExitTally(exit_rule, steps)
   for x, y in test.epoch(0):
     x_seq = training.time_major(x, steps, static=not test.time_major)
-    logits = np.asarray(deploy.run(deployed, x_seq))
-    predictions = np.argmax(np.cumsum(logits, axis=0), axis=-1)
+    logits, per_step = jax.device_get(
+        deploy.run(deployed, x_seq, probe=efficiency.step_operations))
     keep = data_input.valid_mask(y)
+    predictions = np.argmax(np.cumsum(logits, axis=0), axis=-1)
     correct += np.sum((predictions == y[None]) & keep[None], axis=1)
-    count += int(keep.sum())
+    for tally in tallies:
+      stop, predicted = jax.device_get(deploy.exit_steps(logits, tally.rule))
+      tally.add(predicted, stop, _up_to(per_step, stop), y)
+    if early is not None:
+      result = jax.device_get(deploy.run_early_exit(deployed, x_seq, exit_rule,
+                                                    probe=efficiency.step_operations))
+      early.add(result.predictions, result.steps, result.totals, y)
+  count = tallies[0].count
   accuracy = [float(c) / count for c in correct]
-  return {"accuracy": accuracy[-1], "accuracy_per_step": accuracy, "examples": count}
+  out = {"accuracy": accuracy[-1], "accuracy_per_step": accuracy, "examples": count,
+         "operations": {key: value / count for key, value in tallies[0].operations.items()}}
+  if early is not None:
+    out["early_exit"] = early.result()
+  if sweep:
+    out["exit_sweep"] = [tally.result() for tally in tallies]
+  return out
+
+
+def _exit_line(result: dict[str, Any]) -> str:
+  stopped = ", ".join(f"{100 * f:.1f}" for f in result["stopped_per_step"])
+  return (f"accuracy {100 * result['accuracy']:.2f} %, mean steps {result['mean_steps']:.3f} "
+          f"(% stopping at t = 1..T: {stopped}), energy per example "
+          f"{result['energy_authors_pj'] / 1e6:.4g} uJ (authors) / "
+          f"{result['energy_full_pj'] / 1e6:.4g} uJ (full)")
+
+
+def parse_exit(text: str | None) -> deploy.ExitRule | None:
+  """The rule of ``--exit`` (None when not given); a bad value is a :class:`UsageError`."""
+  if text is None:
+    return None
+  try:
+    return deploy.ExitRule.parse(text)
+  except ValueError as error:
+    raise UsageError(f"--exit={text}: {error}") from None
 
 
 def evaluate(path: str, *, dataset: str | None, data_dir: str | None, batch_size: int,
-             report_dir: str | None) -> dict[str, Any]:
-  """Evaluates the bundle file ``path`` on the test split; returns what evaluation.json holds."""
+             report_dir: str | None, exit_rule: deploy.ExitRule | None = None,
+             exit_sweep: bool = False) -> dict[str, Any]:
+  """Evaluates the bundle file ``path`` on the test split; returns what evaluation.json holds
+  (with ``exit_rule`` and ``exit_sweep`` as in :func:`evaluate_bundle`, the sweep with
+  :data:`SWEEP`, its report written next to evaluation.json)."""
   deployed, sidecar = read_bundle(path)
   dataset = dataset or sidecar.get("dataset")
   if not dataset:
@@ -241,7 +348,8 @@ def evaluate(path: str, *, dataset: str | None, data_dir: str | None, batch_size
   test = _test_split(dataset, batch_size=batch_size, data_dir=data_dir)
   check_fits(deployed.arch, test, dataset)
   start = time.perf_counter()
-  result = evaluate_bundle(deployed, test)
+  result = evaluate_bundle(deployed, test, exit_rule=exit_rule,
+                           sweep=SWEEP if exit_sweep else ())
   result.update({"bundle": os.path.abspath(path), "dataset": dataset,
                  "bundle_bytes": os.path.getsize(path),
                  "seconds": round(time.perf_counter() - start, 3)})
@@ -251,6 +359,15 @@ def evaluate(path: str, *, dataset: str | None, data_dir: str | None, batch_size
         f"accuracy at t = T: {100 * result['accuracy']:.2f} %")
   print("accuracy at each step: " + ", ".join(
       f"t={t + 1}: {100 * a:.2f} %" for t, a in enumerate(result["accuracy_per_step"])))
+  operations = result["operations"]
+  print(f"all T steps: energy per example {operations['energy_authors_pj'] / 1e6:.4g} uJ "
+        f"(authors) / {operations['energy_full_pj'] / 1e6:.4g} uJ (full)")
+  if exit_rule is not None:
+    print(f"early exit {exit_rule}: " + _exit_line(result["early_exit"]))
+  if exit_sweep:
+    report.write_exit_report(result["exit_sweep"], folder,
+                             title=f"{deployed.arch.name} on {dataset}")
+    print(f"exit sweep ({len(SWEEP)} rules) in {os.path.join(folder, report.EXIT_MARKDOWN)}")
   return result
 
 
@@ -274,16 +391,20 @@ def main(argv: list[str]) -> int:
     _fail("give either --workdir=DIR --out=FILE (export) or --bundle=FILE --evaluate "
           "(evaluate)")
   try:
+    exit_rule = parse_exit(_EXIT.value)
     if exporting:
       if _WORKDIR.value is None or _OUT.value is None:
         raise UsageError("export needs both --workdir=DIR and --out=FILE")
+      if exit_rule is not None or _EXIT_SWEEP.value:
+        raise UsageError("--exit and --exit_sweep go with --bundle=FILE --evaluate")
       export(_WORKDIR.value, _OUT.value, report_dir=_REPORT_DIR.value,
              report_batches=_REPORT_BATCHES.value)
     else:
       if _BUNDLE.value is None or not _EVALUATE.value:
         raise UsageError("evaluation needs both --bundle=FILE and --evaluate")
       evaluate(_BUNDLE.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
-               batch_size=_BATCH_SIZE.value, report_dir=_REPORT_DIR.value)
+               batch_size=_BATCH_SIZE.value, report_dir=_REPORT_DIR.value, exit_rule=exit_rule,
+               exit_sweep=_EXIT_SWEEP.value)
   except UsageError as error:
     _fail(str(error))
   return 0

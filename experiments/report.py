@@ -1,4 +1,5 @@
-"""The efficiency report of a trained network: a Markdown table, a JSON record and a bar plot.
+"""The efficiency report of a trained network (a Markdown table, a JSON record and a bar plot), and
+the early-exit report of a deployed one.
 
 :func:`write_efficiency_report` runs :func:`empf_jax.efficiency.measure` on evaluation batches and
 writes three files into a folder:
@@ -18,6 +19,11 @@ energy columns (45 nm: 0.9 pJ per AC, 4.6 pJ per MAC):
 
 SOPs are the operations of the layers fed by spikes, each an AC or a MAC by the layer's weights, so
 ``ACs + MACs`` counts every synaptic operation and SOPs are a part of it.
+
+:func:`write_exit_report` writes ``exit_sweep.md``, ``.json`` and ``.png``: for every exit rule of
+a sweep (``python -m experiments.deploy --evaluate --exit_sweep``), the accuracy, mean steps, the
+fraction of examples stopping at each step and both energies per example, counted over the steps
+each example ran, with the all-steps run as the reference.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ MARKDOWN = "efficiency.md"
 JSON = "efficiency.json"
 PLOT = "efficiency.png"
 DEFAULT_MAX_BATCHES = 4
+EXIT_MARKDOWN = "exit_sweep.md"
+EXIT_JSON = "exit_sweep.json"
+EXIT_PLOT = "exit_sweep.png"
 
 _MICRO = 1e-6
 
@@ -260,3 +269,61 @@ def write_efficiency_report(model: SpikingNetwork,
   _atomic_write(os.path.join(workdir, JSON), json.dumps(result, indent=2) + "\n")
   plot(rows, os.path.join(workdir, PLOT))
   return result
+
+
+def _rule_name(row: dict[str, Any]) -> str:
+  return "all steps" if row["rule"] is None else f"{row['rule']}:{row['threshold']:g}"
+
+
+def exit_markdown(rows: list[dict[str, Any]], title: str) -> str:
+  """The sweep as a Markdown table; ``rows`` as :func:`experiments.deploy.evaluate_bundle`'s
+  ``exit_sweep`` (the all-steps row has rule None)."""
+  steps = len(rows[0]["stopped_per_step"])
+  lines = [f"# Early exit: {title}", "",
+           f"Per test example, T = {steps} steps at most; operations and energy counted over the "
+           "steps each example ran (deployed runner, efficiency conventions). Rules act on the "
+           "mean output c_t / t: softmax = top softmax probability >= threshold, margin = top-1 "
+           "minus top-2 >= threshold.", "",
+           "| rule | accuracy (%) | mean steps | stopping at t = 1..T (%) | SOPs (M) | "
+           "energy, authors (uJ) | energy, full (uJ) |", "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    stopped = ", ".join(f"{100 * f:.1f}" for f in row["stopped_per_step"])
+    lines.append(f"| {_rule_name(row)} | {100 * row['accuracy']:.2f} | {row['mean_steps']:.3f} | "
+                 f"{stopped} | {_fmt(row['sops'], _MICRO)} | "
+                 f"{_fmt(row['energy_authors_pj'], _MICRO)} | "
+                 f"{_fmt(row['energy_full_pj'], _MICRO)} |")
+  return "\n".join(lines) + "\n"
+
+
+def exit_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+  """Writes a PNG: accuracy against mean steps, authors' energy and full energy per example, one
+  line per rule family, the all-steps run as a star."""
+  figure = Figure(figsize=(13, 4), layout="constrained")
+  axes = figure.subplots(1, 3, sharey=True)
+  reference = next(row for row in rows if row["rule"] is None)
+  columns = (("mean_steps", "mean steps per example", 1.0),
+             ("energy_authors_pj", "energy per example, authors (uJ)", _MICRO),
+             ("energy_full_pj", "energy per example, full (uJ)", _MICRO))
+  for ax, (key, label, scale) in zip(axes, columns, strict=True):
+    for kind, marker in (("softmax", "o-"), ("margin", "s-")):
+      family = sorted((row for row in rows if row["rule"] == kind), key=lambda row: row[key])
+      if family:
+        ax.plot([row[key] * scale for row in family], [100 * row["accuracy"] for row in family],
+                marker, label=f"{kind} rule")
+    ax.plot(reference[key] * scale, 100 * reference["accuracy"], "k*", markersize=12,
+            label="all steps")
+    ax.set_xlabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("test accuracy (%)")
+  axes[0].legend(loc="lower right")
+  figure.suptitle(f"Early exit: {title}")
+  figure.savefig(path + ".tmp", format="png", dpi=120)
+  os.replace(path + ".tmp", path)
+
+
+def write_exit_report(rows: list[dict[str, Any]], folder: str, *, title: str) -> None:
+  """Writes ``exit_sweep.md``, ``exit_sweep.json`` and ``exit_sweep.png`` into ``folder``."""
+  os.makedirs(folder, exist_ok=True)
+  _atomic_write(os.path.join(folder, EXIT_MARKDOWN), exit_markdown(rows, title))
+  _atomic_write(os.path.join(folder, EXIT_JSON), json.dumps(rows, indent=2) + "\n")
+  exit_plot(rows, os.path.join(folder, EXIT_PLOT), title)
