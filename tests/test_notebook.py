@@ -54,6 +54,7 @@ def test_notebook_runs_top_to_bottom():
   assert float(last.group(1).split(",")[-1]) >= 90.0  # the digits config reaches 97-100 %
   assert "bundle:" in text
   images = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(images) == 2  # the neuron trace and the accuracy per time step
+  assert len(images) == 3  # the neuron trace, the accuracy per time step, the early-exit sweep
   tables = [o for o in outputs if "text/markdown" in o.get("data", {})]
-  assert len(tables) == 1 and "| unit2.conv |" in tables[0]["data"]["text/markdown"]
+  assert len(tables) == 2 and "| unit2.conv |" in tables[0]["data"]["text/markdown"]
+  assert "| all steps |" in tables[1]["data"]["text/markdown"]
