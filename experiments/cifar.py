@@ -12,8 +12,10 @@ Errors are one line on stderr starting with ``error:``, without a traceback. Exi
 
 * 0: trained (or evaluated) to the end; the summary is in DIR/summary.json.
 * 2: the run did not start: a flag or config value that is not allowed (unknown key, bad value,
-  contradicting model options; the line names the key, the value and what is allowed), missing or
-  malformed data, a workdir holding a run of another config (nothing in it is changed; pass
+  contradicting model options; the line names the key, the value and what is allowed), a --workdir
+  that is (or lies inside) a file, missing or malformed data (CIFAR missing offline without its
+  archive: the line names the folder, the archive it accepts there and the configs that run
+  offline), a workdir holding a run of another config (nothing in it is changed; pass
   --allow_config_change to continue it anyway), --eval_only without a checkpoint, or checkpoints
   none of which can be read.
 * 3: a NaN or Inf appeared in training. The line names the global step, the time step and the
@@ -31,7 +33,9 @@ falling back to checkpoint M`` line on stderr, and training resumes from the old
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -76,6 +80,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (KeyError, AttributeError) as error:  # --config.a.b=... where config.a does not exist
     detail = error.args[0] if error.args else ""
     _fail(f"a --config override names an unknown key: {_one_line(str(detail))}", EXIT_USAGE)
+  workdir = Path(os.path.abspath(_WORKDIR.value))
+  existing = next(path for path in (workdir, *workdir.parents) if path.exists())
+  if not existing.is_dir():
+    _fail(f"--workdir={_WORKDIR.value}: {existing} is a file, not a folder", EXIT_USAGE)
   try:
     _CONFIG.value.to_dict()  # a config file that failed to load raises on first use
   except Exception as error:  # whatever the config file raised
