@@ -1,53 +1,47 @@
-"""One-time preparation of CIFAR-10/100 as tensorflow-datasets ``array_record`` data.
+"""Prepares CIFAR-10/100 for training ahead of the first run, without TensorFlow.
 
-Training reads CIFAR through ``tfds.data_source`` (random access, no TensorFlow), which needs the
-``array_record`` file format rather than tfds' default TFRecord. This program downloads the archives
-and writes that format; it needs TensorFlow (tfds encodes the images with it) and internet access:
+  python -m experiments.prepare_cifar [--data_dir=~/tensorflow_datasets] [--datasets=cifar10,cifar100]
 
-  pip install tensorflow-cpu
-  python -m experiments.prepare_cifar --data_dir=~/tensorflow_datasets --datasets=cifar10,cifar100
+The training program does the same on first use; this command is for preparing a data folder in
+advance (a shared folder before a multi-host run, a machine that goes offline later). The official
+archive is taken from ``data_dir`` (or ``data_dir/downloads/manual/``) if a copy lies there, else
+downloaded; its MD5 is checked, and the arrays are written into ``data_dir/<name>_npy/`` (see
+``experiments.input.cifar_archive``). A folder prepared already is left as it is.
 
-``data_dir`` defaults to ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``, the folder the
-input pipeline reads from (see ``experiments.input.images.tfds_data_dir``).
+``data_dir`` defaults to ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``, the folder the input
+pipeline reads from (see ``experiments.input.images.tfds_data_dir``). Exit code 2 with one
+``error:`` line when the data cannot be prepared (offline without an archive, a wrong checksum).
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import sys
 
 from absl import app, flags
 
-from experiments.input import images
+from experiments.input import cifar_archive, images
+from experiments.input.base import DataError
 
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "tfds data folder; default $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
-_DATASETS = flags.DEFINE_list("datasets", ["cifar10", "cifar100"], "tfds names to prepare.")
-
-SUPPORTED = ("cifar10", "cifar100")
-
-
-def prepare(name: str, data_dir: Path) -> Path:
-  """Downloads ``name`` and writes it as ``array_record`` under ``data_dir``; returns its folder."""
-  import tensorflow_datasets as tfds
-
-  builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare()
-  return Path(builder.data_dir)
+    "data_dir", None, "Data folder; default $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
+_DATASETS = flags.DEFINE_list("datasets", ["cifar10", "cifar100"], "Datasets to prepare.")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  unknown = [name for name in _DATASETS.value if name not in SUPPORTED]
+  unknown = [name for name in _DATASETS.value if name not in cifar_archive.ARCHIVES]
   if unknown:
-    raise app.UsageError(f"unknown datasets {unknown}; supported: {', '.join(SUPPORTED)}")
-  if importlib.util.find_spec("tensorflow") is None:
-    raise app.UsageError("preparing tfds image data needs TensorFlow: pip install tensorflow-cpu")
+    raise app.UsageError(f"unknown datasets {unknown}; supported: "
+                         f"{', '.join(cifar_archive.ARCHIVES)}")
   data_dir = images.tfds_data_dir(_DATA_DIR.value)
   for name in _DATASETS.value:
-    folder = prepare(name, data_dir)
-    print(f"{name}: prepared in {folder}")
+    try:
+      folder = cifar_archive.prepare(name, data_dir)
+    except DataError as error:
+      print(f"error: {error}", file=sys.stderr, flush=True)
+      sys.exit(2)
+    print(f"{name}: prepared in {folder}", flush=True)
 
 
 if __name__ == "__main__":

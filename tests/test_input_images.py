@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import input as data
-from experiments.input import images
+from experiments.input import cifar_archive, images
 from experiments.input.base import PAD_LABEL, DataError, valid_mask
 
 MEAN3 = (0.4, 0.5, 0.6)
@@ -443,19 +443,22 @@ def test_cifar100_end_to_end_on_tfds_mock_data(tmp_path):
   assert valid_mask(np.concatenate([y for _, y in test.epoch(0)])).sum() == 20
 
 
-def test_missing_cifar_fails_fast_with_where_and_how(tmp_path, monkeypatch):
+def test_missing_cifar_offline_fails_fast_with_where_and_how(tmp_path, monkeypatch):
+  def unreachable(url):
+    raise OSError("offline")
+  monkeypatch.setattr(cifar_archive, "_open_url", unreachable)
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "from_env"))
   start = time.perf_counter()
   with pytest.raises(DataError) as error:
     data.load("cifar10", "train", batch_size=8, train=True, seed=0)
   assert time.perf_counter() - start < 10.0
   message = str(error.value)
-  assert f"looked in {tmp_path / 'from_env' / 'cifar10'}" in message
-  assert (f"python -m experiments.prepare_cifar --data_dir={tmp_path / 'from_env'} "
-          "--datasets=cifar10") in message
-  with pytest.raises(DataError, match=f"looked in {tmp_path / 'explicit' / 'cifar100'}"):
+  assert f"looked in {tmp_path / 'from_env'} for cifar10_npy/" in message
+  assert "the archive cifar-10-python.tar.gz" in message
+  with pytest.raises(DataError, match=f"looked in {tmp_path / 'explicit'} for cifar100_npy/"):
     data.load("cifar100", "test", batch_size=8, train=False, seed=0,
               data_dir=str(tmp_path / "explicit"))
+  assert not (tmp_path / "explicit").exists()
 
 
 def test_cifar_prepared_in_another_format_or_version(tmp_path):

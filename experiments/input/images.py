@@ -15,9 +15,10 @@ Where the data lies:
 * digits: bundled with scikit-learn (``sklearn.datasets.load_digits``); ``data_dir`` is unused.
 * Fashion-MNIST: the four gzipped IDX files of the Debian package ``dataset-fashion-mnist``, by
   default in ``/usr/share/datasets/fashion-mnist``.
-* CIFAR-10/100: tensorflow-datasets ``array_record`` data, read through ``tfds.data_source``
-  (random access, no TensorFlow), in ``data_dir``, else ``$TFDS_DATA_DIR``, else
-  ``~/tensorflow_datasets``. Prepared once with ``python -m experiments.prepare_cifar``.
+* CIFAR-10/100: in ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``: the
+  folder ``<name>_npy/`` that ``cifar_archive.prepare`` writes from the official archive (on first
+  use, or with ``python -m experiments.prepare_cifar``), else tensorflow-datasets ``array_record``
+  data prepared before, read through ``tfds.data_source`` (random access, no TensorFlow).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from experiments.input import cifar_archive
 from experiments.input.base import PAD_LABEL, DataError, check_batching
 
 DIGITS_SPLIT_SEED = 0
@@ -187,14 +189,14 @@ def read_fashion_mnist(split: str, data_dir: str | os.PathLike | None = None) ->
 
 
 def tfds_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-  """The tfds data folder: ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
+  """The CIFAR data folder: ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
   if data_dir is None:
     data_dir = os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   return Path(data_dir).expanduser()
 
 
 def _prepare_hint(name: str, root: Path) -> str:
-  return (f"prepare it once (needs TensorFlow and internet): python -m experiments.prepare_cifar "
+  return (f"prepare it once from the official archive: python -m experiments.prepare_cifar "
           f"--data_dir={root} --datasets={name}")
 
 
@@ -479,10 +481,19 @@ class ImageDataset:
 
 
 def _read_cifar(name: str, num_classes: int) -> Callable[[str, str | None], ImageArrays]:
+  """The reader of one CIFAR dataset: its prepared folder, else tfds data prepared before, else
+  a preparation from the official archive (local copy or download) first."""
   def read(split: str, data_dir: str | None) -> ImageArrays:
     _check_split(name, split, ("train", "test"))
-    return read_tfds_images(name, split, data_dir, image_shape=(32, 32, 3),
-                            num_classes=num_classes)
+    root = tfds_data_dir(data_dir)
+    if not cifar_archive.is_prepared(name, root):
+      if any((root / name).glob("*/dataset_info.json")):
+        return read_tfds_images(name, split, root, image_shape=(32, 32, 3),
+                                num_classes=num_classes)
+      cifar_archive.prepare(name, root)
+    images, labels = cifar_archive.read_prepared(name, split, root)
+    return check_image_arrays(name, split, images, labels, image_shape=(32, 32, 3),
+                              num_classes=num_classes)
   return read
 
 
