@@ -162,11 +162,13 @@ def epoch_learning_rate(epoch: int | jax.Array, *, base: float = 0.01, epochs: i
   An ``optax`` schedule evaluated at the epoch index (not at the update count), so the rate does
   not depend on how many updates a batch makes.
   """
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(base * warmup_start, base, max(warmup_epochs, 1)),
-       optax.cosine_decay_schedule(base, max(epochs - warmup_epochs, 1))],
+  # On the unit scale, then times base: optax's linear schedule computes
+  # (w0 - 1)(1 - e / E_w) + 1, which loses digits when its end value is large against w0.
+  unit = optax.join_schedules(
+      [optax.linear_schedule(warmup_start, 1.0, max(warmup_epochs, 1)),
+       optax.cosine_decay_schedule(1.0, max(epochs - warmup_epochs, 1))],
       boundaries=[warmup_epochs])
-  return schedule(jnp.asarray(epoch, jnp.int32))
+  return base * unit(jnp.asarray(epoch, jnp.int32))
 
 
 def create_train_state(model: SpikingNetwork, optimizer: optax.GradientTransformation
