@@ -1,20 +1,32 @@
 # Two entry points (see README): `make train` runs the main job, `make test` runs the test suite.
-# Each installs what it needs first.
+# Each installs what it needs first, at the versions of constraints.txt (the tested stack), and
+# only when pyproject.toml, constraints.txt or this file changed since its last install into the
+# same Python environment (stamp files in build/; `rm -r build` forces a reinstall).
+# `make test-latest` installs the newest releases instead and runs the tests.
 PYTHON ?= python3
 WORKDIR ?= runs/cifar10
 CONFIG ?= experiments/configs/cifar10.py
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 TORCH_CPU ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+# One stamp per Python environment, so that another interpreter or virtual environment installs.
+ENV_ID := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])')
 
-.PHONY: install install-test data-test train digits test test-all
+.PHONY: install install-test data-test train digits test test-all test-latest
 
-install:
-	$(PYTHON) -m pip install -q -e '.[experiments]'
+install: build/install-$(ENV_ID).stamp
+
+build/install-$(ENV_ID).stamp: pyproject.toml $(CONSTRAINTS) Makefile
+	$(PYTHON) -m pip install -q -c $(CONSTRAINTS) -e '.[experiments]'
+	@mkdir -p build && touch $@
 
 # Test dependencies: the package with its extras, the CPU build of torch (benchmark peer and
 # cross-check) and the Debian package with the real Fashion-MNIST files.
-install-test:
-	$(PYTHON) -m pip install -q -e '.[test]' '$(TORCH_CPU)'
+install-test: build/install-test-$(ENV_ID).stamp
+
+build/install-test-$(ENV_ID).stamp: pyproject.toml $(CONSTRAINTS) Makefile
+	$(PYTHON) -m pip install -q -c $(CONSTRAINTS) -e '.[test]' '$(TORCH_CPU)'
+	@mkdir -p build && touch $@
 
 data-test:
 	@if [ ! -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
@@ -33,3 +45,10 @@ test: install-test data-test
 
 test-all: install-test data-test
 	$(PYTHON) -m pytest -q
+
+# The newest releases of every dependency (torch stays at the CPU build above), then the default
+# suite: shows whether the code still works with what a fresh install without constraints gets.
+test-latest: data-test
+	$(PYTHON) -m pip install -q -U --upgrade-strategy eager -e '.[test]' '$(TORCH_CPU)'
+	@rm -f build/install-*.stamp  # the environment no longer holds the constrained versions
+	$(PYTHON) -m pytest -q -m "not slow"
