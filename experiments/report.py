@@ -314,8 +314,12 @@ def exit_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
             label="all steps")
     ax.set_xlabel(label)
     ax.grid(alpha=0.3)
+  accuracies = [100 * row["accuracy"] for row in rows]
+  # At least one point either side, so that a flat curve looks flat.
+  pad = max(1.0, 0.1 * (max(accuracies) - min(accuracies)))
+  axes[0].set_ylim(min(accuracies) - pad, max(accuracies) + pad)
   axes[0].set_ylabel("test accuracy (%)")
-  axes[0].legend(loc="lower right")
+  axes[0].legend(loc="best")
   figure.suptitle(f"Early exit: {title}")
   figure.savefig(path + ".tmp", format="png", dpi=120)
   os.replace(path + ".tmp", path)
