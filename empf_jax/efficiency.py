@@ -422,7 +422,13 @@ def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
   A probe for :func:`empf_jax.deploy.run` and :func:`empf_jax.deploy.run_early_exit`: the
   conventions of :func:`measure` (module docstring) applied to the layer inputs and membranes
   the deployed runner computed at this step, with 1[W != 0] from the unpacked kernels (ternary
-  zeros skipped, every binary and float weight counted).
+  zeros skipped, every binary and float weight counted). For example b at step t:
+
+      ops_l[b] = sum_{h, w, o} conv(1[x_l[b] != 0], 1[W_l != 0])   (conv layer l; FC: nnz x F_out)
+      SOPs[b] = sum of ops_l[b] over the spike-fed layers (1[x != 0] -> 1 for the current-fed)
+      energy_authors[b] = 0.9 pJ x SOPs[b]   (x 1/8 with 4-bit spikes)
+      energy_full[b] = 0.9 pJ x (ACs[b] + neuron additions) + 4.6 pJ x MACs[b]
+                       + 3.7 pJ x neuron multiplies + SECA
 
   Args:
     arch: the deployed network's architecture.
@@ -449,7 +455,8 @@ def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
     else:
       count = dense_synaptic_ops_per_example(inputs.reshape(batch, -1), spec.out_features,
                                              sparse=sparse)
-    sops = sops + count if sparse else sops
+    if sparse:
+      sops = sops + count
     if synapse.op == "AC":
       acs = acs + count
     else:
