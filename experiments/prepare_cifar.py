@@ -1,6 +1,6 @@
 """Prepares CIFAR-10/100 for training ahead of the first run, without TensorFlow.
 
-  python -m experiments.prepare_cifar [--data_dir=~/tensorflow_datasets] [--datasets=cifar10,cifar100]
+  python -m experiments.prepare_cifar [--data_dir=DIR] [--datasets=cifar10,cifar100]
 
 The training program does the same on first use; this command is for preparing a data folder in
 advance (a shared folder before a multi-host run, a machine that goes offline later). The official

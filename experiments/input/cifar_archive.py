@@ -43,7 +43,6 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO
 
 import filelock
 import numpy as np
@@ -217,11 +216,11 @@ def _offline_message(name: str, data_dir: Path, reason: str) -> str:
           f"configs that run offline now: {', '.join(OFFLINE_CONFIGS)}")
 
 
-def _download(response: BinaryIO, archive: Archive, destination: Path) -> str:
+def _download(response: http.client.HTTPResponse, archive: Archive, destination: Path) -> str:
   """Streams ``response`` into ``destination`` with a progress bar; returns the MD5 (hex)."""
   import tqdm
 
-  length = getattr(response, "headers", {}).get("Content-Length")
+  length = response.headers.get("Content-Length")
   digest = hashlib.md5()
   with open(destination, "wb") as out, tqdm.tqdm(
       total=int(length) if length else archive.size, unit="B", unit_scale=True,

@@ -189,7 +189,7 @@ def read_fashion_mnist(split: str, data_dir: str | os.PathLike | None = None) ->
 
 
 def tfds_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-  """The CIFAR data folder: ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
+  """CIFAR's data folder: ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
   if data_dir is None:
     data_dir = os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   return Path(data_dir).expanduser()
