@@ -3,8 +3,9 @@
     python -m benchmarks.bn_causes --workdir=runs/bn_causes [--epochs=1] \
         [--config=experiments/configs/fashion_mnist.py] [--candidates=baseline,lr_0.01,...]
 
-Every candidate trains the config's network with the training running averages kept
-(``bn_recalibration_batches=0``) and changes one thing against ``baseline``; at every epoch end
+Every candidate trains with the training running averages kept (``bn_recalibration_batches=0``)
+and changes one thing against ``baseline`` (:data:`BASELINE`: the setting where those averages
+collapsed); at every epoch end
 the driver evaluates with the stored averages and with averages re-estimated from
 ``bn_check_batches`` training batches, and records per binary kernel the fraction of weight
 codes each update changes, the update's size relative to the latent weights and the latent
@@ -23,6 +24,12 @@ import subprocess
 import sys
 import time
 
+from benchmarks import compare_modes
+
+# The setting where the running averages of training collapsed: the previous Fashion-MNIST network
+# (convnet_small, global average pooling after one pooling) at width 0.5, batch 64, SGD 0.05.
+BASELINE = ["--config.model.name=convnet_small", "--config.model.width=0.5",
+            "--config.batch_size=64", "--config.learning_rate=0.05"]
 CANDIDATES = {
     "baseline": [],
     "lr_0.01": ["--config.learning_rate=0.01"],
@@ -31,6 +38,8 @@ CANDIDATES = {
     "symmetric_init_0.05": ["--config.model.latent_init=0.05",
                             "--config.model.symmetric_init=True"],
     "one_update_per_batch": ["--config.mode=random_step"],
+    "convnet28": ["--config.model.name=convnet28", "--config.model.width=1.0",
+                  "--config.batch_size=128"],
 }
 
 
@@ -39,14 +48,11 @@ def parse_args(argv=None):
   parser.add_argument("--config", default="experiments/configs/fashion_mnist.py")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--epochs", type=int, default=1)
-  parser.add_argument("--candidates", default=",".join(CANDIDATES))
+  parser.add_argument("--candidates", default=",".join(CANDIDATES),
+                      type=compare_modes.names_in(CANDIDATES, "candidate(s)"))
   parser.add_argument("--extra", action="append", default=[],
                       help="further --config.key=value flags for every candidate")
-  args = parser.parse_args(argv)
-  unknown = [c for c in args.candidates.split(",") if c not in CANDIDATES]
-  if unknown:
-    parser.error(f"unknown candidate(s) {unknown}; allowed: {', '.join(CANDIDATES)}")
-  return args
+  return parser.parse_args(argv)
 
 
 def read_records(workdir: str) -> dict:
@@ -66,7 +72,7 @@ def run_candidate(args, name: str) -> dict:
   workdir = os.path.join(args.workdir, name)
   flags = [f"--workdir={workdir}", f"--config={args.config}", "--config.progress=False",
            f"--config.epochs={args.epochs}", "--config.warmup_epochs=0",
-           "--config.bn_recalibration_batches=0", *CANDIDATES[name], *args.extra]
+           "--config.bn_recalibration_batches=0", *BASELINE, *CANDIDATES[name], *args.extra]
   print(f"== {name}: python -m experiments.cifar {' '.join(flags)}", flush=True)
   start = time.perf_counter()
   subprocess.run([sys.executable, "-m", "experiments.cifar", *flags], check=True)
@@ -120,11 +126,15 @@ def plot(results: list[dict], path: str) -> None:
 def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
-  results = [run_candidate(args, name) for name in args.candidates.split(",")]
-  meta = {"config": args.config, "epochs": args.epochs, "extra": args.extra,
-          "date": time.strftime("%Y-%m-%d"), "load": os.getloadavg()}
-  with open(os.path.join(args.workdir, "bn_causes.json"), "w") as f:
-    json.dump({"meta": meta, "results": results}, f, indent=2)
+  meta = {"config": args.config, "epochs": args.epochs, "baseline": BASELINE,
+          "extra": args.extra, "date": time.strftime("%Y-%m-%d"), "load_start": os.getloadavg()}
+  results = []
+  for name in args.candidates.split(","):
+    results.append(run_candidate(args, name))
+    meta["load_end"] = os.getloadavg()
+    # Written after every candidate, so that an interrupted comparison keeps what it measured.
+    with open(os.path.join(args.workdir, "bn_causes.json"), "w") as f:
+      json.dump({"meta": meta, "results": results}, f, indent=2)
   text = table(results)
   with open(os.path.join(args.workdir, "bn_causes.md"), "w") as f:
     f.write(text + "\n")

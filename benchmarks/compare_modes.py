@@ -33,20 +33,27 @@ MODES = {
 }
 
 
+def names_in(allowed, what: str):
+  """An argparse ``type``: a comma-separated list of names, each one of ``allowed``."""
+  def parse(value: str) -> str:
+    unknown = [name for name in value.split(",") if name not in allowed]
+    if unknown:
+      raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; allowed: {', '.join(allowed)}")
+    return value
+  return parse
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="experiments/configs/fashion_mnist.py")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--epochs", type=int, default=None, help="override config.epochs")
   parser.add_argument("--width", type=float, default=None, help="override config.model.width")
-  parser.add_argument("--modes", default="online,random_step,bptt_lif")
+  parser.add_argument("--modes", default="online,random_step,bptt_lif",
+                      type=names_in(MODES, "mode(s)"))
   parser.add_argument("--extra", action="append", default=[],
                       help="further --config.key=value flags for every mode")
-  args = parser.parse_args(argv)
-  unknown = [m for m in args.modes.split(",") if m not in MODES]
-  if unknown:
-    parser.error(f"unknown mode(s) {unknown}; allowed: {', '.join(MODES)}")
-  return args
+  return parser.parse_args(argv)
 
 
 def run_mode(args, mode: str) -> dict:

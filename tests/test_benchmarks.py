@@ -168,3 +168,29 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert record["meta"]["device"] == "cpu"
     (mode,) = record["results"]
     assert record["results"][mode]["jax"]["images_per_second"] > 0
+
+
+def test_bn_causes_collects_the_per_epoch_records_into_a_table_and_plot(tmp_path):
+  from benchmarks import bn_causes
+  workdir = tmp_path / "baseline"
+  workdir.mkdir()
+  records = [
+      {"kind": "train", "step": 10, "epoch": 0, "loss": 1.0},
+      {"kind": "weights", "step": 20, "epoch": 0, "code_change/unit2/conv": 0.004,
+       "code_change/unit3/conv": 0.002, "update_ratio/unit2/conv": 0.01,
+       "update_ratio/unit3/conv": 0.03, "latent_abs_p50/unit2/conv": 0.02,
+       "latent_abs_p50/unit3/conv": 0.04},
+      {"kind": "eval", "step": 20, "epoch": 0, "accuracy": 0.70, "accuracy_reestimated": 0.80,
+       "bn_gap": 0.10},
+  ]
+  with open(workdir / "metrics.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in records) + "\n")
+  read = bn_causes.read_records(str(workdir))
+  assert [r["kind"] for r in read["eval"] + read["weights"]] == ["eval", "weights"]
+  result = {"name": "baseline", **read}
+  table = bn_causes.table([result])
+  assert "| baseline | 1 | 70.00 % | 80.00 % | 10.00 | 0.300 % | 0.0200 | 3.00e-02 |" in table
+  bn_causes.plot([result], str(tmp_path / "plot.png"))
+  assert (tmp_path / "plot.png").stat().st_size > 0
+  with pytest.raises(SystemExit):
+    bn_causes.parse_args(["--workdir", str(tmp_path), "--candidates", "baseline,nope"])
