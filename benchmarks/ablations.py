@@ -52,15 +52,15 @@ def load_config(path: str, overrides: list[str]):
 def mode_memory(config) -> dict[str, Any]:
   """Compiled train-step memory of a config (its network, rule, T, batch and input shape)."""
   from experiments import input as data_input
+  from experiments import train
   data = data_input.load(config.dataset, "train", batch_size=config.batch_size, train=True,
                          seed=config.seed, augment=False)
-  m = config.model
-  network = dict(name=m.name, num_classes=data.num_classes, in_channels=data.input_shape[-1],
-                 neuron=m.neuron, weights=m.weights, mem_bn=m.mem_bn, parallel=m.parallel,
-                 spike_bits=m.spike_bits or None, seca=m.seca, learnable_lif=m.learnable_lif,
-                 width=m.width)
+  options = train.model_options(config, data.num_classes, train.step_shape(data))
+  options.pop("time_steps")
+  network = {"name": config.model.name, **options}
   point = memory.train_step_memory(network, mode=config.mode, time_steps=config.time_steps,
-                                   batch=config.batch_size, image_shape=data.input_shape)
+                                   batch=config.batch_size, image_shape=data.input_shape,
+                                   static_input=not data.time_major)
   return {"network": network, "bytes": point["bytes"],
           "examples_per_epoch": data.batches_per_epoch * config.batch_size}
 

@@ -62,7 +62,8 @@ def abstract_train_state(network: dict[str, Any], time_steps: int,
 
 
 def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, batch: int,
-                      image_shape: Sequence[int], unrolled: bool = False) -> dict[str, Any]:
+                      image_shape: Sequence[int], unrolled: bool = False,
+                      static_input: bool = True) -> dict[str, Any]:
   """Compiles one train step on abstract inputs and returns XLA's memory analysis in bytes.
 
   Args:
@@ -70,9 +71,11 @@ def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, ba
     mode: ``online``, ``random_step`` or ``bptt``.
     time_steps: T.
     batch: batch size.
-    image_shape: one static image [H, W, C].
+    image_shape: one static image [H, W, C], or with ``static_input=False`` one example's
+      sequence [T, ...].
     unrolled: the online time scan fully unrolled (``StepConfig(time_unroll=True)``) instead of
       the library's default.
+    static_input: the image is fed at every step (direct encoding), or the input is a sequence.
 
   Returns:
     ``temp``, ``argument``, ``output``, ``alias``, ``generated_code`` bytes, ``total`` = temp +
@@ -81,7 +84,7 @@ def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, ba
   optimizer = training.make_optimizer()
   graphdef, state = abstract_train_state(network, time_steps, optimizer)
   config = training.StepConfig(mode=mode, time_steps=time_steps,
-                               num_classes=network["num_classes"])
+                               num_classes=network["num_classes"], static_input=static_input)
   if unrolled:
     config = config._replace(time_unroll=True)
   x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)

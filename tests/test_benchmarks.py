@@ -194,3 +194,15 @@ def test_bn_causes_collects_the_per_epoch_records_into_a_table_and_plot(tmp_path
   assert (tmp_path / "plot.png").stat().st_size > 0
   with pytest.raises(SystemExit):
     bn_causes.parse_args(["--workdir", str(tmp_path), "--candidates", "baseline,nope"])
+
+
+@pytest.mark.parametrize("config", ["digits", "fashion_mnist", "sequential_fashion_mnist"])
+def test_ablation_memory_builds_the_network_of_every_offline_config(config):
+  # The network options come from the training driver's own model_options, so the mlp of
+  # sequential Fashion-MNIST (in_features, per-step statistics) is built as training builds it.
+  from benchmarks import ablations
+  c = ablations.load_config(f"experiments/configs/{config}.py", ["--config.batch_size=8"])
+  result = ablations.mode_memory(c)
+  assert result["network"]["name"] == c.model.name
+  assert result["network"]["step_stats"] == c.model.step_stats
+  assert result["bytes"]["peak"] > 0
