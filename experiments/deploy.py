@@ -54,6 +54,7 @@ from empf_jax import accounting, bundle, deploy, efficiency, models, training
 from experiments import input as data_input
 from experiments import report, train
 from experiments.checkpoint import CheckpointError, Checkpoints
+from experiments.files import atomic_write
 
 EXIT_USAGE = 2
 SIDECAR_SUFFIX = ".json"
@@ -97,18 +98,6 @@ class UsageError(Exception):
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(EXIT_USAGE)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` through a temporary file and a rename: never half a file."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, str | None]:
@@ -180,11 +169,11 @@ def export(workdir: str, out: str, *, report_dir: str | None, report_batches: in
   except (deploy.DeployError, models.ConfigError) as error:
     raise UsageError(f"{workdir}: cannot deploy this network: {error}") from None
   data = bundle.to_bytes(deployed)
-  _atomic_write(out, data)
+  atomic_write(out, data)
   sidecar = {"dataset": config.dataset, "data_dir": data_dir, "workdir": os.path.abspath(workdir),
              "step": int(step), "fingerprint": fingerprint, "bytes": len(data),
              "sha256": hashlib.sha256(data).hexdigest()}
-  _atomic_write(out + SIDECAR_SUFFIX, (json.dumps(sidecar, indent=2) + "\n").encode())
+  atomic_write(out + SIDECAR_SUFFIX, (json.dumps(sidecar, indent=2) + "\n").encode())
   print(f"exported {config.model.name} ({config.dataset}, checkpoint step {step}) to {out}: "
         f"{len(data)} bytes ({len(data) / 1e6:.4f} MB)")
   print(f"weights: {accounting.param_megabytes(model):.4f} MB by the paper's rule, "
@@ -354,7 +343,7 @@ def evaluate(path: str, *, dataset: str | None, data_dir: str | None, batch_size
                  "bundle_bytes": os.path.getsize(path),
                  "seconds": round(time.perf_counter() - start, 3)})
   folder = report_dir or os.path.dirname(os.path.abspath(path))
-  _atomic_write(os.path.join(folder, EVALUATION), (json.dumps(result, indent=2) + "\n").encode())
+  atomic_write(os.path.join(folder, EVALUATION), (json.dumps(result, indent=2) + "\n").encode())
   print(f"{deployed.arch.name} from {path} on {dataset} ({result['examples']} test examples): "
         f"accuracy at t = T: {100 * result['accuracy']:.2f} %")
   print("accuracy at each step: " + ", ".join(

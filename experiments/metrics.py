@@ -13,6 +13,7 @@ from typing import Any
 
 import tqdm
 
+from experiments.files import atomic_file
 
 class _NoBar:
   """Stands in for the progress bar on processes other than 0 or when progress is off."""
@@ -69,9 +70,8 @@ class MetricWriter:
     if not self.enabled:
       return
     path = os.path.join(self.workdir, "summary.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_file(path) as f:
       json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
     self.write("summary", {"step": summary["step"], "accuracy": summary["accuracy"],
                            "accuracy_per_step": summary["accuracy_per_step"]})
     print(format_summary(summary), flush=True)

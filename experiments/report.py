@@ -41,6 +41,7 @@ from matplotlib.figure import Figure
 from empf_jax import deploy, efficiency
 from empf_jax.models import SpikingNetwork
 from empf_jax.training import time_major
+from experiments.files import atomic_file, atomic_write
 from experiments.input import valid_mask
 
 MARKDOWN = "efficiency.md"
@@ -190,15 +191,8 @@ def plot(rows: list[LayerRow], path: str) -> None:
               color="tab:orange")
   bottom.set_xlabel("SOPs per example (millions, all steps)")
   bottom.invert_yaxis()
-  figure.savefig(path + ".tmp", format="png", dpi=120)
-  os.replace(path + ".tmp", path)
-
-
-def _atomic_write(path: str, data: str | bytes) -> None:
-  mode = "wb" if isinstance(data, bytes) else "w"
-  with open(path + ".tmp", mode) as f:
-    f.write(data)
-  os.replace(path + ".tmp", path)
+  with atomic_file(path, "wb") as f:
+    figure.savefig(f, format="png", dpi=120)
 
 
 def network_inputs(batches: Iterable[tuple[np.ndarray, np.ndarray]], time_steps: int, *,
@@ -265,8 +259,8 @@ def write_efficiency_report(model: SpikingNetwork,
                  "energy_full_pj": report.energy_full_pj},
   }
   os.makedirs(workdir, exist_ok=True)
-  _atomic_write(os.path.join(workdir, MARKDOWN), to_markdown(report, rows))
-  _atomic_write(os.path.join(workdir, JSON), json.dumps(result, indent=2) + "\n")
+  atomic_write(os.path.join(workdir, MARKDOWN), to_markdown(report, rows))
+  atomic_write(os.path.join(workdir, JSON), json.dumps(result, indent=2) + "\n")
   plot(rows, os.path.join(workdir, PLOT))
   return result
 
@@ -321,13 +315,13 @@ def exit_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
   axes[0].set_ylabel("test accuracy (%)")
   axes[0].legend(loc="best")
   figure.suptitle(f"Early exit: {title}")
-  figure.savefig(path + ".tmp", format="png", dpi=120)
-  os.replace(path + ".tmp", path)
+  with atomic_file(path, "wb") as f:
+    figure.savefig(f, format="png", dpi=120)
 
 
 def write_exit_report(rows: list[dict[str, Any]], folder: str, *, title: str) -> None:
   """Writes ``exit_sweep.md``, ``exit_sweep.json`` and ``exit_sweep.png`` into ``folder``."""
   os.makedirs(folder, exist_ok=True)
-  _atomic_write(os.path.join(folder, EXIT_MARKDOWN), exit_markdown(rows, title))
-  _atomic_write(os.path.join(folder, EXIT_JSON), json.dumps(rows, indent=2) + "\n")
+  atomic_write(os.path.join(folder, EXIT_MARKDOWN), exit_markdown(rows, title))
+  atomic_write(os.path.join(folder, EXIT_JSON), json.dumps(rows, indent=2) + "\n")
   exit_plot(rows, os.path.join(folder, EXIT_PLOT), title)

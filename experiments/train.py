@@ -42,6 +42,7 @@ from experiments import diagnose, report
 from experiments import input as data_input
 from experiments.checkpoint import Checkpoints
 from experiments.configs import common
+from experiments.files import atomic_file
 from experiments.metrics import MetricWriter
 
 HARMLESS_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
@@ -456,10 +457,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
+  with atomic_file(path) as f:
     json.dump({"fingerprint": fingerprint(config), "config": config.to_dict()}, f, indent=2,
               default=str)
-  os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, eval_only: bool = False,

@@ -39,6 +39,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from experiments.files import atomic_file
 from experiments.input.base import DataError, check_batching
 from experiments.input.imagenet import RecordBatches
 
@@ -307,10 +308,8 @@ def build_frame_cache(src: str | os.PathLike, dst: str | os.PathLike, *,
     if target.exists():
       return
     frames = recording_frames(src / name / file, time_steps, size)
-    temporary = target.with_suffix(".tmp")
-    with open(temporary, "wb") as f:
+    with atomic_file(target, "wb") as f:
       np.savez(f, frames=frames)
-    os.replace(temporary, target)
 
   for name in CLASSES:
     (dst / name).mkdir(parents=True, exist_ok=True)
