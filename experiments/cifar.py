@@ -34,14 +34,12 @@ falling back to checkpoint M`` line on stderr, and training resumes from the old
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-EXIT_USAGE = 2
-EXIT_NUMERICAL = 3
+from experiments.cli import EXIT_NUMERICAL, EXIT_USAGE, fail, one_line
 
 # Unknown keys are accepted here and rejected by train.validate_config, whose message names them.
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,37 +56,24 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 
 
-def _fail(message: str, code: int) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
-def _one_line(text: str) -> str:
-  """A multi-line message on one line; for an embedded traceback, its first and last lines."""
-  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-  if any(line.startswith("Traceback") for line in lines):
-    lines = [lines[0], lines[-1]]
-  return " ".join(lines)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every flag or config-file error as one line and exit code 2."""
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as error:
-    _fail(_one_line(str(error)), EXIT_USAGE)
+    fail(one_line(str(error)), EXIT_USAGE)
   except (KeyError, AttributeError) as error:  # --config.a.b=... where config.a does not exist
     detail = error.args[0] if error.args else ""
-    _fail(f"a --config override names an unknown key: {_one_line(str(detail))}", EXIT_USAGE)
+    fail(f"a --config override names an unknown key: {one_line(str(detail))}", EXIT_USAGE)
   workdir = Path(os.path.abspath(_WORKDIR.value))
   existing = next(path for path in (workdir, *workdir.parents) if path.exists())
   if not existing.is_dir():
-    _fail(f"--workdir={_WORKDIR.value}: {existing} is a file, not a folder", EXIT_USAGE)
+    fail(f"--workdir={_WORKDIR.value}: {existing} is a file, not a folder", EXIT_USAGE)
   try:
     _CONFIG.value.to_dict()  # a config file that failed to load raises on first use
   except Exception as error:  # whatever the config file raised
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    _fail(f"cannot load the config file: {lines[-1] if lines else type(error).__name__}",
+    fail(f"cannot load the config file: {lines[-1] if lines else type(error).__name__}",
           EXIT_USAGE)
   return rest
 
@@ -110,9 +95,9 @@ def main(argv):
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, eval_only=_EVAL_ONLY.value,
                                        allow_config_change=_ALLOW.value)
   except (train.ConfigError, DataError, CheckpointError) as error:
-    _fail(_one_line(str(error)), EXIT_USAGE)
+    fail(one_line(str(error)), EXIT_USAGE)
   except train.NumericalError as error:
-    _fail(str(error), EXIT_NUMERICAL)
+    fail(str(error), EXIT_NUMERICAL)
   return train.exit_code(summary)
 
 

@@ -41,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -54,9 +53,9 @@ from empf_jax import accounting, bundle, deploy, efficiency, models, training
 from experiments import input as data_input
 from experiments import report, train
 from experiments.checkpoint import CheckpointError, Checkpoints
+from experiments.cli import fail
 from experiments.files import atomic_write
 
-EXIT_USAGE = 2
 SIDECAR_SUFFIX = ".json"
 EVALUATION = "evaluation.json"
 DEFAULT_EVAL_BATCH = 100
@@ -93,11 +92,6 @@ _REPORT_BATCHES = flags.DEFINE_integer(
 
 class UsageError(Exception):
   """Something the user can fix: the message is printed as one ``error:`` line, exit code 2."""
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_USAGE)
 
 
 def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, str | None]:
@@ -365,19 +359,19 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
-    _fail(" ".join(str(error).split()))
+    fail(" ".join(str(error).split()))
   return []
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
+    fail(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   exporting = _WORKDIR.value is not None or _OUT.value is not None
   evaluating = _EVALUATE.value or _BUNDLE.value is not None
   if exporting == evaluating:
-    _fail("give either --workdir=DIR --out=FILE (export) or --bundle=FILE --evaluate "
+    fail("give either --workdir=DIR --out=FILE (export) or --bundle=FILE --evaluate "
           "(evaluate)")
   try:
     exit_rule = parse_exit(_EXIT.value)
@@ -395,7 +389,7 @@ def main(argv: list[str]) -> int:
                batch_size=_BATCH_SIZE.value, report_dir=_REPORT_DIR.value, exit_rule=exit_rule,
                exit_sweep=_EXIT_SWEEP.value)
   except UsageError as error:
-    _fail(str(error))
+    fail(str(error))
   return 0
 
 

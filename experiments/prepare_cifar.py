@@ -15,10 +15,10 @@ pipeline reads from (see ``experiments.input.images.tfds_data_dir``). Exit code 
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags
 
+from experiments.cli import fail
 from experiments.input import cifar_archive, images
 from experiments.input.base import DataError
 
@@ -39,8 +39,7 @@ def main(argv: list[str]) -> None:
     try:
       folder = cifar_archive.prepare(name, data_dir)
     except DataError as error:
-      print(f"error: {error}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      fail(str(error))
     print(f"{name}: prepared in {folder}", flush=True)
 
 
