@@ -7,8 +7,10 @@ Modes: ``online`` (EM-PF, online rule), ``random_step`` (EM-PF, random single-st
 ``bptt_lif`` (LIF baseline trained by BPTT), ``online_lif`` (LIF, online rule), ``bptt`` (EM-PF
 trained by BPTT), ``online_float`` (EM-PF, online, full-precision weights). Every mode uses the
 same network, epochs, batch size, learning rate and seed. Each mode trains in its own workdir
-(``WORKDIR/MODE``), so an interrupted comparison resumes where it stopped. Results go to
-``WORKDIR/results.json`` and ``WORKDIR/results.md``.
+(``WORKDIR/MODE``), so an interrupted comparison resumes where it stopped, and modes may be run
+by separate calls into the same WORKDIR. Results go to ``WORKDIR/results.json``,
+``WORKDIR/results.md`` and ``WORKDIR/results.png`` (test accuracy against epoch); ``--collect``
+writes them from what the workdirs hold without training.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def parse_args(argv=None):
                       type=names_in(MODES, "mode(s)"))
   parser.add_argument("--extra", action="append", default=[],
                       help="further --config.key=value flags for every mode")
+  parser.add_argument("--collect", action="store_true",
+                      help="train nothing: tabulate and plot what each mode's workdir holds, "
+                           "unfinished runs included (their last evaluated epoch)")
   return parser.parse_args(argv)
 
 
@@ -64,19 +69,55 @@ def run_mode(args, mode: str) -> dict:
     flags.append(f"--config.epochs={args.epochs}")
   if args.width is not None:
     flags.append(f"--config.model.width={args.width}")
+  seconds = None
+  if not args.collect:
+    start = time.perf_counter()
+    print(f"== {mode}: python -m experiments.cifar {' '.join(flags)}", flush=True)
+    subprocess.run([sys.executable, "-m", "experiments.cifar", *flags], check=True)
+    seconds = time.perf_counter() - start
+  return {"mode": mode, **collect(workdir), "wall_seconds_this_call": seconds, "flags": flags}
+
+
+def collect(workdir: str) -> dict:
+  """A mode's figures from its workdir: the summary of a finished run, else the newest evaluated
+  epoch; every epoch's test accuracy; the median training image rate."""
+  records = []
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  evals = {r["epoch"]: r for r in records if r["kind"] == "eval"}
+  epochs = [{"epoch": e + 1, "accuracy": evals[e]["accuracy"],
+             "accuracy_per_step": evals[e]["accuracy_per_step"],
+             "accuracy_reestimated": evals[e].get("accuracy_reestimated"),
+             "train_seconds": evals[e].get("train_seconds")} for e in sorted(evals)]
+  rates = sorted(r["images_per_second"] for r in records if r["kind"] == "train")
   summary_path = os.path.join(workdir, "summary.json")
-  start = time.perf_counter()
-  print(f"== {mode}: python -m experiments.cifar {' '.join(flags)}", flush=True)
-  subprocess.run([sys.executable, "-m", "experiments.cifar", *flags], check=True)
-  seconds = time.perf_counter() - start
-  with open(summary_path) as f:
-    summary = json.load(f)
-  train_records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  rates = [r["images_per_second"] for r in train_records if r.get("kind") == "train"]
-  return {"mode": mode, "accuracy": summary["accuracy"],
-          "accuracy_per_step": summary["accuracy_per_step"], "wall_seconds_this_call": seconds,
-          "median_train_images_per_second": sorted(rates)[len(rates) // 2] if rates else None,
-          "flags": flags}
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      last = json.load(f)
+  else:
+    last = epochs[-1] if epochs else {"accuracy": None, "accuracy_per_step": []}
+  return {"finished": os.path.exists(summary_path), "accuracy": last["accuracy"],
+          "accuracy_per_step": last["accuracy_per_step"], "epochs": epochs,
+          "median_train_images_per_second": rates[len(rates) // 2] if rates else None}
+
+
+def plot(results: list[dict], path: str) -> None:
+  """Test accuracy (t = T) against epoch, one line per mode."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in results:
+    if r["epochs"]:
+      ax.plot([e["epoch"] for e in r["epochs"]], [100 * e["accuracy"] for e in r["epochs"]],
+              marker="o", label=r["mode"] + ("" if r["finished"] else " (unfinished)"))
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("test accuracy at t = T (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
@@ -89,17 +130,20 @@ def main(argv=None):
           "date": time.strftime("%Y-%m-%d")}
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump({"meta": meta, "results": results}, f, indent=2)
-  lines = [f"| mode | test accuracy (t = T) | accuracy per step | train img/s |",
+  lines = ["| mode | test accuracy (t = T) | accuracy per step | train img/s |",
            "|---|---|---|---|"]
   for r in results:
+    if r["accuracy"] is None:
+      continue
     per_step = ", ".join(f"{100 * a:.1f}" for a in r["accuracy_per_step"])
     rate = r["median_train_images_per_second"]
-    lines.append(f"| {r['mode']} | {100 * r['accuracy']:.2f} % | {per_step} | "
-                 f"{rate:.0f} |" if rate else f"| {r['mode']} | {100 * r['accuracy']:.2f} % | "
-                 f"{per_step} | - |")
+    name = r["mode"] if r["finished"] else f"{r['mode']} (epoch {r['epochs'][-1]['epoch']})"
+    lines.append(f"| {name} | {100 * r['accuracy']:.2f} % | {per_step} | "
+                 + (f"{rate:.0f} |" if rate else "- |"))
   table = "\n".join(lines)
   with open(os.path.join(args.workdir, "results.md"), "w") as f:
     f.write(table + "\n")
+  plot(results, os.path.join(args.workdir, "results.png"))
   print(table)
 
 

@@ -206,3 +206,24 @@ def test_ablation_memory_builds_the_network_of_every_offline_config(config):
   assert result["network"]["name"] == c.model.name
   assert result["network"]["step_stats"] == c.model.step_stats
   assert result["bytes"]["peak"] > 0
+
+
+def test_compare_modes_collects_unfinished_runs_and_plots_accuracy_per_epoch(tmp_path):
+  from benchmarks import compare_modes
+  workdir = tmp_path / "online"
+  workdir.mkdir()
+  records = [{"kind": "train", "step": 5, "epoch": 0, "images_per_second": 100.0},
+             {"kind": "eval", "step": 10, "epoch": 0, "accuracy": 0.8,
+              "accuracy_per_step": [0.7, 0.8], "accuracy_reestimated": 0.81},
+             {"kind": "eval", "step": 20, "epoch": 1, "accuracy": 0.85,
+              "accuracy_per_step": [0.8, 0.85]}]
+  (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+  compare_modes.main(["--workdir", str(tmp_path), "--modes", "online,random_step", "--collect"])
+  results = json.loads((tmp_path / "results.json").read_text())["results"]
+  online, missing = results
+  assert not online["finished"] and online["accuracy"] == 0.85
+  assert [e["epoch"] for e in online["epochs"]] == [1, 2]
+  assert online["epochs"][0]["accuracy_reestimated"] == 0.81
+  assert missing["epochs"] == [] and missing["accuracy"] is None
+  assert "| online (epoch 2) | 85.00 % | 80.0, 85.0 | 100 |" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "results.png").stat().st_size > 0
