@@ -359,12 +359,12 @@ class Trainer:
     epoch, position = divmod(step - 1, self.train_data.batches_per_epoch)
     return next(iter(self.train_data.epoch(epoch, start=position)))
 
-  def reestimated(self, count: int, order: int = 0) -> training.TrainState:
-    """The current state with every BatchNorm running average reset and re-estimated from the
-    first ``count`` training batches (at most one epoch) of epoch ``order``'s order, parameters
-    frozen; ``self.state`` is left as it is."""
+  def reestimated(self, count: int, start: int = 0) -> training.TrainState:
+    """The current state with every BatchNorm running average reset and re-estimated from
+    ``count`` training batches of epoch 0's order from batch ``start`` on (at most to the end of
+    that epoch), parameters frozen; ``self.state`` is left as it is."""
     state = jax.device_put(training.reset_batch_stats(self.graphdef, self.state), self.replicated)
-    for _, (x, _labels) in zip(range(count), self.train_data.epoch(order)):
+    for _, (x, _labels) in zip(range(count), self.train_data.epoch(0, start=start)):
       state = self._recalibrate_step(state, *self.global_batch(x))
     return state
 
@@ -377,12 +377,15 @@ class Trainer:
 
   def check_batch_stats(self) -> dict[str, Any] | None:
     """With ``config.bn_check_batches`` = N > 0: the test accuracy with BatchNorm averages
-    re-estimated from N training batches of another order than :meth:`recalibrate_batch_stats`
-    uses (epoch 1's), computed on a copy; None when N = 0."""
+    re-estimated from N training batches, computed on a copy: the N batches after those
+    :meth:`recalibrate_batch_stats` uses, or (an epoch too short for both) the first N; None
+    when N = 0."""
     count = self.config.bn_check_batches
     if not count:
       return None
-    result = self.evaluate(self.reestimated(count, order=1), details=False)
+    used = self.config.bn_recalibration_batches
+    start = used if used + count <= self.train_data.batches_per_epoch else 0
+    result = self.evaluate(self.reestimated(count, start=start), details=False)
     return {"accuracy_reestimated": result["accuracy"],
             "accuracy_per_step_reestimated": result["accuracy_per_step"],
             "loss_reestimated": result["loss"]}
