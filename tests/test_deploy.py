@@ -328,3 +328,19 @@ def test_default_resnet18_bundle_size():
   assert len(data) / 1e6 < 0.55 * accounting.param_megabytes(model)
   print(f"default ResNet-18 bundle: {len(data)} bytes = {len(data) / 1e6:.4f} MB "
         f"(paper rule {accounting.param_megabytes(model):.2f} MB)")
+
+
+# Bundles written by the format-1 writer of 2025-12 (convnet_small ternary + Mem-BN + 4-bit
+# spikes + SECA-I; resnet19 binary + parallel + SECA-II + per-step statistics; mlp LIF with
+# per-step statistics; vgg_snn with Mem-BN), with an input and the logits deploy.run gave then.
+OLD_BUNDLES = np.load(__file__.rsplit("/", 1)[0] + "/data/bundles_v1.npz")
+
+
+@pytest.mark.parametrize("name", ["convnet_small", "resnet19", "mlp", "vgg_snn"])
+def test_bundles_written_before_load_and_compute_the_same(name):
+  data = OLD_BUNDLES[f"{name}.bundle"].tobytes()
+  deployed = bundle.from_bytes(data)
+  assert deployed.arch.name == name
+  np.testing.assert_allclose(deploy.run(deployed, jnp.asarray(OLD_BUNDLES[f"{name}.input"])),
+                             OLD_BUNDLES[f"{name}.logits"], atol=1e-6, rtol=1e-6)
+  assert bundle.to_bytes(deployed) == data
