@@ -30,7 +30,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +54,37 @@ def abstract_train_state(network: dict[str, Any], time_steps: int,
     time_steps: T.
     optimizer: the optax optimizer whose state is included.
   """
-  model = nnx.eval_shape(lambda: models.create(**network, time_steps=time_steps))
+  options = models.NetOptions(**network, time_steps=time_steps)
+  model = nnx.eval_shape(lambda: models.create(options))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt_state = jax.eval_shape(optimizer.init, params)
   return graphdef, training.TrainState(params, rest, opt_state,
                                        jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def abstract_train_step(network: dict[str, Any], *, mode: str, time_steps: int, batch: int,
+                        image_shape: Sequence[int], unrolled: bool = False,
+                        static_input: bool = True) -> tuple[Callable, tuple]:
+  """The jitted train step (train state donated) of a network and its abstract arguments.
+
+  Args: as :func:`train_step_memory`.
+
+  Returns:
+    ``(step, args)``: ``step(*args)`` is one training batch; ``jax.eval_shape(step, *args)``
+    traces it, ``step.lower(*args).compile()`` compiles it, neither allocates the arrays.
+  """
+  optimizer = training.make_optimizer()
+  graphdef, state = abstract_train_state(network, time_steps, optimizer)
+  config = training.StepConfig(mode=mode, time_steps=time_steps,
+                               num_classes=network["num_classes"], static_input=static_input)
+  if unrolled:
+    config = config._replace(time_unroll=True)
+  x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
+  seed_key = jax.eval_shape(lambda: jax.random.key(0))
+  step = jax.jit(training.make_train_step(graphdef, optimizer, config), donate_argnums=0)
+  return step, (state, x, labels, learning_rate, seed_key)
 
 
 def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, batch: int,
@@ -81,19 +107,11 @@ def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, ba
     ``temp``, ``argument``, ``output``, ``alias``, ``generated_code`` bytes, ``total`` = temp +
     argument, ``peak`` = temp + argument + output - alias, and ``compile_seconds``.
   """
-  optimizer = training.make_optimizer()
-  graphdef, state = abstract_train_state(network, time_steps, optimizer)
-  config = training.StepConfig(mode=mode, time_steps=time_steps,
-                               num_classes=network["num_classes"], static_input=static_input)
-  if unrolled:
-    config = config._replace(time_unroll=True)
-  x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
-  seed_key = jax.eval_shape(lambda: jax.random.key(0))
   start = time.perf_counter()
-  step = jax.jit(training.make_train_step(graphdef, optimizer, config), donate_argnums=0)
-  compiled = step.lower(state, x, labels, learning_rate, seed_key).compile()
+  step, args = abstract_train_step(network, mode=mode, time_steps=time_steps, batch=batch,
+                                   image_shape=image_shape, unrolled=unrolled,
+                                   static_input=static_input)
+  compiled = step.lower(*args).compile()
   seconds = time.perf_counter() - start
   analysis = compiled.memory_analysis()
   sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes"))

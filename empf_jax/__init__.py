@@ -8,12 +8,15 @@ Modules:
   neurons     pure step functions (empf_step, lif_step, parallel_step) and run_steps (lax.scan).
   quantize    straight-through estimators: binarize_ste, ternarize_ste, quantize_spike_ste.
   layers      Flax NNX layers: QConv, Dense, StepBatchNorm, MemBN, SECA, neuron modules.
-  models      networks and models.create(name, ...): resnet18/19/34, vgg11/13, vgg_snn,
-              convnet_small, mlp.
+  models      networks, their options (NetOptions) and models.create(name, ...): resnet18/19/34,
+              vgg11/13, vgg_snn, convnet_small, convnet28, mlp.
+  layout      a network's layers in forward order (layout_of, walk), read by deploy, efficiency
+              and convert.
   training    online, random single-step and BPTT train steps, evaluation step, optimizer and
               learning-rate schedule.
   accounting  model size by the paper's rule (param_megabytes) and packed (packed_megabytes).
-  deploy      fold a trained network into a packed inference model and run it.
+  deploy      fold a trained network into a packed inference model and run it (schema, fold,
+              runtime).
   bundle      versioned, checksummed byte format for deployed models.
   efficiency  firing rates, synaptic/neuron operations and 45 nm energy.
   convert     load PyTorch state dicts (reference and HD_LIF layouts).
@@ -21,18 +24,19 @@ Modules:
   testing     helpers for tests: randomize a network's hidden state.
 """
 
-from empf_jax import (accounting, bundle, convert, deploy, efficiency, layers, models, neurons,
-                      ops, quantize, testing, training)
+from empf_jax import (accounting, bundle, convert, deploy, efficiency, layers, layout, models,
+                      neurons, ops, quantize, testing, training)
 from empf_jax.accounting import packed_megabytes, param_megabytes
-from empf_jax.models import ConfigError, create
+from empf_jax.models import ConfigError, NetOptions, create
 from empf_jax.neurons import empf_step, lif_step, parallel_step, run_steps
 from empf_jax.quantize import binarize_ste, quantize_spike_ste, ternarize_ste
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "accounting", "bundle", "convert", "deploy", "efficiency", "layers", "models", "neurons", "ops",
-    "quantize", "testing", "training", "create", "ConfigError", "empf_step", "lif_step",
+    "accounting", "bundle", "convert", "deploy", "efficiency", "layers", "layout", "models",
+    "neurons", "ops", "quantize", "testing", "training", "create", "ConfigError", "NetOptions",
+    "empf_step", "lif_step",
     "parallel_step", "run_steps", "binarize_ste", "ternarize_ste", "quantize_spike_ste",
     "param_megabytes", "packed_megabytes",
 ]

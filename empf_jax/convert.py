@@ -63,6 +63,7 @@ import numpy as np
 from flax import nnx
 
 from empf_jax import layers, models
+from empf_jax.layout import PlainLayout, ResNetLayout, layout_of
 
 LAYOUTS = ("reference", "hd_lif")
 PARALLEL_THRESHOLDS = ("first", "per_step")
@@ -74,11 +75,15 @@ _HD_LIF_BLOCK = {
     "shortcut_bn": "downsample.1",
 }
 # The authors' VGG stage lists ('G' = their 'MM', global average pooling); flattened they equal
-# the plans of empf_jax.models.
+# the plans of empf_jax.models. Keyed by the plan of the network's layout (units as 'C').
 _HD_LIF_VGG_STAGES = {
-    models.VGG11_PLAN: ((64,), (128, "M"), (256, 256, "M"), (512, 512, "M"), (512, 512, "M")),
-    models.VGG13_PLAN: ((64,), (64, "M", 128, 128, "M"), (256, 256, "M"), (512, 512, 512, "M"),
-                        (512, "G")),
+    tuple("C" if isinstance(item, int) else item for item in plan): tuple(
+        tuple("C" if isinstance(item, int) else item for item in stage) for stage in stages)
+    for plan, stages in (
+        (models.VGG11_PLAN,
+         ((64,), (128, "M"), (256, 256, "M"), (512, 512, "M"), (512, 512, "M"))),
+        (models.VGG13_PLAN,
+         ((64,), (64, "M", 128, 128, "M"), (256, 256, "M"), (512, 512, 512, "M"), (512, "G"))))
 }
 
 
@@ -210,44 +215,49 @@ def _module_slots(module: nnx.Module, prefix: str, layout: str, parallel_thresho
   raise TypeError(f"no PyTorch naming for {type(module).__name__}")
 
 
-def _resnet_prefixes(model: models.ResNet) -> dict[tuple[Any, ...], str]:
+def _resnet_prefixes(layout: ResNetLayout) -> dict[tuple[Any, ...], str]:
   """Authors' names of a ResNet's top-level modules and blocks."""
   names = {("stem", "conv"): "conv1", ("stem", "bn"): "bn1"}
-  if model.fc_hidden is None:
+  if layout.hidden is None:
     names[("fc",)] = "fc"
     stage = 0
   else:
     names.update({("fc_hidden",): "fc.0", ("head_neuron",): "fc.1", ("fc",): "fc.2"})
     stage = 1  # ResNet-19 has no 64-wide stage: the authors leave layer1 empty.
   index = 0
-  for i, block in enumerate(model.blocks):
+  for i, block in enumerate(layout.blocks):
     # Every stage after the first opens with a strided block, which has the 1x1 shortcut.
-    if i == 0 or block.shortcut_conv is not None:
+    if i == 0 or block.shortcut is not None:
       stage, index = stage + 1, 0
     names[("blocks", i)] = f"layer{stage}.{index}"
     index += 1
   return names
 
 
-def _vgg_prefixes(model: models.Plain) -> dict[tuple[Any, ...], str]:
+def _vgg_prefixes(layout: PlainLayout) -> dict[tuple[Any, ...], str]:
   """Authors' names of a VGG's conv units (conv, BN, optional SECA, neuron share one list)."""
-  stages = _HD_LIF_VGG_STAGES.get(model.plan)
+  stages = _HD_LIF_VGG_STAGES.get(layout.plan)
   if stages is None:
-    raise CheckpointError(f"layout 'hd_lif' has no VGG with the plan {model.plan}")
+    raise CheckpointError("layout 'hd_lif' has no counterpart of a network with the plan "
+                          f"{layout.plan}; it covers resnet18/19/34, vgg11, vgg13 and vgg_snn")
   names = {("fc",): "classifier"}
   unit = 0
   for s, stage in enumerate(stages, start=1):
     position = 0
     for item in stage:
-      if isinstance(item, str):
+      if item != "C":
         position += 1
         continue
-      parts = ["conv", "bn"] + (["seca"] if model.units[unit].seca is not None else []) + ["neuron"]
+      parts = ["conv", "bn"] + (["seca"] if layout.units[unit].seca else []) + ["neuron"]
       for offset, part in enumerate(parts):
         names[("units", unit, part)] = f"layer{s}.{position + offset}"
       position += len(parts)
       unit += 1
   return names
+
+
+# The authors' names, by layout family (empf_jax.layout.LAYOUTS).
+_HD_LIF_PREFIXES = {"resnet": _resnet_prefixes, "plain": _vgg_prefixes}
 
 
 def _hd_lif_prefix(names: Mapping[tuple[Any, ...], str], path: tuple[Any, ...]) -> str:
@@ -272,13 +282,8 @@ def _slots(model: nnx.Module, layout: str, parallel_threshold: str
     raise ValueError(f"parallel_threshold={parallel_threshold!r} is not allowed; allowed: "
                      + ", ".join(PARALLEL_THRESHOLDS))
   if layout == "hd_lif":
-    if isinstance(model, models.ResNet):
-      names = _resnet_prefixes(model)
-    elif isinstance(model, models.Plain):
-      names = _vgg_prefixes(model)
-    else:
-      raise CheckpointError(f"layout 'hd_lif' has no counterpart of {type(model).__name__}; "
-                            "it covers resnet18/19/34, vgg11, vgg13 and vgg_snn")
+    network = layout_of(model)
+    names = _HD_LIF_PREFIXES[network.family](network)
 
     def prefix(path):
       return _hd_lif_prefix(names, path)

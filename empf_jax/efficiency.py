@@ -58,7 +58,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from empf_jax import deploy, ops
-from empf_jax.layers import SECA, SECA_TAPS, Dense, Neuron, QConv, set_recording
+from empf_jax.layout import ConvSpec, Layer, Layout, NeuronSpec, layout_of, modules_by_name, walk
+from empf_jax.layers import SECA_TAPS, QConv, set_recording
 from empf_jax.models import SpikingNetwork
 from empf_jax.quantize import ternary_codes
 
@@ -143,6 +144,8 @@ class Report:
   synaptic: tuple[SynapticLayer, ...]
   neurons: tuple[NeuronLayer, ...]
   attention: tuple[AttentionLayer, ...]
+  # The names of all the layers above in forward order (empf_jax.layout.walk).
+  order: tuple[str, ...] = ()
 
   @property
   def sops(self) -> float:
@@ -255,59 +258,22 @@ def dense_synaptic_ops_per_example(inputs: jax.Array, out_features: int, *,
   return count.astype(jnp.float32) * out_features
 
 
-@dataclasses.dataclass(frozen=True)
-class _Synapse:
-  name: str
-  kind: str
-  source: str
-  op: str
+def _synapses(layout: Layout) -> list[Layer]:
+  """Every conv/FC layer of a layout, in forward order."""
+  return [layer for layer in walk(layout) if layer.kind in ("conv", "dense")]
 
 
-def _synapses(layout: deploy.ResNetLayout | deploy.PlainLayout) -> list[_Synapse]:
-  """Every conv/FC layer with what feeds it, read from the deployed layout."""
-
-  def conv(spec: deploy.ConvSpec, source: str) -> _Synapse:
-    return _Synapse(spec.name, "conv", source, "MAC" if spec.weights == "float" else "AC")
-
-  out = []
-  if isinstance(layout, deploy.ResNetLayout):
-    out.append(conv(layout.stem, "currents"))
-    for block in layout.blocks:
-      out += [conv(block.conv1, "spikes"), conv(block.conv2, "spikes")]
-      if block.shortcut is not None:
-        out.append(conv(block.shortcut, "currents"))
-    if layout.hidden is not None:
-      out.append(_Synapse(layout.hidden.name, "dense", "currents", "MAC"))
-    out.append(_Synapse(layout.fc.name, "dense",
-                        "spikes" if layout.hidden is not None else "currents", "MAC"))
-  else:
-    for i, unit in enumerate(layout.units):
-      first_float = i == 0 and unit.conv.weights == "float"
-      out.append(conv(unit.conv, "currents" if first_float else "spikes"))
-    out.append(_Synapse(layout.fc.name, "dense", "spikes", "MAC"))
-  return out
+def _op(layer: Layer) -> str:
+  """AC for binary/ternary convolutions, MAC for float ones and FC layers."""
+  return "AC" if layer.kind == "conv" and layer.spec.weights != "float" else "MAC"
 
 
-def neuron_kind(spec: deploy.NeuronSpec) -> str:
+def neuron_kind(spec: NeuronSpec) -> str:
   """The key of :data:`NEURON_OPS` for a neuron layer."""
   return "empf+mem_bn" if spec.mem_bn else spec.kind
 
 
-def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
-  return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model)
-          if isinstance(node, (QConv, Dense, Neuron, SECA))}
-
-
-_SECA_INPUT = {"seca1": "conv1", "seca2": "conv2", "seca": "conv"}
-
-
-def _seca_conv(name: str) -> str:
-  """The convolution whose output a SECA gate reads (same block or unit)."""
-  parent, _, leaf = name.rpartition(".")
-  return f"{parent}.{_SECA_INPUT[leaf]}"
-
-
-def _conv_output_shape(conv: QConv, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def _conv_output_shape(conv: ConvSpec, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
   """(H', W', C_out) of a convolution's output for input [..., H, W, C_in]."""
   def size(n: int) -> int:
     return (n + 2 * conv.padding - conv.kernel_size) // conv.stride + 1
@@ -319,30 +285,29 @@ def _conv_output_shape(conv: QConv, input_shape: tuple[int, ...]) -> tuple[int, 
 def _batch_counts(model: SpikingNetwork, x: jax.Array) -> dict[str, dict[str, jax.Array]]:
   """Per layer, additive counts over one batch (all steps): operations, non-zeros, sizes."""
   _, recorded = recorded_run(model, x)
-  modules = _modules(model)
+  modules = modules_by_name(model)
   counts = {}
-  for synapse in _synapses(deploy.layout_of(model)):
-    inputs, module = recorded[synapse.name], modules[synapse.name]
-    sparse = synapse.source == "spikes"
-    if synapse.kind == "conv":
-      total = conv_synaptic_ops(inputs, nonzero_weights(module), module.stride, module.padding,
-                                sparse=sparse)
-    else:
-      total = dense_synaptic_ops(inputs, module.out_features, sparse=sparse)
-    counts[synapse.name] = {"ops": total, "nonzero": jnp.sum(inputs != 0).astype(jnp.float32),
+  for layer in walk(layout_of(model)):
+    if layer.kind in ("conv", "dense"):
+      inputs, module = recorded[layer.name], modules[layer.name]
+      sparse = layer.reads == "spikes"
+      if layer.kind == "conv":
+        total = conv_synaptic_ops(inputs, nonzero_weights(module), module.stride,
+                                  module.padding, sparse=sparse)
+      else:
+        total = dense_synaptic_ops(inputs, module.out_features, sparse=sparse)
+      counts[layer.name] = {"ops": total, "nonzero": jnp.sum(inputs != 0).astype(jnp.float32),
                             "size": jnp.asarray(inputs.size, jnp.float32)}
-  for name, module in modules.items():
-    if isinstance(module, Neuron):
-      spikes = recorded[name]
-      counts[name] = {"nonzero": jnp.sum(spikes != 0).astype(jnp.float32),
-                      "size": jnp.asarray(spikes.size, jnp.float32)}
-    elif isinstance(module, SECA):
-      conv_name = _seca_conv(name)
-      inputs = recorded[conv_name]
-      h, w, c = _conv_output_shape(modules[conv_name], inputs.shape)
+    elif layer.kind == "neuron":
+      spikes = recorded[layer.name]
+      counts[layer.name] = {"nonzero": jnp.sum(spikes != 0).astype(jnp.float32),
+                            "size": jnp.asarray(spikes.size, jnp.float32)}
+    elif layer.kind == "seca":  # gates the output of the convolution layer.spec
+      inputs = recorded[layer.spec.name]
+      h, w, c = _conv_output_shape(layer.spec, inputs.shape)
       repeats = math.prod(inputs.shape[:2])
-      counts[name] = {"macs": jnp.asarray(SECA_TAPS * c * repeats, jnp.float32),
-                      "elements": jnp.asarray(h * w * c * repeats, jnp.float32)}
+      counts[layer.name] = {"macs": jnp.asarray(SECA_TAPS * c * repeats, jnp.float32),
+                            "elements": jnp.asarray(h * w * c * repeats, jnp.float32)}
   return counts
 
 
@@ -383,36 +348,35 @@ def measure(model: SpikingNetwork, batches: Iterable[jax.Array]) -> Report:
 
 def _report(model: SpikingNetwork, totals: dict[str, dict[str, float]], samples: int,
             steps: int) -> Report:
-  layout = deploy.layout_of(model)
-  specs = deploy.layer_specs(layout)
+  layers = walk(layout_of(model))
   synaptic = tuple(
-      SynapticLayer(s.name, s.kind, s.source, s.op,
-                    totals[s.name]["nonzero"] / totals[s.name]["size"],
-                    totals[s.name]["ops"] / samples)
-      for s in _synapses(layout))
+      SynapticLayer(layer.name, layer.kind, layer.reads, _op(layer),
+                    totals[layer.name]["nonzero"] / totals[layer.name]["size"],
+                    totals[layer.name]["ops"] / samples)
+      for layer in layers if layer.kind in ("conv", "dense"))
   neuron_layers, attention, spike_bits = [], [], None
-  for name, module in _modules(model).items():
-    layer = totals.get(name)
-    if isinstance(module, Neuron):
-      spec = specs[name]
-      kind = neuron_kind(spec)
+  for layer in layers:
+    counts = totals.get(layer.name)
+    if layer.kind == "neuron":
+      kind = neuron_kind(layer.spec)
       muls, adds = NEURON_OPS[kind]
-      updates = layer["size"] / samples  # neuron updates per sample over all steps
-      neuron_layers.append(NeuronLayer(name, kind, round(updates / steps),
-                                       layer["nonzero"] / layer["size"],
+      updates = counts["size"] / samples  # neuron updates per sample over all steps
+      neuron_layers.append(NeuronLayer(layer.name, kind, round(updates / steps),
+                                       counts["nonzero"] / counts["size"],
                                        muls * updates, adds * updates))
-      spike_bits = spec.spike_bits or spike_bits
-    elif isinstance(module, SECA):
-      elements = layer["elements"] / samples
-      attention.append(AttentionLayer(name, macs=layer["macs"] / samples, muls=elements,
+      spike_bits = layer.spec.spike_bits or spike_bits
+    elif layer.kind == "seca":
+      elements = counts["elements"] / samples
+      attention.append(AttentionLayer(layer.name, macs=counts["macs"] / samples, muls=elements,
                                       adds=elements))
-  return Report(samples, steps, spike_bits, synaptic, tuple(neuron_layers), tuple(attention))
+  return Report(samples, steps, spike_bits, synaptic, tuple(neuron_layers), tuple(attention),
+                tuple(layer.name for layer in layers if layer.name))
 
 
 def spike_bits_of(arch: deploy.Architecture) -> int | None:
   """The spike code of a deployed network's neurons (4 or None), for the authors' discount."""
-  return next((spec.spike_bits for spec in deploy.layer_specs(arch.layout).values()
-               if isinstance(spec, deploy.NeuronSpec) and spec.spike_bits), None)
+  return next((layer.spec.spike_bits for layer in walk(arch.layout)
+               if layer.kind == "neuron" and layer.spec.spike_bits), None)
 
 
 def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
@@ -440,13 +404,12 @@ def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
     ``neuron_adds`` and the two energies ``energy_authors_pj`` and ``energy_full_pj`` (SECA
     included in the full one), the keys of the efficiency report's totals.
   """
-  specs = deploy.layer_specs(arch.layout)
   batch = record.logits.shape[0]
   zero = jnp.zeros(batch, jnp.float32)
   sops, acs, macs = zero, zero, zero
   for synapse in _synapses(arch.layout):
-    spec, inputs = specs[synapse.name], record.inputs[synapse.name]
-    sparse = synapse.source == "spikes"
+    spec, inputs = synapse.spec, record.inputs[synapse.name]
+    sparse = synapse.reads == "spikes"
     if synapse.kind == "conv":
       nonzero = (kernels[spec.name] != 0 if spec.weights == "ternary"
                  else jnp.ones(spec.kernel_shape, bool)).astype(jnp.float32)
@@ -457,18 +420,18 @@ def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
                                              sparse=sparse)
     if sparse:
       sops = sops + count
-    if synapse.op == "AC":
+    if _op(synapse) == "AC":
       acs = acs + count
     else:
       macs = macs + count
-  muls, adds = zero, zero
-  for name, membrane in record.membranes.items():
-    per_neuron = NEURON_OPS[neuron_kind(specs[name])]
-    neurons = math.prod(membrane.shape[1:])
-    muls, adds = muls + per_neuron[0] * neurons, adds + per_neuron[1] * neurons
-  seca = 0.0
-  for name, inputs in record.inputs.items():
-    if name not in specs:  # a SECA gate: pooling additions, 5-tap MACs, gate multiplies
+  muls, adds, seca = zero, zero, 0.0
+  for layer in walk(arch.layout):
+    if layer.kind == "neuron":
+      per_neuron = NEURON_OPS[neuron_kind(layer.spec)]
+      neurons = math.prod(record.membranes[layer.name].shape[1:])
+      muls, adds = muls + per_neuron[0] * neurons, adds + per_neuron[1] * neurons
+    elif layer.kind == "seca":  # pooling additions, 5-tap MACs, gate multiplies
+      inputs = record.inputs[layer.name]
       elements, channels = math.prod(inputs.shape[1:]), inputs.shape[-1]
       seca += (elements * (AC_ENERGY_PJ + MUL_ENERGY_PJ)
                + SECA_TAPS * channels * MAC_ENERGY_PJ)

@@ -33,11 +33,72 @@ class ConfigError(ValueError):
   """An unknown network, option or a combination of options the spec does not allow."""
 
 
+def _allowed(key: str, value: Any, allowed: Sequence[Any]) -> None:
+  """Raises unless ``value`` is one of ``allowed``; a bool never stands for an int or back."""
+  if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
+    raise ConfigError(f"{key}={value!r} is not allowed; allowed: "
+                      + ", ".join(repr(a) for a in allowed))
+
+
+def _is_integer(value: Any) -> bool:
+  """Python or NumPy integer, not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+  """Python or NumPy real number, not a bool."""
+  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 @dataclasses.dataclass(frozen=True)
 class NetOptions:
-  """Options shared by every layer of one network (see :func:`create`)."""
+  """What a network is: its name and every option of :func:`create` (docs/model.md §3).
 
+  Frozen and checked on construction: an unknown network, a value out of range or a combination
+  that docs/model.md §3 does not allow raises :class:`ConfigError` naming the option and what is
+  allowed. ``None`` is the one sentinel: ``stem=None`` and ``in_channels=None`` stand for the
+  network's default and are resolved here (an instance holds the stem and channel count the
+  network is built with), ``spike_bits=None`` means floating-point spikes and
+  ``in_features=None`` that the network does without it (every network but ``mlp``).
+
+  Attributes:
+    name: one of :data:`NETWORKS`: ``resnet18``, ``resnet19``, ``resnet34``, ``vgg11``,
+      ``vgg13``, ``vgg_snn``, ``convnet_small``, ``convnet28`` (28x28 inputs: 32
+      full-precision channels, pool, 64 and 128 binary channels at 14x14 and 7x7, the 7x7 maps
+      flattened into the classifier), ``mlp``.
+    num_classes: classifier outputs.
+    time_steps: T; every neuron layer has T decay and T threshold scalars.
+    in_channels: input channels; default 2 for the event stem, else 3 (1 is common for
+      convnet_small on grey images).
+    in_features: input values per example and time step (H * W * C); ``mlp`` only, which
+      needs it; the other networks ignore it.
+    stem: ``cifar`` (3x3), ``imagenet`` (7x7/2 + maxpool), ``tiny`` (3x3 + maxpool) or
+      ``event`` (3x3 on 2 polarity channels); default ``event`` for vgg_snn, ``dense`` (its
+      full-precision first layer, the only choice) for mlp, else ``cifar``.
+    neuron: ``empf`` (the EM-PF family) or ``lif`` (baseline).
+    weights: ``binary`` (1 bit), ``ternary`` (1.5 bit) or ``float`` for the block convolutions.
+    mem_bn: Mem-BN in every EM-PF neuron with state (EM-PF only).
+    parallel: stateless second neuron in every basic block (ResNets, EM-PF only).
+    spike_bits: None (floating-point spikes) or 4 (EM-PF only).
+    seca: 0 (none), 1 (SECA-I) or 2 (SECA-II, ResNets only).
+    learnable_lif: train the LIF decay and threshold (LIF only).
+    width: channel multiplier (tests build e.g. width=1/8 networks).
+    symmetric_init: latent binary/ternary weights uniform in [-latent_init, latent_init)
+      instead of [0, latent_init) (beyond the method, docs/model.md §7).
+    step_stats: every conv BatchNorm keeps separate running averages per time step and
+      evaluates step t with its own (beyond the method, which shares them, docs/model.md §7;
+      meant for inputs whose distribution changes with t, such as row chunks of sequential
+      Fashion-MNIST).
+    latent_init: largest magnitude of the initial binary/ternary latent weights (default 1e-3,
+      the authors' initialisation; other values are beyond the method, docs/model.md §7).
+  """
+
+  name: str
+  num_classes: int
   time_steps: int
+  in_channels: int | None = None
+  in_features: int | None = None
+  stem: str | None = None
   neuron: str = "empf"
   weights: str = "binary"
   mem_bn: bool = False
@@ -49,6 +110,82 @@ class NetOptions:
   symmetric_init: bool = False
   step_stats: bool = False
   latent_init: float = LATENT_INIT_MAX
+
+  def __post_init__(self):
+    _allowed("name", self.name, NETWORKS)
+    _allowed("neuron", self.neuron, NEURONS)
+    _allowed("weights", self.weights, WEIGHTS)
+    if not any(self.spike_bits == a and not isinstance(self.spike_bits, bool)
+               for a in SPIKE_BITS):
+      raise ConfigError(f"spike_bits={self.spike_bits!r} is not allowed; allowed: None, 4 "
+                        "(None: floating-point spikes)")
+    _allowed("seca", self.seca, SECA_VARIANTS)
+    for key in ("num_classes", "time_steps"):
+      value = getattr(self, key)
+      if not _is_integer(value) or value < 1:
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: an integer >= 1")
+    if self.in_channels is not None and (not _is_integer(self.in_channels)
+                                         or self.in_channels < 1):
+      raise ConfigError(f"in_channels={self.in_channels!r} is not allowed; allowed: an integer "
+                        ">= 1")
+    if (self.name == "mlp" or self.in_features is not None) and (
+        not _is_integer(self.in_features) or self.in_features < 1):
+      raise ConfigError(f"in_features={self.in_features!r} is not allowed"
+                        f"{' with ' + repr(self.name) if self.in_features is None else ''}; "
+                        "allowed: an integer >= 1 (the number of input values per example and "
+                        "time step)")
+    if not _is_real(self.width) or not self.width > 0:
+      raise ConfigError(f"width={self.width!r} is not allowed; allowed: a number > 0")
+    if not _is_real(self.latent_init) or not 0 < self.latent_init <= 1:
+      raise ConfigError(f"latent_init={self.latent_init!r} is not allowed; allowed: a number in "
+                        "(0, 1]")
+    stem = self.stem if self.stem is not None else NETWORK_STEMS[self.name][0]
+    _allowed(f"stem (for {self.name})", stem, NETWORK_STEMS[self.name])
+    for key in ("mem_bn", "parallel", "learnable_lif", "step_stats", "symmetric_init"):
+      _allowed(key, getattr(self, key), (False, True))
+    if self.parallel and self.name not in RESNETS:
+      raise ConfigError(f"parallel=True is not allowed with {self.name!r}; allowed only in: "
+                        + ", ".join(RESNETS))
+    if self.seca == 2 and self.name not in RESNETS:
+      raise ConfigError(f"seca=2 is not allowed with {self.name!r}; allowed: 0, 1 (SECA-II only "
+                        "in " + ", ".join(RESNETS) + ")")
+    if self.neuron != "empf":
+      for key, off in (("mem_bn", False), ("parallel", False), ("spike_bits", None)):
+        if getattr(self, key) != off:
+          raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed with "
+                            f"neuron={self.neuron!r}; allowed: {off!r} (only the EM-PF neuron "
+                            "has it)")
+    elif self.learnable_lif:
+      raise ConfigError("learnable_lif=True is not allowed with neuron='empf'; allowed: False "
+                        "(it selects the learnable LIF baseline)")
+    in_channels = (2 if stem == "event" else 3) if self.in_channels is None else self.in_channels
+    resolved = {"stem": stem, "in_channels": int(in_channels),
+                "in_features": None if self.in_features is None else int(self.in_features),
+                "num_classes": int(self.num_classes), "time_steps": int(self.time_steps),
+                "width": float(self.width), "latent_init": float(self.latent_init)}
+    for key, value in resolved.items():
+      object.__setattr__(self, key, value)
+
+  @classmethod
+  def of(cls, name: str, **options: Any) -> NetOptions:
+    """``NetOptions(name, **options)``, raising :class:`ConfigError` (not TypeError) for an
+    unknown or a missing option."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    allowed = [key for key in fields if key != "name"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+      raise ConfigError(f"unknown create() option(s) {unknown}; allowed: {allowed}")
+    missing = [key for key in allowed
+               if key not in options and fields[key].default is dataclasses.MISSING]
+    if missing:
+      raise ConfigError(f"create() option(s) {missing} are required")
+    return cls(name, **options)
+
+  def create_options(self) -> dict[str, Any]:
+    """Every option but the name, as keyword arguments of :func:`create`."""
+    options = dataclasses.asdict(self)
+    del options["name"]
+    return options
 
   def norm(self, features: int) -> StepBatchNorm:
     """A conv BatchNorm: shared running averages, or one set per time step (``step_stats``)."""
@@ -68,16 +205,27 @@ class NetOptions:
                       mem_bn=self.mem_bn if mem_bn is None else mem_bn,
                       spike_bits=self.spike_bits)
 
-  def conv(self, cin: int, cout: int, kernel: int, *, stride: int = 1, weights: str | None = None,
-           rngs: nnx.Rngs) -> QConv:
-    return QConv(cin, cout, kernel, stride=stride, weights=weights or self.weights,
-                 symmetric_init=self.symmetric_init, latent_init=self.latent_init, rngs=rngs)
+  def conv(self, cin: int, cout: int, kernel: int, *, stride: int = 1, padding: int | None = None,
+           weights: str | None = None, rngs: nnx.Rngs) -> QConv:
+    """A convolution with this network's weights (or ``weights``) and latent initialisation."""
+    return QConv(cin, cout, kernel, stride=stride, padding=padding,
+                 weights=weights or self.weights, symmetric_init=self.symmetric_init,
+                 latent_init=self.latent_init, rngs=rngs)
 
 
 class SpikingNetwork(nnx.Module):
-  """Base class: the three ways of running a network share :meth:`run`."""
+  """Base class: the three ways of running a network share :meth:`run`.
 
-  time_steps: int
+  Attributes:
+    options: the :class:`NetOptions` the network was built from (:func:`create`); the classes
+      below are its building blocks, which tests also assemble into smaller networks.
+  """
+
+  options: NetOptions
+
+  @property
+  def time_steps(self) -> int:
+    return self.options.time_steps
 
   def run(self, x: jax.Array, state: Any, t0: jax.Array | int, *, train: bool,
           online: bool = True) -> tuple[jax.Array, Any]:
@@ -149,14 +297,10 @@ class BasicBlock(nnx.Module):
     self.bn2 = opts.norm(cout)
     self.seca1 = SECA(rngs=rngs) if opts.seca else None
     self.seca2 = SECA(rngs=rngs) if opts.seca else None
-    if stride != 1 or cin != cout:
-      self.shortcut_conv = QConv(cin, cout, 1, stride=stride, padding=0, weights=opts.weights,
-                                 symmetric_init=opts.symmetric_init,
-                                 latent_init=opts.latent_init, rngs=rngs)
-      self.shortcut_bn = opts.norm(cout)
-    else:
-      self.shortcut_conv = None
-      self.shortcut_bn = None
+    downsample = stride != 1 or cin != cout  # a 1x1 convolution + BN where the shape changes
+    self.shortcut_conv = (opts.conv(cin, cout, 1, stride=stride, padding=0, rngs=rngs)
+                          if downsample else None)
+    self.shortcut_bn = opts.norm(cout) if downsample else None
 
   def _attend(self, seca: SECA | None, residual: jax.Array, y: jax.Array) -> jax.Array:
     if seca is None:
@@ -186,11 +330,12 @@ class ResNet(SpikingNetwork):
   """
 
   def __init__(self, blocks: Sequence[int], widths: Sequence[int], strides: Sequence[int],
-               *, num_classes: int, in_channels: int, stem: str, opts: NetOptions,
-               stem_width: int = 64, hidden: int | None = None, rngs: nnx.Rngs):
-    self.time_steps = opts.time_steps
+               opts: NetOptions, *, stem_width: int = 64, hidden: int | None = None,
+               rngs: nnx.Rngs):
+    self.options = opts
+    num_classes = opts.num_classes
     width = opts.channels(stem_width)
-    self.stem = Stem(stem, in_channels, width, opts, rngs=rngs)
+    self.stem = Stem(opts.stem, opts.in_channels, width, opts, rngs=rngs)
     layers = []
     cin = width
     for count, base, stride in zip(blocks, widths, strides):
@@ -244,13 +389,13 @@ class ConvUnit(nnx.Module):
 class Plain(SpikingNetwork):
   """A chain of conv units with average pooling ('M'), then GAP ('G') or flatten, then FC."""
 
-  def __init__(self, plan: Sequence[int | str], *, num_classes: int, in_channels: int,
-               opts: NetOptions, first_weights: str, flatten_to: int | None = None,
-               rngs: nnx.Rngs):
-    self.time_steps = opts.time_steps
+  def __init__(self, plan: Sequence[int | str], opts: NetOptions, *, first_weights: str | None,
+               flatten_to: int | None = None, rngs: nnx.Rngs):
+    """``first_weights``: the first convolution's weights (None: the network's)."""
+    self.options = opts
     self.plan = tuple(plan)
     units = []
-    cin = in_channels
+    cin = opts.in_channels
     for i, item in enumerate(plan):
       if isinstance(item, str):
         continue
@@ -262,7 +407,7 @@ class Plain(SpikingNetwork):
     self.flatten = flatten_to is not None
     self.flatten_to = flatten_to
     features = cin * flatten_to * flatten_to if self.flatten else cin
-    self.fc = Dense(features, num_classes, rngs=rngs)
+    self.fc = Dense(features, opts.num_classes, rngs=rngs)
 
   def run(self, x, state, t0, *, train, online=True):
     if state is None:
@@ -302,13 +447,13 @@ class ConvNetSmall(SpikingNetwork):
   conv3x3 2W->2W + BN; neuron; GAP; FC.  W = 32 * width.
   """
 
-  def __init__(self, *, num_classes: int, in_channels: int, opts: NetOptions, rngs: nnx.Rngs):
-    self.time_steps = opts.time_steps
+  def __init__(self, opts: NetOptions, *, rngs: nnx.Rngs):
+    self.options = opts
     w = opts.channels(32)
-    self.unit1 = ConvUnit(in_channels, w, opts, weights="float", rngs=rngs)
+    self.unit1 = ConvUnit(opts.in_channels, w, opts, weights="float", rngs=rngs)
     self.unit2 = ConvUnit(w, 2 * w, opts, rngs=rngs)
     self.unit3 = ConvUnit(2 * w, 2 * w, opts, rngs=rngs)
-    self.fc = Dense(2 * w, num_classes, rngs=rngs)
+    self.fc = Dense(2 * w, opts.num_classes, rngs=rngs)
 
   def run(self, x, state, t0, *, train, online=True):
     state = state if state is not None else (None, None, None)
@@ -329,13 +474,14 @@ class MLP(SpikingNetwork):
   layers.
   """
 
-  def __init__(self, *, num_classes: int, in_features: int, opts: NetOptions, rngs: nnx.Rngs):
-    self.time_steps = opts.time_steps
-    self.in_features = in_features
+  def __init__(self, opts: NetOptions, *, rngs: nnx.Rngs):
+    self.options = opts
+    self.in_features = opts.in_features
     hidden = opts.channels(256)
-    self.unit1 = ConvUnit(in_features, hidden, opts, weights="float", kernel_size=1, rngs=rngs)
+    self.unit1 = ConvUnit(opts.in_features, hidden, opts, weights="float", kernel_size=1,
+                          rngs=rngs)
     self.unit2 = ConvUnit(hidden, hidden, opts, kernel_size=1, rngs=rngs)
-    self.fc = Dense(hidden, num_classes, rngs=rngs)
+    self.fc = Dense(hidden, opts.num_classes, rngs=rngs)
 
   def run(self, x, state, t0, *, train, online=True):
     features = math.prod(x.shape[2:])
@@ -364,142 +510,53 @@ NETWORK_STEMS = {
 }
 
 
-def _allowed(key: str, value: Any, allowed: Sequence[Any]) -> None:
-  """Raises unless ``value`` is one of ``allowed``; a bool never stands for an int or back."""
-  if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
-    raise ConfigError(f"{key}={value!r} is not allowed; allowed: "
-                      + ", ".join(repr(a) for a in allowed))
 
-
-def _is_integer(value: Any) -> bool:
-  """Python or NumPy integer, not a bool."""
-  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def validate(name: str, *, num_classes: int, time_steps: int, in_channels: int | None,
-             in_features: int | None = None,
-             stem: str | None, neuron: str, weights: str, mem_bn: bool, parallel: bool,
-             spike_bits: int | None, seca: int, learnable_lif: bool, width: float,
-             step_stats: bool = False, latent_init: float = LATENT_INIT_MAX,
-             symmetric_init: bool = False) -> str:
-  """Checks every option of :func:`create`; returns the stem to use. Raises :class:`ConfigError`."""
-  _allowed("name", name, NETWORKS)
-  _allowed("neuron", neuron, NEURONS)
-  _allowed("weights", weights, WEIGHTS)
-  _allowed("spike_bits", spike_bits, SPIKE_BITS)
-  _allowed("seca", seca, SECA_VARIANTS)
-  for key, value in (("num_classes", num_classes), ("time_steps", time_steps)):
-    if not _is_integer(value) or value < 1:
-      raise ConfigError(f"{key}={value!r} is not allowed; allowed: an integer >= 1")
-  if in_channels is not None and (not _is_integer(in_channels) or in_channels < 1):
-    raise ConfigError(f"in_channels={in_channels!r} is not allowed; allowed: an integer >= 1")
-  if name == "mlp" and (not _is_integer(in_features) or in_features < 1):
-    raise ConfigError(f"in_features={in_features!r} is not allowed with 'mlp'; allowed: an "
-                      "integer >= 1 (the number of input values per example and time step)")
-  if (not isinstance(width, numbers.Real) or isinstance(width, (bool, np.bool_))
-      or not width > 0):
-    raise ConfigError(f"width={width!r} is not allowed; allowed: a number > 0")
-  if (not isinstance(latent_init, numbers.Real) or isinstance(latent_init, (bool, np.bool_))
-      or not 0 < latent_init <= 1):
-    raise ConfigError(f"latent_init={latent_init!r} is not allowed; allowed: a number in (0, 1]")
-  stem = stem if stem is not None else NETWORK_STEMS[name][0]
-  _allowed(f"stem (for {name})", stem, NETWORK_STEMS[name])
-  for key, value in (("mem_bn", mem_bn), ("parallel", parallel), ("learnable_lif", learnable_lif),
-                     ("step_stats", step_stats), ("symmetric_init", symmetric_init)):
-    _allowed(key, value, (False, True))
-  if parallel and name not in RESNETS:
-    raise ConfigError(f"parallel=True is not allowed with {name!r}; allowed only in: "
-                      + ", ".join(RESNETS))
-  if seca == 2 and name not in RESNETS:
-    raise ConfigError(f"seca=2 is not allowed with {name!r}; allowed: 0, 1 (SECA-II only in "
-                      + ", ".join(RESNETS) + ")")
-  if neuron != "empf":
-    for key, value, off in (("mem_bn", mem_bn, False), ("parallel", parallel, False),
-                            ("spike_bits", spike_bits, None)):
-      if value != off:
-        raise ConfigError(f"{key}={value!r} is not allowed with neuron={neuron!r}; "
-                          f"allowed: {off!r} (only the EM-PF neuron has it)")
-  elif learnable_lif:
-    raise ConfigError("learnable_lif=True is not allowed with neuron='empf'; allowed: False "
-                      "(it selects the learnable LIF baseline)")
-  return stem
-
-
-def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | None = None,
-           in_features: int | None = None,
-           stem: str | None = None, neuron: str = "empf", weights: str = "binary",
-           mem_bn: bool = False, parallel: bool = False, spike_bits: int | None = None,
-           seca: int = 0, learnable_lif: bool = False, width: float = 1.0,
-           symmetric_init: bool = False, step_stats: bool = False,
-           latent_init: float = LATENT_INIT_MAX,
-           rngs: nnx.Rngs | None = None) -> SpikingNetwork:
+def create(options: NetOptions | str, /, *, rngs: nnx.Rngs | None = None,
+           **kwargs: Any) -> SpikingNetwork:
   """Builds one of the networks of docs/model.md §3.
 
   Args:
-    name: one of ``resnet18``, ``resnet19``, ``resnet34``, ``vgg11``, ``vgg13``, ``vgg_snn``,
-      ``convnet_small``, ``convnet28`` (28x28 inputs: 32 full-precision channels, pool, 64 and
-      128 binary channels at 14x14 and 7x7, the 7x7 maps flattened into the classifier),
-      ``mlp``.
-    num_classes: classifier outputs.
-    time_steps: T; every neuron layer has T decay and T threshold scalars.
-    in_channels: input channels; default 2 for the event stem, else 3 (1 is common for
-      convnet_small on grey images).
-    in_features: input values per example and time step (H * W * C); ``mlp`` only, which
-      needs it; the other networks ignore it.
-    stem: ``cifar`` (3x3), ``imagenet`` (7x7/2 + maxpool), ``tiny`` (3x3 + maxpool) or ``event``
-      (3x3 on 2 polarity channels); default ``event`` for vgg_snn, ``dense`` (its full-precision
-      first layer, the only choice) for mlp, else ``cifar``.
-    neuron: ``empf`` (the EM-PF family) or ``lif`` (baseline).
-    weights: ``binary`` (1 bit), ``ternary`` (1.5 bit) or ``float`` for the block convolutions.
-    mem_bn: Mem-BN in every EM-PF neuron with state (EM-PF only).
-    parallel: stateless second neuron in every basic block (ResNets, EM-PF only).
-    spike_bits: None (floating-point spikes) or 4 (EM-PF only).
-    seca: 0 (none), 1 (SECA-I) or 2 (SECA-II, ResNets only).
-    learnable_lif: train the LIF decay and threshold (LIF only).
-    width: channel multiplier (tests build e.g. width=1/8 networks).
-    symmetric_init: latent binary/ternary weights uniform in [-latent_init, latent_init) instead
-      of [0, latent_init) (beyond the method, docs/model.md §7).
-    step_stats: every conv BatchNorm keeps separate running averages per time step and evaluates
-      step t with its own (beyond the method, which shares them, docs/model.md §7; meant for
-      inputs whose distribution changes with t, such as row chunks of sequential Fashion-MNIST).
-    latent_init: largest magnitude of the initial binary/ternary latent weights (default 1e-3,
-      the authors' initialisation; other values are beyond the method, docs/model.md §7).
+    options: the network (:class:`NetOptions`), or its name with the other options as keyword
+      arguments: ``create("resnet18", num_classes=10, time_steps=4)`` is
+      ``create(NetOptions("resnet18", num_classes=10, time_steps=4))``.
     rngs: parameter RNG; default ``nnx.Rngs(0)``.
+    **kwargs: the options of :class:`NetOptions` but the name, when ``options`` is a name.
 
   Returns:
-    The network. Raises :class:`ConfigError` naming the bad option and what is allowed.
+    The network; its ``options`` are the :class:`NetOptions` it was built from. Raises
+    :class:`ConfigError` naming the bad option and what is allowed.
   """
-  stem = validate(name, num_classes=num_classes, time_steps=time_steps, in_channels=in_channels,
-                  in_features=in_features,
-                  stem=stem, neuron=neuron, weights=weights, mem_bn=mem_bn, parallel=parallel,
-                  spike_bits=spike_bits, seca=seca, learnable_lif=learnable_lif, width=width,
-                  step_stats=step_stats, latent_init=latent_init,
-                  symmetric_init=symmetric_init)
-  in_channels = (2 if stem == "event" else 3) if in_channels is None else int(in_channels)
-  num_classes, time_steps = int(num_classes), int(time_steps)
-  rngs = rngs if rngs is not None else nnx.Rngs(0)
-  opts = NetOptions(time_steps=time_steps, neuron=neuron, weights=weights, mem_bn=mem_bn,
-                    parallel=parallel, spike_bits=spike_bits, seca=seca,
-                    learnable_lif=learnable_lif, width=float(width),
-                    symmetric_init=symmetric_init, step_stats=step_stats,
-                    latent_init=float(latent_init))
-  common = dict(num_classes=num_classes, in_channels=in_channels, opts=opts, rngs=rngs)
-  if name == "resnet18":
-    return ResNet((2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2), stem=stem, **common)
-  if name == "resnet34":
-    return ResNet((3, 4, 6, 3), (64, 128, 256, 512), (1, 2, 2, 2), stem=stem, **common)
-  if name == "resnet19":
-    first_stride = 2 if stem == "event" else 1
-    return ResNet((3, 3, 2), (128, 256, 512), (first_stride, 2, 2), stem=stem,
-                  hidden=opts.channels(256), **common)
-  if name == "vgg11":
-    return Plain(VGG11_PLAN, first_weights="float", **common)
-  if name == "vgg13":
-    return Plain(VGG13_PLAN, first_weights="float", **common)
-  if name == "vgg_snn":
-    return Plain(VGG11_PLAN, first_weights=weights, flatten_to=3, **common)
-  if name == "convnet28":
-    return Plain(CONVNET28_PLAN, first_weights="float", flatten_to=7, **common)
-  if name == "mlp":
-    return MLP(num_classes=num_classes, in_features=int(in_features), opts=opts, rngs=rngs)
-  return ConvNetSmall(**common)
+  if isinstance(options, str):
+    options = NetOptions.of(options, **kwargs)
+  elif kwargs:
+    raise TypeError(f"create() takes NetOptions or a name with keyword options, not both (got "
+                    f"{sorted(kwargs)})")
+  return _BUILDERS[options.name](options, rngs if rngs is not None else nnx.Rngs(0))
+
+
+def _resnet(blocks: Sequence[int], widths: Sequence[int], strides: Sequence[int]):
+  return lambda opts, rngs: ResNet(blocks, widths, strides, opts, rngs=rngs)
+
+
+def _resnet19(opts: NetOptions, rngs: nnx.Rngs) -> ResNet:
+  first_stride = 2 if opts.stem == "event" else 1
+  return ResNet((3, 3, 2), (128, 256, 512), (first_stride, 2, 2), opts,
+                hidden=opts.channels(256), rngs=rngs)
+
+
+def _plain(plan: Sequence[int | str], **kwargs: Any):
+  return lambda opts, rngs: Plain(plan, opts, rngs=rngs, **kwargs)
+
+
+# How each of NETWORKS is built from its options.
+_BUILDERS = {
+    "resnet18": _resnet((2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2)),
+    "resnet34": _resnet((3, 4, 6, 3), (64, 128, 256, 512), (1, 2, 2, 2)),
+    "resnet19": _resnet19,
+    "vgg11": _plain(VGG11_PLAN, first_weights="float"),
+    "vgg13": _plain(VGG13_PLAN, first_weights="float"),
+    "vgg_snn": _plain(VGG11_PLAN, first_weights=None, flatten_to=3),
+    "convnet28": _plain(CONVNET28_PLAN, first_weights="float", flatten_to=7),
+    "convnet_small": lambda opts, rngs: ConvNetSmall(opts, rngs=rngs),
+    "mlp": lambda opts, rngs: MLP(opts, rngs=rngs),
+}

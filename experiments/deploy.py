@@ -158,8 +158,7 @@ def export(workdir: str, out: str, *, report_dir: str | None, report_batches: in
   shape = train.step_shape(test)
   model, step = restore_model(workdir, config, test.num_classes, shape)
   try:
-    deployed = deploy.deploy(model, config.model.name,
-                             **train.model_options(config, test.num_classes, shape))
+    deployed = deploy.deploy(model)
   except (deploy.DeployError, models.ConfigError) as error:
     raise UsageError(f"{workdir}: cannot deploy this network: {error}") from None
   data = bundle.to_bytes(deployed)
@@ -209,12 +208,12 @@ def check_fits(arch: deploy.Architecture, test: data_input.Batches, dataset: str
   wanted = {"num_classes": test.num_classes, "in_channels": test.input_shape[-1]}
   if test.time_major:
     wanted["time_steps"] = test.input_shape[0]
-  if arch.option("in_features") is not None:
+  if arch.options.in_features is not None:
     wanted["in_features"] = math.prod(train.step_shape(test))
   for key, value in wanted.items():
-    if arch.option(key) != value:
+    if getattr(arch.options, key) != value:
       raise UsageError(f"dataset {dataset!r} has {key}={value}, the bundle's network "
-                       f"{arch.name} has {key}={arch.option(key)}")
+                       f"{arch.name} has {key}={getattr(arch.options, key)}")
 
 
 class _ExitTally:

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from empf_jax import deploy, efficiency
+from empf_jax import efficiency
 from empf_jax.models import SpikingNetwork
 from empf_jax.training import time_major
 from experiments.files import atomic_file, atomic_write
@@ -91,7 +91,8 @@ def authors_factor(report: efficiency.Report) -> float:
 
 
 def layer_rows(report: efficiency.Report) -> list[LayerRow]:
-  """One :class:`LayerRow` per synaptic, neuron and SECA layer of ``report`` (report order)."""
+  """One :class:`LayerRow` per synaptic, neuron and SECA layer of ``report``, in forward order
+  (``report.order``)."""
   factor = authors_factor(report)
   rows = []
   for layer in report.synaptic:
@@ -107,29 +108,8 @@ def layer_rows(report: efficiency.Report) -> list[LayerRow]:
   for layer in report.attention:
     rows.append(LayerRow(layer.name, "seca", None, 0.0, 0.0, layer.macs,
                          layer.muls + layer.adds, 0.0, layer.energy_pj))
-  return rows
-
-
-def forward_order(model: SpikingNetwork) -> list[str]:
-  """Names of the convolutions, FC layers, neurons and SECA gates in the order the input meets
-  them (the efficiency report lists neurons in module order, which sorts ``fc`` first)."""
-  layout = deploy.layout_of(model)
-  if isinstance(layout, deploy.ResNetLayout):
-    names = [layout.stem.name]
-    for block in layout.blocks:
-      seca = [f"{block.name}.seca1", f"{block.name}.seca2"] if block.seca else ["", ""]
-      names += [block.act1.name, block.conv1.name, seca[0], block.act2.name, block.conv2.name,
-                seca[1]]
-      if block.shortcut is not None:
-        names.append(block.shortcut.name)
-    if layout.hidden is not None:
-      names += [layout.hidden.name, layout.head_neuron.name]
-  else:
-    names = []
-    for unit in layout.units:
-      names += [unit.conv.name, f"{unit.name}.seca" if unit.seca else "", unit.neuron.name]
-  names.append(layout.fc.name)
-  return [name for name in names if name]
+  by_name = {row.name: row for row in rows}
+  return [by_name[name] for name in report.order]
 
 
 def _fmt(value: float | None, scale: float = 1.0) -> str:
@@ -244,8 +224,7 @@ def write_efficiency_report(model: SpikingNetwork,
   """
   report = efficiency.measure(
       model, network_inputs(batches, model.time_steps, max_batches=max_batches))
-  order = {name: i for i, name in enumerate(forward_order(model))}
-  rows = sorted(layer_rows(report), key=lambda row: order.get(row.name, len(order)))
+  rows = layer_rows(report)
   muls, adds = report.neuron_ops
   result = {
       "samples": report.samples,

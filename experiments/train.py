@@ -53,6 +53,11 @@ ADDED_KEYS = {"model.step_stats": False, "bn_recalibration_batches": 0,
               "model.latent_init": 1e-3, "model.symmetric_init": False,
               "decay_latent_weights": True,
               "bn_check_batches": 64}
+# The first release wrote "floating-point spikes" as model.spike_bits=0 and "the network's default
+# stem" as model.stem="", where the library (and the config now) write None: the fingerprint
+# hashes None as the old spelling, so that those runs' workdirs still resume, and saved configs
+# read back with None.
+LEGACY_SENTINELS = {"model.spike_bits": 0, "model.stem": ""}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -92,6 +97,10 @@ def with_added_keys(values: dict[str, Any]) -> ml_collections.ConfigDict:
   for dotted, old_behaviour in ADDED_KEYS.items():
     section, key = _section(values, dotted)
     section.setdefault(key, old_behaviour)
+  for dotted, legacy in LEGACY_SENTINELS.items():
+    section, key = _section(values, dotted)
+    if section.get(key) == legacy:
+      section[key] = None
   return ml_collections.ConfigDict(values)
 
 
@@ -100,6 +109,10 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   values = config.to_dict()
   for key in HARMLESS_KEYS:
     values.pop(key, None)
+  for dotted, legacy in LEGACY_SENTINELS.items():
+    section, key = _section(values, dotted)
+    if key in section and section[key] is None:
+      section[key] = legacy
   for dotted, old_behaviour in ADDED_KEYS.items():
     section, key = _section(values, dotted)
     if section.get(key, old_behaviour) == old_behaviour:
@@ -131,8 +144,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every key of a training config before any data is read or anything is compiled.
 
   Checks that the keys are exactly those of :func:`experiments.configs.common.base_config`, that
-  every value has its type and range, the model's options (:func:`empf_jax.models.validate`: a
-  known network, neuron, weights, stem, and no contradicting options), and that the batch splits
+  every value has its type and range, the model's options (:class:`empf_jax.models.NetOptions`:
+  a known network, neuron, weights, stem, and no contradicting options), and that the batch splits
   over the devices.
 
   Raises:
@@ -159,9 +172,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("mode", config.mode, ", ".join(training.MODES))
   if config.compute_dtype not in DTYPES:
     fail("compute_dtype", config.compute_dtype, ", ".join(DTYPES))
-  for key in ("data_dir", "model.stem"):
-    if not isinstance(given[key], str):
-      fail(key, given[key], "a string ('' for the default)")
+  if not isinstance(given["data_dir"], str):
+    fail("data_dir", given["data_dir"], "a string ('' for the default)")
+  if given["model.stem"] is not None and not isinstance(given["model.stem"], str):
+    fail("model.stem", given["model.stem"], "None (the network's default), a string")
   for key in ("augment", "nesterov", "mix", "progress", "model.mem_bn", "model.parallel",
               "model.learnable_lif", "model.step_stats", "model.symmetric_init",
               "decay_latent_weights"):
@@ -184,13 +198,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("warmup_start", config.warmup_start, "a number in (0, 1]")
   if not (_is_real(config.label_smoothing) and 0 <= config.label_smoothing < 1):
     fail("label_smoothing", config.label_smoothing, "a number in [0, 1)")
-  if config.model.spike_bits not in (0, 4):
-    fail("model.spike_bits", config.model.spike_bits, "0 (floating-point spikes), 4")
-  m = config.model
-  try:
-    models.validate(m.name, **model_options(config, num_classes=1, step_shape=(1,)))
-  except models.ConfigError as error:
-    raise ConfigError(f"config.model.{error}") from None
+  net_options(config, num_classes=1, step_shape=(1,))
   devices = jax.device_count()
   if config.batch_size % devices:
     fail("batch_size", config.batch_size,
@@ -202,28 +210,28 @@ def step_shape(data: data_input.Batches) -> tuple[int, ...]:
   return tuple(data.input_shape[1:] if data.time_major else data.input_shape)
 
 
-def model_options(config: ml_collections.ConfigDict, num_classes: int,
-                  step_shape: tuple[int, ...]) -> dict[str, Any]:
-  """The :func:`empf_jax.models.create` options (all but the name) of ``config.model`` for
-  examples of ``step_shape`` per time step."""
+def net_options(config: ml_collections.ConfigDict, num_classes: int,
+                step_shape: tuple[int, ...]) -> models.NetOptions:
+  """The network of ``config.model`` for examples of ``step_shape`` per time step: the one place
+  a config becomes :class:`empf_jax.models.NetOptions` (which checks the options).
+
+  Raises:
+    ConfigError: naming the option (``config.model.<key>``), its value and what is allowed.
+  """
   m = config.model
-  return {"num_classes": num_classes, "time_steps": config.time_steps,
-          "in_channels": step_shape[-1], "in_features": math.prod(step_shape),
-          "stem": m.stem or None, "neuron": m.neuron,
-          "weights": m.weights, "mem_bn": m.mem_bn, "parallel": m.parallel,
-          "spike_bits": m.spike_bits or None, "seca": m.seca, "learnable_lif": m.learnable_lif,
-          "width": m.width, "step_stats": m.step_stats, "latent_init": m.latent_init,
-          "symmetric_init": m.symmetric_init}
+  options = {key: m[key] for key in m if key != "name"}
+  options.update(time_steps=config.time_steps, num_classes=num_classes,
+                 in_channels=step_shape[-1], in_features=math.prod(step_shape))
+  try:
+    return models.NetOptions.of(m.name, **options)
+  except models.ConfigError as error:
+    raise ConfigError(f"config.model.{error}") from None
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, step_shape: tuple[int, ...]
                 ) -> models.SpikingNetwork:
-  """The network of ``config.model`` (options checked by :func:`empf_jax.models.create`)."""
-  try:
-    return models.create(config.model.name, **model_options(config, num_classes, step_shape),
-                         rngs=nnx.Rngs(config.seed))
-  except models.ConfigError as error:
-    raise ConfigError(f"config.model.{error}") from None
+  """The network of ``config.model`` (options checked by :func:`net_options`)."""
+  return models.create(net_options(config, num_classes, step_shape), rngs=nnx.Rngs(config.seed))
 
 
 class _Interrupt:

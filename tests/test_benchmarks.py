@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import types
 
 import chex
 import jax
@@ -198,7 +200,7 @@ def test_bn_causes_collects_the_per_epoch_records_into_a_table_and_plot(tmp_path
 
 @pytest.mark.parametrize("config", ["digits", "fashion_mnist", "sequential_fashion_mnist"])
 def test_ablation_memory_builds_the_network_of_every_offline_config(config):
-  # The network options come from the training driver's own model_options, so the mlp of
+  # The network options come from the training driver's own net_options, so the mlp of
   # sequential Fashion-MNIST (in_features, per-step statistics) is built as training builds it.
   from benchmarks import ablations
   c = ablations.load_config(f"experiments/configs/{config}.py", ["--config.batch_size=8"])
@@ -206,6 +208,32 @@ def test_ablation_memory_builds_the_network_of_every_offline_config(config):
   assert result["network"]["name"] == c.model.name
   assert result["network"]["step_stats"] == c.model.step_stats
   assert result["bytes"]["peak"] > 0
+
+
+# The training split of every shipped config's dataset as the loaders describe it: (classes,
+# one example's shape, time-major), for the datasets that are not shipped with a package.
+DATASET_SHAPES = {"cifar10": (10, (32, 32, 3), False), "cifar100": (100, (32, 32, 3), False),
+                  "cifar10_dvs": (10, (10, 48, 48, 2), True),
+                  "imagenet": (1000, (224, 224, 3), False),
+                  "tiny_imagenet": (200, (64, 64, 3), False)}
+SHIPPED_CONFIGS = sorted(
+    path.stem for path in pathlib.Path("experiments/configs").glob("*.py")
+    if "def get_config" in path.read_text())
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS)
+def test_ablation_runs_one_train_step_of_every_shipped_config(config):
+  from benchmarks import ablations
+  c = ablations.load_config(f"experiments/configs/{config}.py",
+                            ["--config.batch_size=8", "--config.model.width=0.125"])
+  data = None
+  if c.dataset in DATASET_SHAPES:
+    num_classes, input_shape, time_major = DATASET_SHAPES[c.dataset]
+    data = types.SimpleNamespace(num_classes=num_classes, input_shape=input_shape,
+                                 time_major=time_major)
+  result = ablations.dry_run(c, data)
+  assert result["network"]["name"] == c.model.name
+  assert result["loss"].shape == () and result["loss"].dtype == jnp.float32
 
 
 def test_compare_modes_collects_unfinished_runs_and_plots_accuracy_per_epoch(tmp_path):

@@ -236,8 +236,8 @@ def test_bundle_roundtrip_is_exact(small_bundle):
     assert restored.params[key].dtype == value.dtype, key
     np.testing.assert_array_equal(restored.params[key], value, err_msg=key)
   assert bundle.to_bytes(restored) == data
-  assert dict(restored.arch.options)["mem_bn"] is True
-  assert restored.arch.option("width") == 1 / 8
+  assert restored.arch.options.mem_bn is True
+  assert restored.arch.options.width == 1 / 8
 
 
 def _header_end(data: bytes) -> int:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import chex
+import ml_collections
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ from empf_jax import bundle, deploy, efficiency, models, testing, training
 from experiments import deploy as deploy_cli
 from experiments import input as data_input
 from experiments import report
+from experiments import train as driver
 from experiments.configs import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,3 +287,18 @@ def test_config_of_a_workdir_written_before_added_keys_reads_with_their_old_valu
   expected = digits.get_config()
   expected.bn_recalibration_batches = 0  # the old behaviour; the default is 64 since
   assert read.to_dict() == expected.to_dict()
+
+
+def test_config_of_a_workdir_written_with_the_old_sentinels_reads_as_none_and_resumes(tmp_path):
+  # The first release wrote model.spike_bits=0 and model.stem="" where the config now has None.
+  config = digits.get_config()
+  legacy = config.to_dict()
+  legacy["model"].update(spike_bits=0, stem="")
+  # The fingerprint maps only None, so of the old values it is the one the first release wrote.
+  old_fingerprint = driver.fingerprint(ml_collections.ConfigDict(legacy))
+  assert driver.fingerprint(config) == old_fingerprint
+  (tmp_path / "config.json").write_text(json.dumps({"fingerprint": old_fingerprint,
+                                                    "config": legacy}))
+  read, fingerprint = deploy_cli.read_run_config(str(tmp_path))
+  assert read.model.spike_bits is None and read.model.stem is None
+  assert driver.fingerprint(read) == fingerprint == old_fingerprint

@@ -8,6 +8,7 @@ level 0. Every equality test first randomises the neuron scalars, BN parameters,
 and convolution kernels.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -54,9 +55,9 @@ def _create(name, *, time_steps=2, seed=0, **options):
 def _mini_resnet(time_steps, **options):
   """The ResNet class with one identity block, one downsampling block and the ResNet-19 head
   (FC -> neuron -> FC): every ResNet code path at a quarter of resnet18's size."""
-  opts = models.NetOptions(time_steps=time_steps, width=WIDTH, symmetric_init=True, **options)
-  return models.ResNet((1, 1), (64, 128), (1, 2), num_classes=CLASSES, in_channels=3,
-                       stem="cifar", opts=opts, hidden=opts.channels(256), rngs=_rngs())
+  opts = models.NetOptions("resnet19", num_classes=CLASSES, time_steps=time_steps, width=WIDTH,
+                           symmetric_init=True, **options)
+  return models.ResNet((1, 1), (64, 128), (1, 2), opts, hidden=opts.channels(256), rngs=_rngs())
 
 
 def _abstract(name, **options):
@@ -288,7 +289,8 @@ def _block_and_equations(graphdef, state, x, variant):
                                                       (2, 16, 2, 1)])
 def test_basic_block_equations(seca, cout, stride, variant):
   # docs/model.md §3; SECA-II falls back to SECA-I where the channels change.
-  opts = models.NetOptions(time_steps=2, seca=seca, symmetric_init=True)
+  opts = models.NetOptions("resnet18", num_classes=CLASSES, time_steps=2, seca=seca,
+                           symmetric_init=True)
   block = testing.randomize(models.BasicBlock(8, cout, stride, opts, rngs=_rngs(seca)),
                             jax.random.key(seca), kernels=True)
   assert block.seca_variant == variant
@@ -340,9 +342,9 @@ def _network_and_equations(kind, graphdef, state, x):
 
 
 def _plain(plan, flatten_to, **options):
-  opts = models.NetOptions(time_steps=2, width=1.0, symmetric_init=True, **options)
-  return models.Plain(plan, num_classes=CLASSES, in_channels=2, opts=opts, first_weights="binary",
-                      flatten_to=flatten_to, rngs=_rngs())
+  opts = models.NetOptions("vgg_snn", num_classes=CLASSES, time_steps=2, in_channels=2, width=1.0,
+                           symmetric_init=True, **options)
+  return models.Plain(plan, opts, first_weights="binary", flatten_to=flatten_to, rngs=_rngs())
 
 
 @pytest.mark.parametrize("kind,build,side,channels", [
@@ -598,3 +600,18 @@ def test_bfloat16_compute_keeps_its_dtype():
   chex.assert_type([logits, *jax.tree.leaves(state)], jnp.bfloat16)
   chex.assert_shape(logits, (2, BATCH, CLASSES))
   chex.assert_tree_all_finite(logits)
+
+
+def test_options_are_one_frozen_description_the_network_keeps():
+  options = models.NetOptions("convnet_small", num_classes=CLASSES, time_steps=2, width=0.25)
+  assert (options.stem, options.in_channels, options.spike_bits) == ("cifar", 3, None)
+  model = nnx.eval_shape(lambda: models.create(options))
+  assert model.options == options and model.time_steps == 2
+  by_name = _abstract("convnet_small", width=0.25)
+  assert by_name.options == options
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    options.width = 1.0
+  with pytest.raises(models.ConfigError, match=r"unknown create\(\) option\(s\) \['depth'\]"):
+    models.create("convnet_small", num_classes=CLASSES, time_steps=2, depth=3)
+  with pytest.raises(models.ConfigError, match=r"\['num_classes'\] are required"):
+    models.create("convnet_small", time_steps=2)

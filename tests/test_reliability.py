@@ -306,7 +306,7 @@ BAD_CONFIGS = [
     ({"seed": -1}, "config.seed=-1", "an integer >= 0"),
     ({"bn_recalibration_batches": -5}, "config.bn_recalibration_batches=-5", "an integer >= 0"),
     ({"compute_dtype": "float16"}, "config.compute_dtype='float16'", "float32, bfloat16"),
-    ({"model.spike_bits": 8}, "config.model.spike_bits=8", "0 (floating-point spikes), 4"),
+    ({"model.spike_bits": 8}, "config.model.spike_bits=8", "None, 4 (None: floating-point spikes)"),
     ({"model.seca": 3}, "config.model.seca=3", "0, 1, 2"),
     ({"model.weights": "quaternary"}, "config.model.weights='quaternary'", "'ternary'"),
     ({"model.neuron": "izhikevich"}, "config.model.neuron='izhikevich'", "'lif'"),

@@ -1,6 +1,7 @@
 """Defaults shared by every configuration (docs/model.md §4)."""
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -12,12 +13,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet18"
-  c.model.stem = ""  # empty: the network's default stem
+  # None (as in empf_jax.models.NetOptions): the network's default stem; typed, so that
+  # --config.model.stem=imagenet overrides it.
+  c.model.stem = config_dict.placeholder(str)
   c.model.neuron = "empf"
   c.model.weights = "binary"
   c.model.mem_bn = False
   c.model.parallel = False
-  c.model.spike_bits = 0  # 0: floating-point spikes; 4: 4-bit spike compression
+  c.model.spike_bits = config_dict.placeholder(int)  # None: floating-point spikes; 4: 4-bit
   c.model.seca = 0
   c.model.learnable_lif = False
   c.model.width = 1.0
