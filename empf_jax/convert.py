@@ -234,12 +234,12 @@ def _resnet_prefixes(layout: ResNetLayout) -> dict[tuple[Any, ...], str]:
   return names
 
 
-def _vgg_prefixes(layout: PlainLayout) -> dict[tuple[Any, ...], str]:
-  """Authors' names of a VGG's conv units (conv, BN, optional SECA, neuron share one list)."""
+def _vgg_prefixes(layout: PlainLayout) -> dict[tuple[Any, ...], str] | None:
+  """Authors' names of a VGG's conv units (conv, BN, optional SECA, neuron share one list);
+  None for a plan the authors have no VGG of."""
   stages = _HD_LIF_VGG_STAGES.get(layout.plan)
   if stages is None:
-    raise CheckpointError("layout 'hd_lif' has no counterpart of a network with the plan "
-                          f"{layout.plan}; it covers resnet18/19/34, vgg11, vgg13 and vgg_snn")
+    return None
   names = {("fc",): "classifier"}
   unit = 0
   for s, stage in enumerate(stages, start=1):
@@ -284,6 +284,9 @@ def _slots(model: nnx.Module, layout: str, parallel_threshold: str
   if layout == "hd_lif":
     network = layout_of(model)
     names = _HD_LIF_PREFIXES[network.family](network)
+    if names is None:
+      raise CheckpointError(f"layout 'hd_lif' has no counterpart of {type(model).__name__}; "
+                            "it covers resnet18/19/34, vgg11, vgg13 and vgg_snn")
 
     def prefix(path):
       return _hd_lif_prefix(names, path)
