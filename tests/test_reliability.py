@@ -438,8 +438,13 @@ def test_fingerprint_changes_with_every_key_but_the_harmless_ones():
   assert set(train.HARMLESS_KEYS) < set(keys)
   for key, value in keys.items():
     changed = copy.deepcopy(base)
-    set_key(changed, key, {bool: lambda v: not v, int: lambda v: v + 1,
-                           float: lambda v: 2 * v + 1, str: lambda v: v + "x"}[type(value)](value))
+    if value is None:  # a typed placeholder (model.spike_bits, model.stem): a value of its type
+      *parents, name = key.split(".")
+      new = {int: 4, str: "x"}[functools.reduce(getattr, parents, base).get_type(name)]
+    else:
+      new = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: 2 * v + 1,
+             str: lambda v: v + "x"}[type(value)](value)
+    set_key(changed, key, new)
     same = train.fingerprint(changed) == train.fingerprint(base)
     assert same == (key in train.HARMLESS_KEYS), key
   assert train.fingerprint(copy.deepcopy(base)) == train.fingerprint(base)
