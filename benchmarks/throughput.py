@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -266,7 +267,6 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   import torch
   import torch.nn.functional as F
   from flax import nnx
@@ -285,11 +285,7 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
 
   optimizer = training.make_optimizer()
   opt_state = optimizer.init(params)
-
-  def update(params, opt_state, grads):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
+  update = functools.partial(training.apply_update, optimizer)
   jax_forward, jax_grad, jax_update = jax.jit(loss), jax.jit(jax.grad(loss)), jax.jit(update)
   grads = jax_grad(params, rest, x, targets)
   net = copy.deepcopy(torch_model).to(device)

@@ -269,6 +269,33 @@ def draw_time_step(seed_key: jax.Array, step: jax.Array, time_steps: int) -> jax
   return jax.random.randint(_batch_key(seed_key, step, _KEY_TIME_STEP), (), 0, time_steps)
 
 
+def prepare_batch(config: StepConfig, x: jax.Array, labels: jax.Array, step: jax.Array,
+                  seed_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The time-major input [T, B, ...] and the smoothed targets [B, K] of one training batch.
+
+  ``x`` is cast to the compute dtype; with ``config.mix`` the batch is mixed (:func:`mix_batch`)
+  with a key drawn from the run's key and the global ``step``, so every process mixes alike.
+  """
+  x = x.astype(config.compute_dtype)
+  targets = jax.nn.one_hot(labels, config.num_classes)
+  if config.mix:
+    x, targets = mix_batch(_batch_key(seed_key, step, _KEY_MIX), x, targets)
+  targets = smoothed_targets(targets, config.num_classes, config.label_smoothing)
+  return time_major(x, config.time_steps, static=config.static_input), targets
+
+
+def sequence_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """BPTT's loss: the cross-entropy of the summed outputs sum_t f_t(x), logits [T, B, K]."""
+  return cross_entropy(jnp.sum(logits.astype(jnp.float32), axis=0), targets)
+
+
+def apply_update(optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
+                 grads: Any) -> tuple[Any, Any]:
+  """One optimizer update: (new parameters, new optimizer state)."""
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     config: StepConfig) -> Callable:
   """Builds ``train_step(state, x, labels, learning_rate, seed_key) -> (state, StepOutput)``.
@@ -281,14 +308,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     raise ValueError(f"mode={config.mode!r} is not allowed; allowed: {', '.join(MODES)}")
   steps = config.time_steps
 
-  def prepare(state, x, labels, seed_key):
-    x = x.astype(config.compute_dtype)
-    targets = jax.nn.one_hot(labels, config.num_classes)
-    if config.mix:
-      x, targets = mix_batch(_batch_key(seed_key, state.step, _KEY_MIX), x, targets)
-    targets = smoothed_targets(targets, config.num_classes, config.label_smoothing)
-    return time_major(x, steps, static=config.static_input), targets, labels
-
   def step_loss(params, rest, neuron_state, x_t, t, targets, online=True):
     model = fresh_merge(graphdef, params, rest)
     logits, neuron_state = model.step(x_t, neuron_state, t, train=True, online=online)
@@ -298,8 +317,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   grad_fn = jax.value_and_grad(step_loss, has_aux=True)
 
   def update(params, opt_state, grads):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    return apply_update(optimizer, params, opt_state, grads)
 
   def online(state, x_seq, targets, labels, lr, seed_key):
     neuron_state = merge(graphdef, state).init_state(x_seq[0])
@@ -345,12 +363,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     def loss_fn(params):
       model = fresh_merge(graphdef, params, state.rest)
       logits = model(x_seq, train=True, online=False)
-      summed = jnp.sum(logits.astype(jnp.float32), axis=0)
-      return cross_entropy(summed, targets), (summed, nnx.state(model, nnx.Not(nnx.Param)))
+      return sequence_loss(logits, targets), (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, (summed, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     params, opt_state = update(state.params, set_learning_rate(state.opt_state, lr), grads)
-    accuracy = jnp.mean(jnp.argmax(summed, -1) == labels)
+    accuracy = jnp.mean(jnp.argmax(jnp.sum(logits.astype(jnp.float32), axis=0), -1) == labels)
     return (TrainState(params, rest, opt_state, state.step + 1),
             StepOutput(loss, accuracy, jnp.asarray(steps, jnp.int32),
                        *weight_changes(state.params, params)))
@@ -359,7 +376,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
   def train_step(state: TrainState, x: jax.Array, labels: jax.Array, learning_rate: jax.Array,
                  seed_key: jax.Array) -> tuple[TrainState, StepOutput]:
-    x_seq, targets, labels = prepare(state, x, labels, seed_key)
+    x_seq, targets = prepare_batch(config, x, labels, state.step, seed_key)
     return rule(state, x_seq, targets, labels, learning_rate, seed_key)
 
   return train_step

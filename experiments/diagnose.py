@@ -152,31 +152,24 @@ class _Replay:
     training.set_recording(model, True)
     return model
 
-  @staticmethod
-  def _finish(model: nnx.Module, recorded: nnx.State, logits: jax.Array, output: jax.Array,
-              targets: jax.Array):
-    rest = nnx.state(model, nnx.Not(nnx.Param))
-    return training.cross_entropy(output, targets), (logits, recorded, rest)
-
   def step(self, params, rest, neuron_state, x_t, t, targets):
     """One online time step: (loss_t, (logits_t, recorded, rest, neuron_state))."""
     model = self._model(params, rest)
     (logits, neuron_state), recorded = nnx.capture(
         lambda net: net.step(x_t, neuron_state, t, train=True), nnx.Intermediate)(model)
-    loss, aux = self._finish(model, recorded, logits, logits, targets)
-    return loss, aux + (neuron_state,)
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    return training.cross_entropy(logits, targets), (logits, recorded, rest, neuron_state)
 
   def sequence(self, params, rest, x_seq, targets):
     """All steps with gradients through time: (CE(sum_t f_t), (logits [T, ...], recorded, rest))."""
     model = self._model(params, rest)
     logits, recorded = nnx.capture(lambda net: net(x_seq, train=True, online=False),
                                    nnx.Intermediate)(model)
-    return self._finish(model, recorded, logits, jnp.sum(logits.astype(jnp.float32), axis=0),
-                        targets)
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    return training.sequence_loss(logits, targets), (logits, recorded, rest)
 
   def update(self, params, opt_state, grads):
-    updates, opt_state = self.optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    return training.apply_update(self.optimizer, params, opt_state, grads)
 
   @staticmethod
   def order(forward: Callable, params: Any, rest: Any, *args
@@ -230,20 +223,6 @@ def _check_statistics(time_step: int | None, rest: Any, leaves: Callable[[], dic
   return None if found is None else Fault(time_step, *found)
 
 
-def _inputs(config: training.StepConfig, state: training.TrainState, x: jax.Array,
-            labels: jax.Array, seed_key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Time-major input and smoothed targets of one batch, as the training step prepares them."""
-  x = x.astype(config.compute_dtype)
-  targets = jax.nn.one_hot(labels, config.num_classes)
-  if config.mix:
-    # The training step's own key for mixing (training.py exposes no public name for it).
-    key = training._batch_key(  # pylint: disable=protected-access
-        seed_key, state.step, training._KEY_MIX)  # pylint: disable=protected-access
-    x, targets = training.mix_batch(key, x, targets)
-  targets = training.smoothed_targets(targets, config.num_classes, config.label_smoothing)
-  return training.time_major(x, config.time_steps, static=config.static_input), targets
-
-
 def first_nonfinite(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     config: training.StepConfig, state: training.TrainState, x: jax.Array,
                     labels: jax.Array, learning_rate: float, seed_key: jax.Array
@@ -264,7 +243,7 @@ def first_nonfinite(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     The first non-finite value in the order of the module docstring, or None if the replay
     stays finite.
   """
-  x_seq, targets = _inputs(config, state, x, labels, seed_key)
+  x_seq, targets = training.prepare_batch(config, x, labels, state.step, seed_key)
   replay = _replay(graphdef, optimizer)
   params, rest = state.params, state.rest
   opt_state = training.set_learning_rate(state.opt_state, learning_rate)
