@@ -18,8 +18,9 @@ input counts as spikes for a binary or ternary first convolution, which reads ev
 docs/model.md §5 counts the synaptic operations of the two differently. Layer names are module
 paths (``blocks.0.conv1``, ``unit2.neuron``), so the modules behind a layer are found by name.
 
-Only this module and the model definitions know which kinds of network there are: describing a
-new kind means a reader here (and, if its layers differ, a layout with its own walk).
+Only this module and the model definitions tell the kinds of network apart: describing a new
+kind means a reader here (and, if its layers differ, a layout with its own walk). The other
+modules read layouts and walks; the converter's HD_LIF names are a table per layout family.
 """
 
 from __future__ import annotations
