@@ -1,17 +1,17 @@
 """Throughput of the ImageNet input pipeline on synthetic JPEGs, in images per second.
 
-Runs :class:`experiments.input.imagenet.RecordBatches` with the training preprocessing
-(:func:`~experiments.input.imagenet.train_image`: decode, random resized crop 224, flip,
-normalisation) and, separately, the evaluation preprocessing, on JPEG bytes of 500x375 synthetic
-images held in memory, pinned to ``--cores`` CPU cores with one decoding thread per core. The
-figure therefore measures decoding and augmentation, not storage. Other jobs may share the cores:
-the load average before and after the run is recorded with the figures, together with the CPU time
-per image (nearly independent of that load) and the rate it implies on otherwise idle cores (an
-upper estimate: it assumes the threads never wait for one another).
+Runs :class:`experiments.input.pipeline.GrainBatches` over an ``ExampleReader`` with the training
+preprocessing (:func:`~experiments.input.imagenet.train_image`: decode, random resized crop 224,
+flip, normalisation) and, separately, the evaluation preprocessing, on JPEG bytes of 500x375
+synthetic images held in memory, pinned to ``--cores`` CPU cores, once for every number of grain
+worker processes in ``--workers`` (0: one thread of this process). The figure therefore measures
+decoding and augmentation, not storage. Other jobs may share the cores: the load average before
+and after the run is recorded with the figures, together with the CPU time per image of this
+process and its workers (nearly independent of that load).
 
 Usage, from the repository root::
 
-  python -m benchmarks.input_imagenet [--cores=2] [--batches=24]
+  python -m benchmarks.input_imagenet [--cores=2] [--workers=0,1,2] [--batches=24]
 
 Prints the figures and writes them to ``benchmarks/results/input_imagenet.json``.
 """
@@ -28,10 +28,13 @@ from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image
+import psutil
 
-from experiments.input import imagenet
+from experiments.input import imagenet, pipeline
 
-_CORES = flags.DEFINE_integer("cores", 2, "CPU cores to pin the process to (one thread each).")
+_CORES = flags.DEFINE_integer("cores", 2, "CPU cores to pin the process and its workers to.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"],
+                             "Worker process counts to measure (0: a thread of this process).")
 _BATCHES = flags.DEFINE_integer("batches", 24, "Timed batches per preprocessing.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
 _DISTINCT = flags.DEFINE_integer("distinct_images", 64, "Distinct synthetic JPEGs cycled over.")
@@ -61,28 +64,50 @@ def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
   return images
 
 
-def measure(jpegs: list[bytes], *, train: bool, threads: int, batch_size: int,
-            batches: int) -> tuple[float, float]:
-  """Times ``batches`` batches of the threaded pipeline after a short warm-up.
+class SyntheticExamples:
+  """Example i: the preprocessed JPEG i mod len(jpegs), label 0 (picklable, for the workers)."""
 
-  Returns:
-    Images per second of wall-clock time, and CPU milliseconds (all threads) per image.
-  """
+  def __init__(self, jpegs: list[bytes]):
+    self._jpegs = jpegs
 
-  def example(index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
-    data = jpegs[index % len(jpegs)]
+  def __call__(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+    data = self._jpegs[index % len(self._jpegs)]
     return (imagenet.eval_image(data) if rng is None else imagenet.train_image(data, rng)), 0
 
+
+def _cpu_seconds(process: psutil.Process) -> float:
+  """User and system CPU seconds of ``process`` and of its living children."""
+  total = 0.0
+  for member in [process] + process.children(recursive=True):
+    try:
+      times = member.cpu_times()
+    except psutil.NoSuchProcess:
+      continue
+    total += times.user + times.system
+  return total
+
+
+def measure(jpegs: list[bytes], *, train: bool, workers: int, batch_size: int,
+            batches: int) -> tuple[float, float]:
+  """Times ``batches`` batches of the pipeline after a short warm-up (which starts the workers).
+
+  Returns:
+    Images per second of wall-clock time, and CPU milliseconds (this process and its workers)
+    per image.
+  """
   num_examples = (batches + _WARMUP_BATCHES) * batch_size
-  pipeline = imagenet.RecordBatches(example, num_examples, num_classes=1000,
-                                    input_shape=(224, 224, 3), batch_size=batch_size, train=train,
-                                    seed=0, augment=train, num_threads=threads)
-  iterator = pipeline.epoch(0)
+  reader = pipeline.ExampleReader(SyntheticExamples(jpegs), num_examples, (224, 224, 3))
+  batched = pipeline.GrainBatches(reader, num_classes=1000, batch_size=batch_size, train=train,
+                                  seed=0, augment=train, num_workers=workers)
+  iterator = batched.epoch(0)
   for _ in range(_WARMUP_BATCHES):
     next(iterator)
-  start, cpu_start = time.perf_counter(), time.process_time()
-  timed = sum(batch[0].shape[0] for batch in iterator)
-  wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+  process = psutil.Process()
+  start, cpu_start = time.perf_counter(), _cpu_seconds(process)
+  timed = sum(next(iterator)[0].shape[0] for _ in range(batches))
+  # Measured before the workers end, while their CPU time still counts.
+  wall, cpu = time.perf_counter() - start, _cpu_seconds(process) - cpu_start
+  iterator.close()
   return timed / wall, 1e3 * cpu / timed
 
 
@@ -95,17 +120,19 @@ def main(argv):
   jpegs = synthetic_jpegs(_DISTINCT.value)
   load_before = os.getloadavg()
   result = {}
-  for name, train in (("train", True), ("eval", False)):
-    rate, cpu_ms = measure(jpegs, train=train, threads=_CORES.value, batch_size=_BATCH_SIZE.value,
-                           batches=_BATCHES.value)
-    result[f"{name}_images_per_second"] = round(rate, 1)
-    result[f"{name}_cpu_ms_per_image"] = round(cpu_ms, 2)
-    # An upper estimate for idle cores: CPU time per image barely depends on the load, but the
-    # estimate assumes the threads never wait for one another (for the GIL, or for the consumer).
-    result[f"{name}_images_per_second_idle_estimate"] = round(1e3 * _CORES.value / cpu_ms, 1)
+  for workers in map(int, _WORKERS.value):
+    for name, train in (("train", True), ("eval", False)):
+      rate, cpu_ms = measure(jpegs, train=train, workers=workers, batch_size=_BATCH_SIZE.value,
+                             batches=_BATCHES.value)
+      result[f"{name}_images_per_second_{workers}_workers"] = round(rate, 1)
+      result[f"{name}_cpu_ms_per_image_{workers}_workers"] = round(cpu_ms, 2)
+  for name in ("train", "eval"):
+    if {"1", "2"} <= set(_WORKERS.value):
+      result[f"{name}_speedup_1_to_2_workers"] = round(
+          result[f"{name}_images_per_second_2_workers"]
+          / result[f"{name}_images_per_second_1_workers"], 2)
   result.update({
       "cores": _CORES.value,
-      "threads": _CORES.value,
       "batch_size": _BATCH_SIZE.value,
       "timed_images": _BATCHES.value * _BATCH_SIZE.value,
       "jpeg": f"{_WIDTH}x{_HEIGHT}, quality {_QUALITY}, mean "
@@ -113,8 +140,9 @@ def main(argv):
       "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs in total",
       "pillow": Image.__version__,
-      "note": "wall-clock rates are the share of the cores this process got; with a 1-minute "
-              "load average above the core count, other jobs were competing for them",
+      "note": "wall-clock rates are the share of the cores this process and its workers got; "
+              "with a 1-minute load average above the core count, other jobs were competing "
+              "for them",
   })
   print(json.dumps(result, indent=2))
   os.makedirs(os.path.dirname(_OUTPUT.value), exist_ok=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.input import dvs, images, imagenet, sequential, tiny_imagenet
+from experiments.input import dvs, images, imagenet, pipeline, sequential, tiny_imagenet
 from experiments.input.base import PAD_LABEL, DataError
 
 FASHION_MNIST = Path(images.FASHION_MNIST_DIR)
@@ -43,28 +43,33 @@ def column_ramp(height: int, width: int, slope: float) -> np.ndarray:
 # Batching shared by the file-backed pipelines.
 
 
-def test_batch_plan_training_is_a_seeded_permutation_without_the_tail():
-  plan = imagenet.batch_plan(23, 4, train=True, seed=3, epoch=1)
+def batch_plan(num_examples, batch_size, **order):
+  """``pipeline.epoch_order`` cut into global batches: [batches, batch_size]."""
+  return pipeline.epoch_order(num_examples, batch_size, **order).reshape(-1, batch_size)
+
+
+def test_epoch_order_training_is_a_seeded_permutation_without_the_tail():
+  plan = batch_plan(23, 4, train=True, seed=3, epoch=1)
   chex.assert_shape(plan, (5, 4))
   assert len(set(plan.ravel().tolist())) == 20 and plan.min() >= 0 and plan.max() < 23
-  np.testing.assert_array_equal(plan, imagenet.batch_plan(23, 4, train=True, seed=3, epoch=1))
-  assert not np.array_equal(plan, imagenet.batch_plan(23, 4, train=True, seed=3, epoch=2))
+  np.testing.assert_array_equal(plan, batch_plan(23, 4, train=True, seed=3, epoch=1))
+  assert not np.array_equal(plan, batch_plan(23, 4, train=True, seed=3, epoch=2))
 
 
-def test_batch_plan_evaluation_keeps_order_and_pads_the_last_batch():
-  plan = imagenet.batch_plan(10, 4, train=False, seed=0, epoch=0)
+def test_epoch_order_evaluation_keeps_order_and_pads_the_last_batch():
+  plan = batch_plan(10, 4, train=False, seed=0, epoch=0)
   np.testing.assert_array_equal(plan.ravel(), list(range(10)) + [-1, -1])
+  np.testing.assert_array_equal(batch_plan(8, 4, train=False, seed=0, epoch=0).ravel(), range(8))
 
 
-def test_batch_plan_order_matches_the_in_memory_pipeline():
+def test_epoch_order_is_the_order_of_the_in_memory_pipeline():
   count, batch = 12, 4
   pixels = np.zeros((count, 2, 2, 1), np.uint8)
   labels = np.arange(count, dtype=np.int32)
-  arrays = images.ArrayBatches(pixels, labels, num_classes=count, batch_size=batch, train=True,
-                               seed=5, mean=(0.0,), std=(1.0,))
+  arrays = pipeline.GrainBatches(images.ArrayReader(pixels, labels, mean=(0.0,), std=(1.0,)),
+                                 num_classes=count, batch_size=batch, train=True, seed=5)
   seen = np.stack([y for _, y in arrays.epoch(2)])
-  np.testing.assert_array_equal(seen, imagenet.batch_plan(count, batch, train=True, seed=5,
-                                                          epoch=2))
+  np.testing.assert_array_equal(seen, batch_plan(count, batch, train=True, seed=5, epoch=2))
 
 
 def toy_pipeline(count, *, train, batch_size=4, process_index=0, process_count=1, augment=True,
@@ -75,10 +80,10 @@ def toy_pipeline(count, *, train, batch_size=4, process_index=0, process_count=1
     noise = 0.0 if rng is None else rng.random()
     return np.full((2, 3), index + noise, np.float32), index
 
-  return imagenet.RecordBatches(example, count, num_classes=count, input_shape=(2, 3),
-                                batch_size=batch_size, train=train, seed=7,
-                                augment=augment and train, process_index=process_index,
-                                process_count=process_count, **options)
+  return pipeline.GrainBatches(pipeline.ExampleReader(example, count, (2, 3)), num_classes=count,
+                               batch_size=batch_size, train=train, seed=7,
+                               augment=augment and train, process_index=process_index,
+                               process_count=process_count, **options)
 
 
 def test_record_batches_processes_split_each_global_batch_and_resume_exactly():
@@ -96,6 +101,16 @@ def test_record_batches_processes_split_each_global_batch_and_resume_exactly():
   resumed = list(toy_pipeline(10, train=True).epoch(1, start=1))
   np.testing.assert_array_equal(resumed[0][0], single[1][0])
   assert len({int(v) for _, y in single for v in y}) == 8
+
+
+def test_worker_processes_deliver_the_batches_of_one_process_in_order():
+  single = list(toy_pipeline(16, train=True).epoch(3))
+  resumed = list(toy_pipeline(16, train=True, num_workers=2).epoch(3, start=1))
+  assert len(resumed) == len(single) - 1 == 3
+  for (x, y), (xw, yw) in zip(single[1:], resumed):
+    chex.assert_type([xw, yw], [np.float32, np.int32])
+    np.testing.assert_array_equal(xw, x)
+    np.testing.assert_array_equal(yw, y)
 
 
 def test_record_batches_evaluation_counts_every_example_once():
@@ -116,10 +131,10 @@ def test_record_batches_report_broken_examples_and_bad_arguments():
   def broken(index, rng):
     raise OSError("truncated file")
 
-  pipeline = imagenet.RecordBatches(broken, 4, num_classes=2, input_shape=(1,), batch_size=2,
-                                    train=False, seed=0)
+  batches = pipeline.GrainBatches(pipeline.ExampleReader(broken, 4, (1,)), num_classes=2,
+                                  batch_size=2, train=False, seed=0)
   with pytest.raises(DataError, match="example 0: truncated file"):
-    next(pipeline.epoch(0))
+    next(batches.epoch(0))
   with pytest.raises(DataError, match="fewer|global batch"):
     toy_pipeline(3, train=True)
   with pytest.raises(DataError, match="multiple of process_count"):
@@ -239,7 +254,7 @@ def write_imagenet(data_dir: Path, split_sizes: dict[str, int], file_format="arr
 def test_imagenet_reads_tfds_array_record_and_preprocesses_every_example(tmp_path):
   payloads = write_imagenet(tmp_path, {"train": 6, "validation": 5})
   test = imagenet.load("test", batch_size=4, train=False, seed=0, data_dir=str(tmp_path),
-                       num_threads=2)
+                       num_workers=1)  # a worker process unpickles the tfds data source
   assert (test.num_classes, test.input_shape, test.time_major) == (1000, (224, 224, 3), False)
   batches = list(test.epoch(0))
   assert len(batches) == 2 == test.batches_per_epoch
@@ -250,7 +265,7 @@ def test_imagenet_reads_tfds_array_record_and_preprocesses_every_example(tmp_pat
     np.testing.assert_array_equal(inputs[i], imagenet.eval_image(data))
 
   train = [imagenet.load("train", batch_size=4, train=True, seed=1, data_dir=str(tmp_path),
-                         process_index=p, process_count=2) for p in range(2)]
+                         process_index=p, process_count=2, num_workers=0) for p in range(2)]
   assert train[0].batches_per_epoch == 1
   (x0, y0), = train[0].epoch(0)
   (x1, y1), = train[1].epoch(0)
@@ -309,7 +324,8 @@ def write_tiny_imagenet(root: Path, per_class: int = 2) -> list[str]:
 def test_tiny_imagenet_labels_are_indices_in_the_sorted_wnids(tmp_path):
   val_wnids = write_tiny_imagenet(tmp_path)
   order = sorted(TINY_WNIDS)
-  test = tiny_imagenet.load("test", batch_size=3, train=False, seed=0, data_dir=str(tmp_path))
+  test = tiny_imagenet.load("test", batch_size=3, train=False, seed=0, data_dir=str(tmp_path),
+                            num_workers=0)
   assert (test.num_classes, test.input_shape) == (3, (64, 64, 3))
   batches = list(test.epoch(0))
   labels = np.concatenate([y for _, y in batches])
@@ -322,7 +338,7 @@ def test_tiny_imagenet_labels_are_indices_in_the_sorted_wnids(tmp_path):
   np.testing.assert_allclose(to_pixels(inputs[3]), 90.0, atol=2.0)  # grey -> RGB
 
   train = tiny_imagenet.load("train", batch_size=2, train=True, seed=4, data_dir=str(tmp_path),
-                             augment=False)
+                             augment=False, num_workers=0)
   for x, y in train.epoch(0):
     for image, label in zip(x, y):
       np.testing.assert_allclose(to_pixels(image).mean(axis=(0, 1)), TINY_COLOURS[order[label]],
@@ -331,10 +347,10 @@ def test_tiny_imagenet_labels_are_indices_in_the_sorted_wnids(tmp_path):
 
 def test_tiny_imagenet_augmentation_is_the_shared_crop_and_flip(tmp_path):
   write_tiny_imagenet(tmp_path, per_class=1)
-  pipeline = tiny_imagenet.load("train", batch_size=3, train=True, seed=2,
-                                data_dir=str(tmp_path))
-  (x, y), = pipeline.epoch(5)
-  plan = imagenet.batch_plan(3, 3, train=True, seed=2, epoch=5)[0]
+  batches = tiny_imagenet.load("train", batch_size=3, train=True, seed=2,
+                               data_dir=str(tmp_path), num_workers=0)
+  (x, y), = batches.epoch(5)
+  plan = batch_plan(3, 3, train=True, seed=2, epoch=5)[0]
   paths, _ = tiny_imagenet.list_split(tmp_path, "train", sorted(TINY_WNIDS))
   for k, index in enumerate(plan):
     rng = np.random.default_rng(np.random.SeedSequence((2, 1, 5, int(index))))
@@ -529,7 +545,7 @@ def test_frame_cache_is_built_once_and_read_afterwards(tmp_path):
   assert train.batches_per_epoch == 5  # 2 training recordings per class
   x, y = next(train.epoch(1))
   chex.assert_shape(x, (4, 10, 48, 48, 2))
-  index = int(imagenet.batch_plan(20, 4, train=True, seed=3, epoch=1)[0, 0])
+  index = int(batch_plan(20, 4, train=True, seed=3, epoch=1)[0, 0])
   paths = [cache / c / n for k, c in enumerate(dvs.CLASSES)
            for n in dvs.split_names([f"cifar10_{c}_{i}.npz" for i in range(3)], k, "train")]
   rng = np.random.default_rng(np.random.SeedSequence((3, 1, 1, index)))

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import input as data
-from experiments.input import cifar_archive, images
+from experiments.input import cifar_archive, images, pipeline
 from experiments.input.base import PAD_LABEL, DataError, valid_mask
 
 MEAN3 = (0.4, 0.5, 0.6)
@@ -25,10 +25,14 @@ def _random_split(count, shape=(32, 32, 3), num_classes=10, seed=0):
           rng.integers(0, num_classes, count).astype(np.int32))
 
 
-def _batches(count=100, batch_size=8, train=True, augment=True, seed=3, **kwargs):
-  x, y = _random_split(count)
-  return images.ArrayBatches(x, y, num_classes=10, batch_size=batch_size, train=train, seed=seed,
-                             mean=MEAN3, std=STD3, augment=augment, **kwargs)
+def _pipeline(x, y, *, batch_size=8, train=True, seed=3, augment=False, **kwargs):
+  return pipeline.GrainBatches(images.ArrayReader(x, y, mean=MEAN3, std=STD3), num_classes=10,
+                               batch_size=batch_size, train=train, seed=seed, augment=augment,
+                               **kwargs)
+
+
+def _batches(count=100, augment=True, **kwargs):
+  return _pipeline(*_random_split(count), augment=augment, **kwargs)
 
 
 def _rows(a):
@@ -96,10 +100,9 @@ def test_normalise_per_channel():
 
 def test_training_epoch_is_a_permutation_without_the_last_partial_batch():
   x, y = _random_split(100)
-  pipeline = images.ArrayBatches(x, y, num_classes=10, batch_size=8, train=True, seed=3,
-                                 mean=MEAN3, std=STD3)
-  assert pipeline.batches_per_epoch == 12
-  seen = list(pipeline.epoch(0))
+  batches = _pipeline(x, y)
+  assert batches.batches_per_epoch == 12
+  seen = list(batches.epoch(0))
   inputs = np.concatenate([b[0] for b in seen])
   labels = np.concatenate([b[1] for b in seen])
   chex.assert_shape(inputs, (96, 32, 32, 3))
@@ -124,9 +127,9 @@ def test_order_depends_on_seed_and_epoch_only():
 
 @pytest.mark.parametrize("train", [True, False])
 def test_resume_mid_epoch_gives_identical_batches(train):
-  pipeline = _batches(train=train, augment=train)
-  full = list(pipeline.epoch(5))
-  for start in (0, 1, 7, pipeline.batches_per_epoch - 1, pipeline.batches_per_epoch):
+  batches = _batches(train=train, augment=train)
+  full = list(batches.epoch(5))
+  for start in (0, 1, 7, batches.batches_per_epoch - 1, batches.batches_per_epoch):
     resumed = list(_batches(train=train, augment=train).epoch(5, start=start))
     assert len(resumed) == len(full) - start
     for (xa, ya), (xb, yb) in zip(full[start:], resumed):
@@ -145,10 +148,9 @@ def test_augmentation_changes_training_inputs_not_labels():
 
 def test_evaluation_counts_every_example_once_with_padding():
   x, y = _random_split(21)
-  pipeline = images.ArrayBatches(x, y, num_classes=10, batch_size=8, train=False, seed=0,
-                                 mean=MEAN3, std=STD3)
-  assert pipeline.batches_per_epoch == 3
-  batches = list(pipeline.epoch(0))
+  evaluation = _pipeline(x, y, train=False, seed=0)
+  assert evaluation.batches_per_epoch == 3
+  batches = list(evaluation.epoch(0))
   inputs = np.concatenate([b[0] for b in batches])
   labels = np.concatenate([b[1] for b in batches])
   mask = valid_mask(labels)
@@ -158,7 +160,7 @@ def test_evaluation_counts_every_example_once_with_padding():
   np.testing.assert_array_equal(inputs[:21], images.normalise(x, MEAN3, STD3))
   np.testing.assert_array_equal(inputs[21:], 0.0)
   # The evaluation order does not depend on the epoch.
-  np.testing.assert_array_equal(np.concatenate([b[1] for b in pipeline.epoch(7)]), labels)
+  np.testing.assert_array_equal(np.concatenate([b[1] for b in evaluation.epoch(7)]), labels)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -188,9 +190,8 @@ def test_bad_batching_arguments(kwargs, message):
 
 
 def test_epoch_start_out_of_range():
-  pipeline = _batches()
   with pytest.raises(ValueError, match="start 13"):
-    next(pipeline.epoch(0, start=13))
+    next(_batches().epoch(0, start=13))
 
 
 # ------------------------------------------------------------------------------------------------

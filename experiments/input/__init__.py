@@ -26,7 +26,7 @@ LOADERS: dict[str, Loader] = {
 
 def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
          data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
-         augment: bool | None = None) -> Batches:
+         augment: bool | None = None, num_workers: int | None = None) -> Batches:
   """The batches of one split of dataset ``name`` for this process.
 
   Args:
@@ -43,6 +43,9 @@ def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
     process_index: this process, in [0, process_count).
     process_count: number of processes sharing every global batch.
     augment: training augmentation on or off; None for the dataset's default.
+    num_workers: worker processes making the batches, 0 for one thread of this process; None for
+      the dataset's default (``pipeline.decoding_workers()`` for ImageNet and Tiny-ImageNet, 0
+      for the others).
 
   Raises:
     DataError: unknown name (the message lists the registered ones), or any problem the
@@ -51,7 +54,8 @@ def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
   if name not in LOADERS:
     raise DataError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(LOADERS))}")
   return LOADERS[name](split, batch_size=batch_size, train=train, seed=seed, data_dir=data_dir,
-                       process_index=process_index, process_count=process_count, augment=augment)
+                       process_index=process_index, process_count=process_count, augment=augment,
+                       num_workers=num_workers)
 
 
 __all__ = ["LOADERS", "PAD_LABEL", "Batches", "DataError", "Loader", "load", "valid_mask"]

@@ -1,7 +1,8 @@
 """The interface every input pipeline implements.
 
 A pipeline is deterministic given (seed, epoch, batch index), so that a run resumed mid-epoch sees
-exactly the batches an uninterrupted run would have seen.
+exactly the batches an uninterrupted run would have seen. Every dataset implements it with
+``experiments.input.pipeline.GrainBatches``.
 
 Batch sizes given to a loader are global: with ``process_count`` processes each process receives
 its own contiguous slice of ``batch_size // process_count`` examples of every global batch.
@@ -84,9 +85,10 @@ class Loader(Protocol):
     process_index: this process, in [0, process_count).
     process_count: number of processes sharing every global batch.
     augment: training augmentation on or off; None for the dataset's default.
+    num_workers: worker processes making the batches, 0 for none; None for the dataset's default.
   """
 
   def __call__(self, split: str, *, batch_size: int, train: bool, seed: int,
                data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
-               augment: bool | None = None) -> Batches:
+               augment: bool | None = None, num_workers: int | None = None) -> Batches:
     ...

@@ -40,8 +40,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from experiments.files import atomic_file
-from experiments.input.base import DataError, check_batching
-from experiments.input.imagenet import RecordBatches
+from experiments.input.base import DataError
+from experiments.input.pipeline import ExampleReader, GrainBatches
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck")
@@ -336,7 +336,7 @@ def shift_and_flip(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str | None = None,
          process_index: int = 0, process_count: int = 1, augment: bool | None = None,
-         num_threads: int | None = None, prefetch_batches: int = 2) -> RecordBatches:
+         num_workers: int | None = None) -> GrainBatches:
   """CIFAR10-DVS frames from the cache as the batches of one process (see the module docstring).
 
   Args:
@@ -349,11 +349,11 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
     process_index: this process, in [0, process_count).
     process_count: number of processes sharing every global batch.
     augment: flip and shift (:func:`shift_and_flip`); None for off.
-    num_threads: reading threads (default: the CPU count, at most 32).
-    prefetch_batches: batches read ahead of the consumer.
+    num_workers: worker processes reading the cache; None for 0 (one thread of this process:
+      reading a cached recording is a file read, with no decoding to spread over processes).
 
   Returns:
-    A ``RecordBatches`` of time-major examples [T, 48, 48, 2] and 10 classes.
+    A ``pipeline.GrainBatches`` of time-major examples [T, 48, 48, 2] and 10 classes.
 
   Raises:
     DataError: unknown split, inconsistent arguments, or no complete cache (the message says how
@@ -361,8 +361,6 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
   """
   if split not in SPLITS:
     raise DataError(f"cifar10_dvs: unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-  check_batching(batch_size=batch_size, train=train, seed=seed, augment=augment,
-                 process_index=process_index, process_count=process_count)
   root = Path(data_dir if data_dir is not None else CIFAR10_DVS_CACHE_DIR).expanduser()
   info_path = root / _CACHE_INFO
   if not info_path.is_file():
@@ -386,11 +384,10 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
                       f"expected {shape}")
     return (frames if rng is None else shift_and_flip(frames, rng)), labels[index]
 
-  return RecordBatches(example, len(paths), num_classes=len(CLASSES), input_shape=shape,
-                       batch_size=batch_size, train=train, seed=seed, augment=bool(augment),
-                       time_major=True, process_index=process_index,
-                       process_count=process_count, num_threads=num_threads,
-                       prefetch_batches=prefetch_batches)
+  return GrainBatches(ExampleReader(example, len(paths), shape), num_classes=len(CLASSES),
+                      batch_size=batch_size, train=train, seed=seed, augment=bool(augment),
+                      time_major=True, process_index=process_index,
+                      process_count=process_count, num_workers=num_workers or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,36 +1,28 @@
-"""ImageNet-1k from prepared tensorflow-datasets array_record files, decoded on a thread pool.
+"""ImageNet-1k from prepared tensorflow-datasets array_record files, decoded in worker processes.
 
 TensorFlow stays out of the training process: records are read with tfds' random-access data
 source (``imagenet2012`` prepared once in the array_record format), the JPEG bytes are decoded with
-PIL on worker threads (PIL releases the GIL while decoding and resampling) and augmented in NumPy.
-The same threaded record pipeline, :class:`RecordBatches`, serves the other file-backed datasets of
-this package (Tiny-ImageNet, CIFAR10-DVS frames).
-
-Batching follows ``experiments.input.base``: ``batch_size`` G is global; for N examples, training
-epoch e visits the permutation of range(N) drawn from (seed, e) in floor(N / G) global batches
-(the incomplete tail is dropped), evaluation visits the stored order in ceil(N / G) global batches,
-the last one padded with zero inputs labelled ``PAD_LABEL``. Process p of P receives the slice
-[p G / P, (p + 1) G / P) of every global batch. The augmentation of example i in epoch e draws from
-(seed, e, i), so a batch depends only on (seed, epoch, batch index), never on thread timing or on
-the number of processes, and a run resumed at batch k sees what an uninterrupted run would have
-seen.
+PIL and augmented in NumPy, by an ``pipeline.ExampleReader`` that ``pipeline.GrainBatches`` runs in
+grain worker processes (one per CPU core by default). Order, sharding, padding and the seeding of
+the augmentation are those of every pipeline (``experiments.input.pipeline``): the random resized
+crop and flip of example i in epoch e draw from (seed, e, i), so a batch depends only on (seed,
+epoch, batch index), never on the number of workers or processes, and a run resumed at batch k
+sees what an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import io
-import itertools
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from experiments.input.base import PAD_LABEL, DataError, check_batching
+from experiments.input.base import DataError
 from experiments.input.images import normalise, tfds_data_dir
+from experiments.input.pipeline import ExampleReader, GrainBatches, decoding_workers
 
 # Per-channel ImageNet statistics of RGB values in [0, 1] (the torchvision convention).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,170 +31,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "test")
 _TFDS_SPLITS = {"train": "train", "test": "validation"}
 _TFDS_NAME = "imagenet2012"
-
-# Streams of the seed sequence (seed, stream, ...): the same order stream as
-# ``images.ArrayBatches``, so a split of N examples is visited in the same order by both.
-_ORDER_STREAM = 0
-_AUGMENT_STREAM = 1
-
-ExampleFn = Callable[[int, "np.random.Generator | None"], tuple[np.ndarray, int]]
-
-
-def batch_plan(num_examples: int, batch_size: int, *, train: bool, seed: int,
-               epoch: int) -> np.ndarray:
-  """Example indices of every global batch of one epoch (see the module docstring).
-
-  Args:
-    num_examples: examples in the split, N.
-    batch_size: global batch size, G.
-    train: shuffle per epoch and drop the incomplete tail (training), or keep the stored order
-      and pad the last batch (evaluation).
-    seed: non-negative run seed.
-    epoch: non-negative epoch number.
-
-  Returns:
-    int64 [num_batches, G]: floor(N / G) rows of a permutation of range(N) in training; ceil(N / G)
-    rows of range(N) followed by -1 (padding slots) in evaluation.
-
-  Raises:
-    ValueError: a non-positive size, or a negative seed or epoch.
-  """
-  if num_examples <= 0 or batch_size <= 0:
-    raise ValueError(f"num_examples {num_examples} and batch_size {batch_size} must be positive")
-  if seed < 0 or epoch < 0:
-    raise ValueError(f"seed {seed} and epoch {epoch} must be non-negative")
-  if train:
-    num_batches = num_examples // batch_size
-    rng = np.random.default_rng(np.random.SeedSequence((seed, _ORDER_STREAM, epoch)))
-    order = rng.permutation(num_examples)[:num_batches * batch_size]
-    return order.reshape(num_batches, batch_size)
-  num_batches = -(-num_examples // batch_size)
-  plan = np.full(num_batches * batch_size, -1, np.int64)
-  plan[:num_examples] = np.arange(num_examples)
-  return plan.reshape(num_batches, batch_size)
-
-
-class RecordBatches:
-  """Batches of one process over examples loaded one by one on a thread pool.
-
-  Implements ``base.Batches`` (see the module docstring for the order and the sharding).
-  ``example(i, rng)`` returns example i as float32 ``input_shape`` and its label; ``rng`` is the
-  example's generator for the epoch, seeded by (seed, epoch, i), when augmenting, else None. Up to
-  ``prefetch_batches`` batches are loaded while the consumer works on the current one.
-
-  Attributes:
-    num_classes: number of classes.
-    input_shape: shape of one example.
-    time_major: whether examples carry their own time axis.
-    batches_per_epoch: batches in one epoch (the same for every process).
-    num_examples: examples in the split (padding excluded).
-    batch_size: global batch size G.
-    local_batch_size: G / P, the leading size of the arrays this process receives.
-  """
-
-  def __init__(self, example: ExampleFn, num_examples: int, *, num_classes: int,
-               input_shape: Sequence[int], batch_size: int, train: bool, seed: int,
-               augment: bool = False, time_major: bool = False, process_index: int = 0,
-               process_count: int = 1, num_threads: int | None = None,
-               prefetch_batches: int = 2):
-    """Wraps a random-access example function.
-
-    Args:
-      example: (index, rng or None) -> (float32 input of ``input_shape``, label).
-      num_examples: examples in the split.
-      num_classes: number of classes.
-      input_shape: shape of one example.
-      batch_size: global batch size G, divisible by ``process_count``.
-      train: shuffle and drop the last incomplete batch; otherwise keep the stored order and pad.
-      seed: non-negative run seed.
-      augment: hand ``example`` a generator (training only).
-      time_major: whether examples carry their own time axis.
-      process_index: this process, in [0, process_count).
-      process_count: number of processes sharing every global batch.
-      num_threads: loading threads (default: the CPU count, at most 32).
-      prefetch_batches: batches loaded ahead of the consumer, at least 1.
-
-    Raises:
-      DataError: inconsistent arguments, or fewer training examples than one global batch.
-    """
-    check_batching(batch_size=batch_size, train=train, seed=seed, augment=augment,
-                   process_index=process_index, process_count=process_count)
-    if prefetch_batches < 1:
-      raise DataError(f"prefetch_batches {prefetch_batches} must be at least 1")
-    if num_threads is not None and num_threads < 1:
-      raise DataError(f"num_threads {num_threads} must be at least 1")
-    if num_examples < 1 or (train and num_examples < batch_size):
-      raise DataError(f"the split has {num_examples} examples; training needs at least one "
-                      f"global batch of {batch_size}")
-    self._example = example
-    self._train = train
-    self._seed = seed
-    self._augment = bool(augment)
-    self._num_threads = num_threads or min(32, os.cpu_count() or 1)
-    self._prefetch_batches = prefetch_batches
-    self.num_classes = num_classes
-    self.input_shape = tuple(input_shape)
-    self.time_major = time_major
-    self.num_examples = num_examples
-    self.batch_size = batch_size
-    self.local_batch_size = batch_size // process_count
-    self._local = slice(process_index * self.local_batch_size,
-                        (process_index + 1) * self.local_batch_size)
-    self.batches_per_epoch = (num_examples // batch_size if train
-                              else -(-num_examples // batch_size))
-
-  def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (inputs float32 [G/P, ...], labels int32 [G/P]) for batches start.. of ``epoch``.
-
-    Padding examples (evaluation only) have zero inputs and the label ``PAD_LABEL``.
-
-    Raises:
-      ValueError: negative ``epoch`` or ``start`` outside [0, batches_per_epoch].
-    """
-    if epoch < 0:
-      raise ValueError(f"epoch {epoch} must be non-negative")
-    if not 0 <= start <= self.batches_per_epoch:
-      raise ValueError(f"start {start} must lie in [0, {self.batches_per_epoch}]")
-    plan = batch_plan(self.num_examples, self.batch_size, train=self._train, seed=self._seed,
-                      epoch=epoch)
-    return self._generate(plan[start:, self._local], epoch)
-
-  def _load(self, index: int, epoch: int) -> tuple[np.ndarray, int]:
-    rng = None
-    if self._augment:
-      rng = np.random.default_rng(np.random.SeedSequence((self._seed, _AUGMENT_STREAM, epoch,
-                                                          index)))
-    try:
-      return self._example(index, rng)
-    except (OSError, SyntaxError) as e:  # what PIL and NumPy raise on unreadable or broken files
-      raise DataError(f"example {index}: {e}") from e
-
-  def _submit(self, pool: concurrent.futures.Executor, row: np.ndarray, epoch: int):
-    return row, [pool.submit(self._load, int(i), epoch) for i in row if i >= 0]
-
-  def _collate(self, row: np.ndarray, futures) -> tuple[np.ndarray, np.ndarray]:
-    inputs = np.zeros((row.size,) + self.input_shape, np.float32)
-    labels = np.full(row.size, PAD_LABEL, np.int32)
-    real = np.flatnonzero(row >= 0)
-    for k, future in zip(real, futures):
-      inputs[k], labels[k] = future.result()
-    return inputs, labels
-
-  def _generate(self, plan: np.ndarray, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    pool = concurrent.futures.ThreadPoolExecutor(self._num_threads, thread_name_prefix="input")
-    try:
-      rows = iter(plan)
-      pending = collections.deque(self._submit(pool, row, epoch)
-                                  for row in itertools.islice(rows, self._prefetch_batches))
-      while pending:
-        row, futures = pending.popleft()
-        following = next(rows, None)
-        if following is not None:
-          pending.append(self._submit(pool, following, epoch))
-        yield self._collate(row, futures)
-    finally:
-      pool.shutdown(wait=True, cancel_futures=True)
-
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator, *,
                             scale: tuple[float, float] = (0.08, 1.0),
@@ -335,8 +163,7 @@ def _open_source(data_dir: str, split: str) -> tuple[Any, int]:
 
 def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str | None = None,
          process_index: int = 0, process_count: int = 1, augment: bool | None = None,
-         image_size: int = 224, num_threads: int | None = None,
-         prefetch_batches: int = 2) -> RecordBatches:
+         num_workers: int | None = None, image_size: int = 224) -> GrainBatches:
   """ImageNet-1k (tfds ``imagenet2012``, array_record) as the batches of one process.
 
   With augmentation (the training default) examples go through :func:`train_image`, otherwise
@@ -353,12 +180,12 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
     process_index: this process, in [0, process_count).
     process_count: number of processes sharing every global batch.
     augment: random resized crop and flip; None for on when training, off otherwise.
+    num_workers: decoding worker processes, 0 for one thread of this process; None for
+      ``pipeline.decoding_workers()``.
     image_size: side of the square network input.
-    num_threads: decoding threads (default: the CPU count, at most 32).
-    prefetch_batches: batches decoded ahead of the consumer.
 
   Returns:
-    A :class:`RecordBatches` with input shape [image_size, image_size, 3].
+    A ``pipeline.GrainBatches`` with input shape [image_size, image_size, 3].
 
   Raises:
     DataError: unknown split, inconsistent arguments, or prepared data missing or not in the
@@ -366,8 +193,6 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
   """
   if split not in SPLITS:
     raise DataError(f"imagenet: unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-  check_batching(batch_size=batch_size, train=train, seed=seed, augment=augment,
-                 process_index=process_index, process_count=process_count)
   augment = train if augment is None else augment
   source, num_classes = _open_source(os.fspath(tfds_data_dir(data_dir)), split)
 
@@ -377,8 +202,8 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
              else train_image(record["image"], rng, image_size))
     return image, int(record["label"])
 
-  return RecordBatches(example, len(source), num_classes=num_classes,
-                       input_shape=(image_size, image_size, 3), batch_size=batch_size,
-                       train=train, seed=seed, augment=augment, process_index=process_index,
-                       process_count=process_count, num_threads=num_threads,
-                       prefetch_batches=prefetch_batches)
+  reader = ExampleReader(example, len(source), (image_size, image_size, 3))
+  return GrainBatches(reader, num_classes=num_classes, batch_size=batch_size, train=train,
+                      seed=seed, augment=augment, process_index=process_index,
+                      process_count=process_count,
+                      num_workers=decoding_workers() if num_workers is None else num_workers)

@@ -1,13 +1,12 @@
 """Static-image datasets held in memory: scikit-learn digits, Fashion-MNIST, CIFAR-10 and CIFAR-100.
 
-Readers return uint8 images [N, H, W, C] and int32 labels [N] after checking them. ``ArrayBatches``
-turns such arrays into the batches of one process:
+Readers return uint8 images [N, H, W, C] and int32 labels [N] after checking them. ``ArrayReader``
+reads examples of such arrays for ``pipeline.GrainBatches``, which orders, shards and pads them
+(shuffled per epoch for training, the stored order for evaluation; ``experiments.input.pipeline``):
 
-* order: a permutation of the split drawn from (seed, epoch) for training, the stored order for
-  evaluation;
-* augmentation (training only): random crop with zero padding and horizontal flip, drawn for the
-  whole global batch from (seed, epoch, batch index), so an example is augmented identically
-  whatever the number of processes and whether or not the epoch was resumed;
+* augmentation (training only): random crop with zero padding and horizontal flip, drawn for each
+  example from its own generator (seed, epoch, example index), so an example is augmented
+  identically whatever the number of processes and whether or not the epoch was resumed;
 * normalisation: x' = (x / 255 - mu_c) / sigma_c per channel c, with constants fixed per dataset.
 
 Where the data lies:
@@ -29,12 +28,13 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from experiments.input import cifar_archive
-from experiments.input.base import PAD_LABEL, DataError, check_batching
+from experiments.input.base import DataError
+from experiments.input.pipeline import GrainBatches
 
 DIGITS_SPLIT_SEED = 0
 """Seed of the stratified 80/20 split of scikit-learn's digits: a fixed property of the dataset,
@@ -323,133 +323,54 @@ def normalise(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
 
 
 # --------------------------------------------------------------------------------------------------
-# Batches.
+# Reader.
 
 
-_ORDER_STREAM = 0
-_AUGMENT_STREAM = 1
-
-
-class ArrayBatches:
-  """Batches of one process over a split held in memory (implements ``base.Batches``).
-
-  Training: each epoch e visits ``perm_e = permutation(N)`` drawn from (seed, e) in global batches
-  of ``batch_size``; global batch k holds ``perm_e[k G : (k + 1) G]`` and the last incomplete batch
-  is dropped. Evaluation: the stored order, ceil(N / G) global batches, the last one padded to G
-  examples of zeros labelled ``PAD_LABEL``. Process p of P receives the slice [p G/P, (p + 1) G/P)
-  of every global batch.
+class ArrayReader:
+  """Reads examples of a split held in memory (a ``pipeline.Reader``): gathers the images, crops
+  and flips each with its own generator when augmenting (``draw_crop_flip`` of one image, then
+  ``crop_and_flip`` of the batch), normalises.
 
   Attributes:
-    num_classes: number of classes.
+    num_examples: examples in the split.
     input_shape: [H, W, C].
-    time_major: False (static images).
-    batches_per_epoch: batches in one epoch (the same for every process).
-    num_examples: examples in the split (real ones, padding excluded).
-    batch_size: global batch size G.
-    local_batch_size: G / P, the leading size of the arrays this process receives.
   """
 
-  time_major = False
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray, *, num_classes: int, batch_size: int,
-               train: bool, seed: int, mean: tuple[float, ...], std: tuple[float, ...],
-               augment: bool = False, crop_padding: int = 4, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, *, mean: tuple[float, ...],
+               std: tuple[float, ...], crop_padding: int = 4):
     """Wraps checked arrays (see ``check_image_arrays``).
 
     Args:
       images: uint8 [N, H, W, C].
-      labels: int32 [N] in [0, num_classes).
-      num_classes: number of classes.
-      batch_size: global batch size G, divisible by ``process_count``.
-      train: shuffle, augment if ``augment`` and drop the last incomplete batch; otherwise keep
-        the stored order and pad the last batch.
-      seed: non-negative; with the epoch and batch index, fixes order and augmentation.
+      labels: int32 [N].
       mean: per-channel mean of x / 255.
       std: per-channel standard deviation of x / 255.
-      augment: random crop with ``crop_padding`` zero padding and horizontal flip (training only).
       crop_padding: zero padding of the random crop.
-      process_index: this process, in [0, process_count).
-      process_count: number of processes sharing every global batch.
 
     Raises:
-      DataError: inconsistent arguments (each message names the value and what is allowed).
+      DataError: a negative ``crop_padding``, or ``mean``/``std`` not one value per channel.
     """
-    check_batching(batch_size=batch_size, train=train, seed=seed, augment=augment,
-                   process_index=process_index, process_count=process_count)
     if crop_padding < 0:
       raise DataError(f"crop_padding {crop_padding} must be non-negative")
     channels = images.shape[-1]
     if len(mean) != channels or len(std) != channels:
       raise DataError(f"mean {mean} and std {std} need one value per channel ({channels})")
-    count = images.shape[0]
-    if train and count < batch_size:
-      raise DataError(f"the training split has {count} examples, fewer than one global batch of "
-                      f"{batch_size}")
     self._images = images
     self._labels = labels
-    self._train = train
-    self._seed = seed
     self._mean = tuple(mean)
     self._std = tuple(std)
-    self._augment = bool(augment)
     self._padding = crop_padding
-    self._process_index = process_index
-    self.num_classes = num_classes
+    self.num_examples = images.shape[0]
     self.input_shape = tuple(images.shape[1:])
-    self.num_examples = count
-    self.batch_size = batch_size
-    self.local_batch_size = batch_size // process_count
-    self.batches_per_epoch = count // batch_size if train else -(-count // batch_size)
 
-  def _rng(self, *key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence((self._seed,) + key))
-
-  def _global_indices(self, epoch: int) -> np.ndarray:
-    """Example indices of the whole epoch, [batches_per_epoch * G], -1 marking padding."""
-    total = self.batches_per_epoch * self.batch_size
-    if self._train:
-      return self._rng(_ORDER_STREAM, epoch).permutation(self.num_examples)[:total]
-    indices = np.full(total, -1, np.int64)
-    indices[:self.num_examples] = np.arange(self.num_examples)
-    return indices
-
-  def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (inputs float32 [G/P, H, W, C], labels int32 [G/P]) for batches start.. of ``epoch``.
-
-    Batch k depends only on (seed, epoch, k), so ``epoch(e, start=k)`` yields exactly batches
-    k.. of ``epoch(e)``.
-
-    Raises:
-      ValueError: negative ``epoch`` or ``start`` outside [0, batches_per_epoch].
-    """
-    if epoch < 0:
-      raise ValueError(f"epoch {epoch} must be non-negative")
-    if not 0 <= start <= self.batches_per_epoch:
-      raise ValueError(f"start {start} must lie in [0, {self.batches_per_epoch}]")
-    return self._generate(epoch, start)
-
-  def _generate(self, epoch: int, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    indices = self._global_indices(epoch)
-    local = slice(self._process_index * self.local_batch_size,
-                  (self._process_index + 1) * self.local_batch_size)
-    for k in range(start, self.batches_per_epoch):
-      yield self._batch(epoch, k, indices[k * self.batch_size:(k + 1) * self.batch_size], local)
-
-  def _batch(self, epoch: int, k: int, global_indices: np.ndarray,
-             local: slice) -> tuple[np.ndarray, np.ndarray]:
-    indices = global_indices[local]
-    real = indices >= 0
-    rows = np.where(real, indices, 0)
-    images = self._images[rows]
-    labels = np.where(real, self._labels[rows], PAD_LABEL).astype(np.int32)
-    if self._augment:
-      offsets, flips = draw_crop_flip(self._rng(_AUGMENT_STREAM, epoch, k), self.batch_size,
-                                      self._padding)
-      images = crop_and_flip(images, offsets[local], flips[local], self._padding)
-    inputs = normalise(images, self._mean, self._std)
-    inputs[~real] = 0.0
-    return inputs, labels
+  def __call__(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    images = self._images[indices]
+    if rngs is not None:
+      offsets, flips = zip(*(draw_crop_flip(rng, 1, self._padding) for rng in rngs))
+      images = crop_and_flip(images, np.concatenate(offsets), np.concatenate(flips),
+                             self._padding)
+    return normalise(images, self._mean, self._std), self._labels[indices]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,8 +444,8 @@ DATASETS: dict[str, ImageDataset] = {
 
 def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
          data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
-         augment: bool | None = None) -> ArrayBatches:
-  """Reads one split of an image dataset of ``DATASETS`` and wraps it in ``ArrayBatches``.
+         augment: bool | None = None, num_workers: int | None = None) -> GrainBatches:
+  """Reads one split of an image dataset of ``DATASETS`` and batches it (``pipeline.GrainBatches``).
 
   Args:
     name: a key of ``DATASETS``.
@@ -538,6 +459,8 @@ def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
     process_count: number of processes sharing every global batch.
     augment: crop-and-flip augmentation; None for the dataset's default when training, off for
       evaluation.
+    num_workers: worker processes making batches; None for 0 (in this process: gathering and
+      normalising a batch in memory costs less than handing it over from another process).
 
   Raises:
     DataError: unknown name or split, missing or malformed data, inconsistent arguments.
@@ -546,12 +469,11 @@ def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
     raise DataError(f"unknown image dataset {name!r}; allowed: {', '.join(DATASETS)}")
   dataset = DATASETS[name]
   _check_split(name, split, dataset.splits)
-  check_batching(batch_size=batch_size, train=train, seed=seed, augment=augment,
-                 process_index=process_index, process_count=process_count)
   if augment is None:
     augment = dataset.augment and train
   arrays = dataset.read(split, data_dir)
-  return ArrayBatches(
-      arrays.images, arrays.labels, num_classes=dataset.num_classes, batch_size=batch_size,
-      train=train, seed=seed, mean=dataset.mean, std=dataset.std, augment=augment,
-      crop_padding=dataset.crop_padding, process_index=process_index, process_count=process_count)
+  reader = ArrayReader(arrays.images, arrays.labels, mean=dataset.mean, std=dataset.std,
+                       crop_padding=dataset.crop_padding)
+  return GrainBatches(reader, num_classes=dataset.num_classes, batch_size=batch_size, train=train,
+                      seed=seed, augment=augment, process_index=process_index,
+                      process_count=process_count, num_workers=num_workers or 0)

@@ -5,10 +5,10 @@ Step t in 0..6 sees rows 4t..4t+3 of the image, so one example is time-major [7,
   x_seq[t, i, j, 0] = x[4 t + i, j, 0].
 
 Images are read, ordered, sharded, padded and normalised exactly as the static Fashion-MNIST
-pipeline of ``experiments.input.images`` (its IDX reader, ``ArrayBatches`` and normalisation
-constants); this module only cuts every batch into row chunks. Optional augmentation is that
-pipeline's random crop (4-pixel zero padding) and horizontal flip of the whole image, before the
-cut.
+pipeline of ``experiments.input.images`` (its IDX reader, ``ArrayReader``, normalisation constants
+and ``pipeline.GrainBatches``); this module only cuts every batch into row chunks. Optional
+augmentation is that pipeline's random crop (4-pixel zero padding) and horizontal flip of the whole
+image, before the cut.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from experiments.input import images
 from experiments.input.base import DataError
+from experiments.input.pipeline import GrainBatches
 
 ROWS_PER_STEP = 4
 TIME_STEPS = 28 // ROWS_PER_STEP
@@ -39,7 +40,7 @@ def to_row_chunks(batch: np.ndarray, rows_per_step: int = ROWS_PER_STEP) -> np.n
 
 
 class RowChunkBatches:
-  """Image batches of ``images.ArrayBatches`` delivered as sequences of row chunks.
+  """Image batches of ``pipeline.GrainBatches`` delivered as sequences of row chunks.
 
   Implements ``base.Batches`` with ``time_major`` True and input shape [T, 4, 28, 1]; the order,
   sharding and padding (``PAD_LABEL``) are those of the wrapped batches.
@@ -47,7 +48,7 @@ class RowChunkBatches:
 
   time_major = True
 
-  def __init__(self, batches: images.ArrayBatches, rows_per_step: int = ROWS_PER_STEP):
+  def __init__(self, batches: GrainBatches, rows_per_step: int = ROWS_PER_STEP):
     empty = np.zeros((0,) + tuple(batches.input_shape), np.float32)
     self._batches = batches
     self._rows_per_step = rows_per_step
@@ -65,8 +66,8 @@ class RowChunkBatches:
 
 
 def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str | None = None,
-         process_index: int = 0, process_count: int = 1,
-         augment: bool | None = None) -> RowChunkBatches:
+         process_index: int = 0, process_count: int = 1, augment: bool | None = None,
+         num_workers: int | None = None) -> RowChunkBatches:
   """Sequential Fashion-MNIST as the batches of one process.
 
   Args:
@@ -80,11 +81,13 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
     process_count: number of processes sharing every global batch.
     augment: crop and flip of the image before the cut; None for off (the default of
       Fashion-MNIST).
+    num_workers: worker processes making batches; None for 0 (as ``images.load``).
 
   Raises:
     DataError: unknown split, inconsistent arguments, or missing or malformed files.
   """
   batches = images.load("fashion_mnist", split, batch_size=batch_size, train=train, seed=seed,
                         data_dir=data_dir, process_index=process_index,
-                        process_count=process_count, augment=augment)
+                        process_count=process_count, augment=augment,
+                        num_workers=num_workers)
   return RowChunkBatches(batches)

@@ -9,10 +9,11 @@ The unzipped ``tiny-imagenet-200`` folder (from http://cs231n.stanford.edu/tiny-
 
 The label of a wnid is its index in the sorted list of ``wnids.txt`` (the order of the class folders
 that torchvision's ImageFolder would give). The "test" split of this loader is the labelled
-validation set (the official test images have no labels). Images are decoded with PIL on the
-thread pool of ``imagenet.RecordBatches``, grey images are converted to RGB, and every image is
-normalised with the ImageNet statistics. Training augmentation: random crop 64 with 4-pixel zero
-padding and horizontal flip (``images.crop_and_flip``, before normalisation).
+validation set (the official test images have no labels). Images are decoded with PIL in the
+grain worker processes of ``pipeline.GrainBatches`` (one per CPU core by default), grey images are
+converted to RGB, and every image is normalised with the ImageNet statistics. Training
+augmentation: random crop 64 with 4-pixel zero padding and horizontal flip
+(``images.crop_and_flip``, before normalisation).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from experiments.input.base import DataError, check_batching
+from experiments.input.base import DataError
 from experiments.input.images import crop_and_flip, draw_crop_flip, normalise
-from experiments.input.imagenet import IMAGENET_MEAN, IMAGENET_STD, RecordBatches
+from experiments.input.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from experiments.input.pipeline import ExampleReader, GrainBatches, decoding_workers
 
 TINY_IMAGENET_DIR = "~/data/tiny-imagenet-200"
 """Default folder of the unzipped dataset."""
@@ -117,7 +119,7 @@ def read_image(path: Path) -> np.ndarray:
 
 def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str | None = None,
          process_index: int = 0, process_count: int = 1, augment: bool | None = None,
-         num_threads: int | None = None, prefetch_batches: int = 2) -> RecordBatches:
+         num_workers: int | None = None) -> GrainBatches:
   """Tiny-ImageNet as the batches of one process (see the module docstring).
 
   Args:
@@ -131,11 +133,11 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
     process_count: number of processes sharing every global batch.
     augment: random crop with 4-pixel zero padding and horizontal flip; None for on when
       training, off otherwise.
-    num_threads: decoding threads (default: the CPU count, at most 32).
-    prefetch_batches: batches decoded ahead of the consumer.
+    num_workers: decoding worker processes, 0 for one thread of this process; None for
+      ``pipeline.decoding_workers()``.
 
   Returns:
-    A ``RecordBatches`` with input shape [64, 64, 3] and 200 classes.
+    A ``pipeline.GrainBatches`` with input shape [64, 64, 3] and 200 classes.
 
   Raises:
     DataError: unknown split, inconsistent arguments, or missing or malformed files (nothing is
@@ -143,8 +145,6 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
   """
   if split not in SPLITS:
     raise DataError(f"tiny_imagenet: unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-  check_batching(batch_size=batch_size, train=train, seed=seed, augment=augment,
-                 process_index=process_index, process_count=process_count)
   augment = train if augment is None else augment
   root = Path(data_dir if data_dir is not None else TINY_IMAGENET_DIR).expanduser()
   wnids = read_wnids(root)
@@ -157,7 +157,7 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
       pixels = crop_and_flip(pixels[None], offsets, flips, CROP_PADDING)[0]
     return normalise(pixels, IMAGENET_MEAN, IMAGENET_STD), int(labels[index])
 
-  return RecordBatches(example, len(paths), num_classes=len(wnids), input_shape=IMAGE_SHAPE,
-                       batch_size=batch_size, train=train, seed=seed, augment=augment,
-                       process_index=process_index, process_count=process_count,
-                       num_threads=num_threads, prefetch_batches=prefetch_batches)
+  return GrainBatches(ExampleReader(example, len(paths), IMAGE_SHAPE), num_classes=len(wnids),
+                      batch_size=batch_size, train=train, seed=seed, augment=augment,
+                      process_index=process_index, process_count=process_count,
+                      num_workers=decoding_workers() if num_workers is None else num_workers)
