@@ -46,7 +46,7 @@ from experiments.files import atomic_file
 from experiments.metrics import MetricWriter
 
 HARMLESS_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-                 "eval_every_epochs", "progress", "data_dir", "bn_check_batches")
+                 "eval_every_epochs", "progress", "data_dir", "bn_check_batches", "input_workers")
 # Keys added after the first release, with the value that reproduces runs made without them: left
 # out of the fingerprint while they hold it, so that those runs' workdirs still resume.
 ADDED_KEYS = {"model.step_stats": False, "bn_recalibration_batches": 0,
@@ -188,6 +188,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("warmup_epochs", "seed", "bn_recalibration_batches", "bn_check_batches"):
     if not _is_int(given[key]) or given[key] < 0:
       fail(key, given[key], "an integer >= 0")
+  if not _is_int(config.input_workers) or config.input_workers < -1:
+    fail("input_workers", config.input_workers, "an integer >= 0, or -1 for the dataset's default")
   if not (_is_real(config.learning_rate) and config.learning_rate > 0):
     fail("learning_rate", config.learning_rate, "a finite number > 0")
   if not (_is_real(config.weight_decay) and config.weight_decay >= 0):
@@ -290,7 +292,8 @@ class Trainer:
     self.process_index = jax.process_index()
     self.process_count = jax.process_count()
     common = dict(seed=config.seed, data_dir=config.data_dir or None,
-                  process_index=self.process_index, process_count=self.process_count)
+                  process_index=self.process_index, process_count=self.process_count,
+                  num_workers=None if config.input_workers < 0 else config.input_workers)
     self.train_data = data_input.load(config.dataset, "train", batch_size=config.batch_size,
                                       train=True, augment=config.augment, **common)
     self.test_data = data_input.load(config.dataset, "test", batch_size=config.batch_size,
