@@ -15,7 +15,8 @@ What a long run meets, and what the driver does:
   checkpoint, so only finite states are saved. On a fault it restores the last good checkpoint,
   replays the batches up to the failing one, locates the first non-finite value with
   :func:`experiments.diagnose.first_nonfinite` and raises :class:`NumericalError`;
-* SIGTERM/SIGINT: a checkpoint at the end of the current batch, then a clean exit;
+* SIGTERM/SIGINT: a checkpoint at the end of the current batch, then a clean exit; in a
+  multi-process run every process stops and saves at the same batch (:mod:`experiments.interrupt`);
 * a damaged checkpoint: see :mod:`experiments.checkpoint`.
 """
 
@@ -26,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -43,6 +43,7 @@ from experiments import input as data_input
 from experiments.checkpoint import Checkpoints
 from experiments.configs import common
 from experiments.files import atomic_file
+from experiments.interrupt import Interrupt
 from experiments.metrics import MetricWriter
 
 HARMLESS_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
@@ -234,26 +235,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, step_shape:
                 ) -> models.SpikingNetwork:
   """The network of ``config.model`` (options checked by :func:`net_options`)."""
   return models.create(net_options(config, num_classes, step_shape), rngs=nnx.Rngs(config.seed))
-
-
-class _Interrupt:
-  """Turns SIGTERM/SIGINT into a flag the training loop checks after each batch."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.signal = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def _batch_parts(batch):
@@ -573,7 +554,7 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
     checkpoints.save(step, trainer.state, _meta(config, step, *divmod(step, per_epoch)))
 
   bar = writer.progress(total=total, initial=step, enabled=config.progress)
-  with _Interrupt() as interrupt:
+  with Interrupt() as interrupt:
     try:
       while step < total:
         epoch, position = divmod(step, per_epoch)
@@ -608,12 +589,13 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
           bar.update(1)
           if step % config.checkpoint_every_steps == 0:
             save()
-          if interrupt.signal is not None:
+          signum = interrupt.stop_signal(step)
+          if signum is not None:
             save()
             bar.close()
-            print(f"\nstopped by signal {interrupt.signal} at step {step}; checkpoint saved, "
+            print(f"\nstopped by signal {signum} at step {step}; checkpoint saved, "
                   "rerun with the same --workdir to resume", flush=True)
-            return interrupt.signal
+            return signum
         confirm_finite()
         train_seconds = time.perf_counter() - epoch_start
         if counted:

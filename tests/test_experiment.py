@@ -139,24 +139,71 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path, uninter
   np.testing.assert_array_equal(final_params(uninterrupted)[1], final_params(workdir)[1])
 
 
-@pytest.mark.timeout(400)
-def test_two_processes_match_one_process(tmp_path):
-  """Two processes joined by jax.distributed (2 CPU devices each, gloo) train like one process
-  with four devices and the same global batch."""
-  flags = SHORT + ["--config.epochs=1"]
-  single = str(tmp_path / "single")
-  result = run(single, *flags, devices=4)
-  assert result.returncode == 0, result.stderr[-3000:]
-  port = 20000 + os.getpid() % 20000
-  multi = str(tmp_path / "multi")
-  processes = [subprocess.Popen(
-      command(multi, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+def two_processes(workdir, flags, port):
+  return [subprocess.Popen(
+      command(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
               f"--process_id={i}"), cwd=ROOT, env=env(2), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+ONE_EPOCH = SHORT + ["--config.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+  """One epoch of the short run in one process with four devices."""
+  workdir = str(tmp_path_factory.mktemp("four_devices"))
+  result = run(workdir, *ONE_EPOCH, devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.timeout(400)
+def test_two_processes_match_one_process(tmp_path, four_devices):
+  """Two processes joined by jax.distributed (2 CPU devices each, gloo) train like one process
+  with four devices and the same global batch."""
+  single = four_devices
+  port = 20000 + os.getpid() % 20000
+  multi = str(tmp_path / "multi")
+  processes = two_processes(multi, ONE_EPOCH, port)
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   for p, output in zip(processes, outputs):
     assert p.returncode == 0, output[-3000:]
   step_single, params_single = final_params(single)
+  step_multi, params_multi = final_params(multi)
+  assert step_single == step_multi == 44
+  np.testing.assert_allclose(params_multi, params_single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, four_devices):
+  """A preemption notice that reaches one process only: both save the same step and exit 143,
+  and the resumed two-process run ends with the parameters of an uninterrupted run."""
+  multi = str(tmp_path / "multi")
+  port = 20000 + (os.getpid() + 7919) % 20000
+  processes = two_processes(multi, ONE_EPOCH, port)
+  deadline = time.time() + 300
+  while time.time() < deadline and not any(s >= 5 for s in checkpoint_steps(multi)):
+    time.sleep(0.05)
+  processes[1].send_signal(signal.SIGTERM)
+  signalled = time.time()
+  outputs = [p.communicate(timeout=120)[0] for p in processes]
+  seconds = time.time() - signalled
+  stopped = []
+  for p, output in zip(processes, outputs):
+    assert p.returncode == 143, output[-3000:]
+    match = [line for line in output.splitlines() if "stopped by signal 15" in line]
+    assert match, output[-3000:]
+    stopped.append(int(match[0].split("at step ")[1].split(";")[0]))
+  assert stopped[0] == stopped[1] < 44
+  assert seconds < 60, f"both processes must stop within 60 s of the signal, took {seconds:.1f} s"
+  assert max(checkpoint_steps(multi)) == stopped[0]
+  processes = two_processes(multi, ONE_EPOCH, port + 1)
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, output in zip(processes, outputs):
+    assert p.returncode == 0, output[-3000:]
+    assert f"resuming from step {stopped[0]}" in output, output[-3000:]
+  step_single, params_single = final_params(four_devices)
   step_multi, params_multi = final_params(multi)
   assert step_single == step_multi == 44
   np.testing.assert_allclose(params_multi, params_single, rtol=1e-5, atol=1e-6)
