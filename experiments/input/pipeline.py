@@ -53,8 +53,8 @@ _AUGMENT_STREAM = 1
 
 def decoding_workers() -> int:
   """The default number of worker processes of the pipelines that decode files (ImageNet,
-  Tiny-ImageNet): one per CPU core this process may run on, at most 32 (BENCHMARKS.md: decoding
-  scales with the workers up to the core count)."""
+  Tiny-ImageNet): one per CPU core this process may run on, at most 32, so that decoding can use
+  every core (one thread of the training process uses one; BENCHMARKS.md §7)."""
   return min(32, len(os.sched_getaffinity(0)))
 
 
@@ -154,6 +154,9 @@ class _ReadBatch:
     chosen = indices[real]
     rngs = ([example_rng(self._seed, self._epoch, int(i)) for i in chosen] if self._augment
             else None)
+    if len(chosen) == len(indices):  # no padding: the reader's arrays, without another copy
+      inputs, labels = self._reader(chosen, rngs)
+      return inputs, labels.astype(np.int32, copy=False)
     inputs = np.zeros((len(indices),) + self._reader.input_shape, np.float32)
     labels = np.full(len(indices), PAD_LABEL, np.int32)
     inputs[real], labels[real] = self._reader(chosen, rngs)
