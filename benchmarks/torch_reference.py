@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from empf_jax.models import CONVNET28_PLAN
+
 LATENT_INIT_MAX = 1e-3
 TERNARY_DELTA_FACTOR = 0.7
 SPIKE_LEVELS = 4.0
@@ -44,6 +46,7 @@ RESNETS = {
     "resnet19": ((3, 3, 2), (128, 256, 512), (1, 2, 2), 256),
 }
 STEMS = ("cifar", "imagenet", "tiny", "event")
+CONVNET28_FLATTEN = 7  # 28x28 inputs after two 2x2 poolings
 
 
 class BinarizeSTE(torch.autograd.Function):
@@ -271,7 +274,25 @@ class Stem(nn.Module):
     return y
 
 
-class SpikingResNet(nn.Module):
+class SpikingNetwork(nn.Module):
+  """What the training functions need of a network: its neurons' reset and online switch."""
+
+  def neurons(self) -> Iterator[nn.Module]:
+    return (m for m in self.modules() if isinstance(m, (EMPFNeuron, ParallelNeuron)))
+
+  def reset(self) -> None:
+    """Zero membranes and step counters before a new input sequence."""
+    for neuron in self.neurons():
+      neuron.reset()
+
+  def set_online(self, online: bool) -> None:
+    """Detach the previous membrane (online training) or keep the graph through time (BPTT)."""
+    for neuron in self.neurons():
+      if isinstance(neuron, EMPFNeuron):
+        neuron.online = online
+
+
+class SpikingResNet(SpikingNetwork):
   """EM-PF ResNet-18/34/19 (docs/model.md §3); ``forward`` is ONE time step on NCHW input."""
 
   def __init__(self, blocks: tuple[int, ...], widths: tuple[int, ...], strides: tuple[int, ...],
@@ -304,20 +325,6 @@ class SpikingResNet(nn.Module):
       self.head_neuron = EMPFNeuron(time_steps, channels(hidden), spike_bits=spike_bits)
       self.fc = nn.Linear(channels(hidden), num_classes)
 
-  def neurons(self) -> Iterator[nn.Module]:
-    return (m for m in self.modules() if isinstance(m, (EMPFNeuron, ParallelNeuron)))
-
-  def reset(self) -> None:
-    """Zero membranes and step counters before a new input sequence."""
-    for neuron in self.neurons():
-      neuron.reset()
-
-  def set_online(self, online: bool) -> None:
-    """Detach the previous membrane (online training) or keep the graph through time (BPTT)."""
-    for neuron in self.neurons():
-      if isinstance(neuron, EMPFNeuron):
-        neuron.online = online
-
   def forward(self, x_t: torch.Tensor) -> torch.Tensor:
     """One time step: x_t [B, C, H, W] -> logits [B, K]; neuron state carries to the next call."""
     h = self.stem(x_t)
@@ -329,17 +336,71 @@ class SpikingResNet(nn.Module):
     return self.fc(h)
 
 
+class ConvUnit(nn.Module):
+  """conv3x3 -> BN -> EM-PF neuron, one unit of the plain networks."""
+
+  def __init__(self, cin: int, cout: int, *, time_steps: int, weights: str):
+    super().__init__()
+    self.conv = QConv2d(cin, cout, 3, weights=weights)
+    self.bn = nn.BatchNorm2d(cout)
+    self.neuron = EMPFNeuron(time_steps, cout)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.neuron(self.bn(self.conv(x)))
+
+
+class SpikingConvNet28(SpikingNetwork):
+  """convnet28 of empf_jax (docs/model.md §3): full-precision unit, 2x2 average pooling, binary
+  units, pooling, binary unit, the 7x7 maps flattened (in NHWC order, as empf_jax) into the
+  classifier. ``forward`` is ONE time step on NCHW input."""
+
+  def __init__(self, plan: tuple[int | str, ...], *, num_classes: int, in_channels: int,
+               time_steps: int, weights: str, width: float, flatten_to: int):
+    super().__init__()
+    self.time_steps = time_steps
+    self.plan = plan
+    units = []
+    cin = in_channels
+    for i, item in enumerate(plan):
+      if isinstance(item, str):
+        continue
+      cout = max(1, int(round(item * width)))
+      units.append(ConvUnit(cin, cout, time_steps=time_steps,
+                            weights="float" if i == 0 else weights))
+      cin = cout
+    self.units = nn.ModuleList(units)
+    self.fc = nn.Linear(cin * flatten_to * flatten_to, num_classes)
+
+  def forward(self, x_t: torch.Tensor) -> torch.Tensor:
+    h = x_t
+    units = iter(self.units)
+    for item in self.plan:
+      h = F.avg_pool2d(h, 2) if item == "M" else next(units)(h)
+    return self.fc(h.permute(0, 2, 3, 1).flatten(1))
+
+
 def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | None = None,
            stem: str = "cifar", weights: str = "binary", mem_bn: bool = False,
            parallel: bool = False, spike_bits: int | None = None, seca: int = 0,
-           width: float = 1.0) -> SpikingResNet:
-  """Builds ``resnet18``, ``resnet34`` or ``resnet19`` with the options of ``empf_jax.models``.
+           width: float = 1.0) -> SpikingNetwork:
+  """Builds ``resnet18``, ``resnet34``, ``resnet19`` or ``convnet28`` with the options of
+  ``empf_jax.models`` (``convnet28``: ``num_classes``, ``time_steps``, ``in_channels`` (default
+  1), ``weights`` and ``width``; its other options keep their defaults).
 
   Raises:
     ValueError: naming the unsupported option and the allowed values.
   """
+  if name == "convnet28":
+    if (stem, mem_bn, parallel, spike_bits, seca) != ("cifar", False, False, None, 0):
+      raise ValueError("convnet28 takes only num_classes, time_steps, in_channels, weights and "
+                       "width here")
+    return SpikingConvNet28(CONVNET28_PLAN, num_classes=num_classes,
+                            in_channels=1 if in_channels is None else in_channels,
+                            time_steps=time_steps, weights=weights, width=width,
+                            flatten_to=CONVNET28_FLATTEN)
   if name not in RESNETS:
-    raise ValueError(f"name={name!r} is not allowed; allowed: {', '.join(RESNETS)}")
+    raise ValueError(f"name={name!r} is not allowed; allowed: "
+                     f"{', '.join((*RESNETS, 'convnet28'))}")
   if stem not in STEMS:
     raise ValueError(f"stem={stem!r} is not allowed; allowed: {', '.join(STEMS)}")
   if spike_bits not in (None, 4):

@@ -147,7 +147,7 @@ def test_throughput_smoke_runs_both_frameworks_on_one_core(tmp_path):
                                                                   rel=1e-2)
   assert entry["jax_over_torch"] == pytest.approx(
       entry["jax"]["images_per_second"] / entry["torch"]["images_per_second"], rel=1e-2)
-  assert set(record["goals"]) == {"online JAX/PyTorch >= 0.59", "online JAX/PyTorch >= 1.0"}
+  assert set(record["goals"]) == {"online JAX/PyTorch >= 1.0", "online JAX/PyTorch >= 1.2"}
 
 
 def test_throughput_refuses_a_missing_gpu(tmp_path):

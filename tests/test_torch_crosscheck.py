@@ -28,8 +28,12 @@ BASE = dict(name="resnet18")
 VARIANT = dict(name="resnet19", weights="ternary", mem_bn=True, parallel=True, seca=2)
 # 4-bit spikes are left out of the numerical comparison: a last-bit difference at a rounding
 # boundary legitimately changes a spike by 1/4.
+CONVNET28 = dict(name="convnet28", in_channels=3)
 CONFIGS = [pytest.param(BASE, id="resnet18"),
-           pytest.param(VARIANT, id="resnet19-variants", marks=pytest.mark.slow)]
+           pytest.param(VARIANT, id="resnet19-variants", marks=pytest.mark.slow),
+           pytest.param(CONVNET28, id="convnet28")]
+# convnet28 flattens the 7x7 maps of 28x28 inputs into its classifier.
+SIZES = {"convnet28": 28}
 
 
 def _draw(rng: np.random.Generator, variable: nnx.Variable) -> np.ndarray:
@@ -78,9 +82,9 @@ def _pair(config: dict) -> tuple[nnx.Module, ref.SpikingResNet]:
   return model, torch_model
 
 
-def _batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _batch(seed: int = 0, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.default_rng(seed)
-  images = rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)
+  images = rng.normal(size=(BATCH, size, size, 3)).astype(np.float32)
   return images, rng.integers(0, CLASSES, BATCH)
 
 
@@ -117,7 +121,7 @@ def _assert_same_state(model: nnx.Module, torch_model: ref.SpikingResNet, atol: 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_eval_logits_match_at_every_step(config):
   model, torch_model = _pair(config)
-  x, x_torch = _time_major(_batch()[0])
+  x, x_torch = _time_major(_batch(size=SIZES.get(config["name"], SIZE))[0])
   logits = np.asarray(_logits(model, x, train=False))
   expected = ref.run_eval(torch_model, x_torch).numpy()
   chex.assert_shape(logits, (T, BATCH, CLASSES))
@@ -129,7 +133,7 @@ def test_eval_logits_match_at_every_step(config):
 def test_train_mode_logits_and_running_stats_match(config):
   """Batch statistics of each step's batch; running averages updated once per step in order."""
   model, torch_model = _pair(config)
-  x, x_torch = _time_major(_batch()[0])
+  x, x_torch = _time_major(_batch(size=SIZES.get(config["name"], SIZE))[0])
   logits = np.asarray(_logits(model, x, train=True))
   np.testing.assert_allclose(logits, _torch_train_logits(torch_model, x_torch), atol=ATOL, rtol=0)
   _assert_same_state(model, torch_model, ATOL)
