@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   else:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cores = pin_cores(args.threads)
+  import empf_jax  # noqa: F401  (its XLA CPU options, before the backend starts)
   import jax
   backend = jax.default_backend()
   if args.device == "gpu" and backend != "gpu":

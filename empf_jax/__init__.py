@@ -22,9 +22,15 @@ Modules:
   convert     load PyTorch state dicts (reference and HD_LIF layouts).
   ops         convolution (with a fast CPU backward) and pooling.
   testing     helpers for tests: randomize a network's hidden state.
+  xla_defaults  XLA CPU options set on import unless XLA_FLAGS names them (EMPF_JAX_XLA_DEFAULTS=0
+              turns this off).
 """
 
-from empf_jax import (accounting, bundle, convert, deploy, efficiency, layers, layout, models,
+from empf_jax import xla_defaults
+
+xla_defaults.apply_cpu_defaults()  # before anything starts JAX's backend
+
+from empf_jax import (accounting, bundle, convert, deploy, efficiency, layers, layout, models,  # noqa: E402
                       neurons, ops, quantize, testing, training)
 from empf_jax.accounting import packed_megabytes, param_megabytes
 from empf_jax.models import ConfigError, NetOptions, create

@@ -82,7 +82,8 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  import jax  # after flag parsing, so that --help is fast
+  import empf_jax  # noqa: F401  (its XLA CPU options, before JAX starts; after flag parsing,
+  import jax  # so that --help is fast)
   if _COORDINATOR.value is not None:
     if jax.config.jax_platforms in (None, "", "cpu"):
       # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
