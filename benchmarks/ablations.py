@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mode": result["mode"], "accuracy": result["accuracy"],
         "accuracy_per_step": result["accuracy_per_step"],
         "train_seconds_per_epoch": mem["examples_per_epoch"] / rate if rate else None,
-        "wall_seconds_per_epoch": result["wall_seconds_this_call"] / config.epochs,
+        "wall_seconds_per_epoch": (result["wall_seconds_this_call"] / config.epochs
+                                   if result["wall_seconds_this_call"] else None),
         "median_train_images_per_second": rate,
         "train_step_memory_bytes": mem["bytes"], "network": mem["network"],
         "rule": config.mode, "time_steps": config.time_steps, "batch": config.batch_size,
@@ -135,8 +136,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for r in rows:
     per_epoch = (f"{r['train_seconds_per_epoch']:.1f}" if r["train_seconds_per_epoch"]
                  else "-")
-    print(f"| {r['mode']} | {100 * r['accuracy']:.2f} % | {per_epoch} | "
-          f"{r['wall_seconds_per_epoch']:.1f} | {r['train_step_memory_bytes']['total'] / MIB:.1f} |")
+    wall = f"{r['wall_seconds_per_epoch']:.1f}" if r["wall_seconds_per_epoch"] else "-"
+    print(f"| {r['mode']} | {100 * r['accuracy']:.2f} % | {per_epoch} | {wall} | "
+          f"{r['train_step_memory_bytes']['total'] / MIB:.1f} |")
   return record
 
 
