@@ -62,13 +62,25 @@ SMOKE = dict(width=1 / 16, time_steps=2, batch=4, size=8, repeats=2, iters=1, wa
 SMOKE_CPU_THREADS = 1
 
 
+def batch_sizes(value: str) -> list[int]:
+  """An argparse ``type``: comma-separated batch sizes, each an integer >= 1."""
+  try:
+    sizes = [int(b) for b in value.split(",")]
+  except ValueError:
+    sizes = []
+  if not sizes or min(sizes) < 1:
+    raise argparse.ArgumentTypeError(f"{value!r} is not allowed; allowed: integers >= 1, "
+                                     "comma-separated")
+  return sizes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
   parser.add_argument("--out", default=None,
                       help="JSON path (default benchmarks/results/throughput_<device>.json)")
   parser.add_argument("--network", default="resnet18", choices=tuple(NETWORKS))
-  parser.add_argument("--batch", default="16,64,128",
+  parser.add_argument("--batch", default="16,64,128", type=batch_sizes,
                       help="batch sizes, comma-separated; each is measured in turn")
   parser.add_argument("--time_steps", type=int, default=4)
   parser.add_argument("--size", type=int, default=None,
@@ -88,16 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="also time one step's forward and forward+backward")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
   args = parser.parse_args(argv)
-  try:
-    args.batches = [int(b) for b in str(args.batch).split(",")]
-  except ValueError:
-    parser.error(f"--batch={args.batch} is not allowed; allowed: integers >= 1, comma-separated")
+  args.batches = args.batch
   if args.size is None:
     args.size = NETWORKS[args.network]["size"]
   if args.smoke:
     for key, value in SMOKE.items():
       setattr(args, key, value)
-    args.batches = [args.batch]
+    args.batches = [SMOKE["batch"]]
     if args.network == "convnet28":  # it needs its 28x28 inputs
       args.size = NETWORKS["convnet28"]["size"]
     if args.device == "cpu" and args.threads is None:
@@ -114,8 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   for key in ("time_steps", "size", "repeats", "iters"):
     if getattr(args, key) < 1:
       parser.error(f"--{key}={getattr(args, key)} is not allowed; allowed: an integer >= 1")
-  if min(args.batches) < 1:
-    parser.error(f"--batch={args.batch} is not allowed; allowed: integers >= 1, comma-separated")
   if args.out is None:
     args.out = f"benchmarks/results/throughput_{args.device}.json"
   return args
