@@ -615,3 +615,18 @@ def test_options_are_one_frozen_description_the_network_keeps():
     models.create("convnet_small", num_classes=CLASSES, time_steps=2, depth=3)
   with pytest.raises(models.ConfigError, match=r"\['num_classes'\] are required"):
     models.create("convnet_small", time_steps=2)
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+@pytest.mark.parametrize("sampler", ["uniform", "normal"])
+def test_flat_draws_are_the_numbers_of_the_shaped_draws(partitionable, sampler):
+  """Initial weights drawn flat (fast to compile) equal JAX's draws of the shape itself."""
+  previous = jax.config.jax_threefry_partitionable
+  jax.config.update("jax_threefry_partitionable", partitionable)
+  try:
+    sample = getattr(jax.random, sampler)
+    key = jax.random.key(3)
+    shape = (3, 3, 4, 5)
+    np.testing.assert_array_equal(layers.draw(sample, key, shape), sample(key, shape))
+  finally:
+    jax.config.update("jax_threefry_partitionable", previous)
