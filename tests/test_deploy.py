@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from empf_jax import accounting, bundle, deploy, models, testing
+from empf_jax import accounting, bundle, deploy, layers, models, testing
 from empf_jax.layers import EMPFNeuron, ParallelNeuron, QConv, StepBatchNorm
 from empf_jax.quantize import quantize_spike
 from empf_jax.efficiency import recorded_run
@@ -65,7 +65,8 @@ def _randomize_kernels(model: nnx.Module, key: jax.Array) -> None:
     if isinstance(node, QConv):
       fan_in = node.kernel_size ** 2 * node.in_features
       k = jax.random.fold_in(key, zlib.crc32(repr(path).encode()) % 2**31)
-      node.kernel[...] = math.sqrt(2.0 / fan_in) * jax.random.normal(k, node.kernel.shape)
+      node.kernel[...] = math.sqrt(2.0 / fan_in) * layers.draw(jax.random.normal, k,
+                                                               node.kernel.shape)
 
 
 def _build(name, options, seed=0):
@@ -77,7 +78,7 @@ def _build(name, options, seed=0):
   model = models.create(name, **full, rngs=nnx.Rngs(seed))
   testing.randomize(model, jax.random.key(seed + 1))
   _randomize_kernels(model, jax.random.key(seed + 2))
-  x = 2.0 * jax.random.normal(jax.random.key(seed + 3), (2, 2) + INPUTS[name])
+  x = 2.0 * layers.draw(jax.random.normal, jax.random.key(seed + 3), (2, 2) + INPUTS[name])
   if name == "vgg_snn":
     x = jnp.round(jnp.abs(x))  # event counts
   return model, full, x
@@ -188,7 +189,7 @@ def test_folded_parameters_follow_the_spec():
 
 @pytest.mark.parametrize("shape", [(3, 3, 4, 8), (1, 1, 3, 5), (3, 3, 1, 3)])
 def test_pack_unpack_roundtrip(shape):
-  w = np.array(jax.random.normal(jax.random.key(0), shape))
+  w = np.array(layers.draw(jax.random.normal, jax.random.key(0), shape))
   w.reshape(-1)[0] = 0.0  # sign(0) = +1
   bits = deploy.pack_binary(w)
   assert bits.dtype == np.uint8 and bits.size == math.ceil(w.size / 8)

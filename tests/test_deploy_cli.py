@@ -1,9 +1,10 @@
 """Deployment from the application: export a trained digits run, evaluate the bundle, the report.
 
-The end-to-end tests train the digits config for one epoch with ``python -m experiments.cifar``,
-export it with ``python -m experiments.deploy`` and evaluate the bundle file with the same program,
-as a user would; the bundle's accuracy at every step must be the training run's. The quick tests
-check the efficiency report against :func:`empf_jax.efficiency.measure` and the CLI's errors.
+The end-to-end tests take the digits config trained for one epoch with ``python -m
+experiments.cifar`` (the run the test files share), export it with ``python -m experiments.deploy``
+and evaluate the bundle file with the same program's main, as a user would; the bundle's accuracy
+at every step must be the training run's. The quick tests check the efficiency report against
+:func:`empf_jax.efficiency.measure` and the CLI's errors.
 """
 
 import json
@@ -168,14 +169,14 @@ def random_bundle(tmp_path_factory):
   return path
 
 
-def test_cli_missing_workdir_is_a_clear_error(tmp_path):
-  result = cli(f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'x.empf'}")
+def test_cli_missing_workdir_is_a_clear_error(tmp_path, deploy_main):
+  result = deploy_main(f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'x.empf'}")
   assert_one_line_error(result, "does not exist")
   assert not (tmp_path / "x.empf").exists()
 
 
-def test_cli_unknown_dataset_is_a_clear_error(random_bundle):
-  result = cli(f"--bundle={random_bundle}", "--evaluate", "--dataset=mnist")
+def test_cli_unknown_dataset_is_a_clear_error(random_bundle, deploy_main):
+  result = deploy_main(f"--bundle={random_bundle}", "--evaluate", "--dataset=mnist")
   assert_one_line_error(result, "unknown dataset 'mnist'", "digits")
 
 
@@ -200,14 +201,9 @@ def test_workdir_without_checkpoint_and_bundle_without_dataset(tmp_path, random_
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-  """Trains digits for one epoch (2 devices), exports it with the CLI (1 device)."""
-  workdir = tmp_path_factory.mktemp("digits")
-  train = subprocess.run(
-      [sys.executable, "-m", "experiments.cifar", f"--workdir={workdir}",
-       "--config=experiments/configs/digits.py", "--config.epochs=1", "--config.progress=False"],
-      check=False, cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=240)
-  assert train.returncode == 0, train.stderr[-3000:]
+def exported(digits_one_epoch):
+  """The shared digits run (one epoch on 2 devices, conftest), exported with the CLI (1 device)."""
+  workdir = digits_one_epoch
   out = workdir / "deployed" / "digits.empf"
   result = cli(f"--workdir={workdir}", f"--out={out}")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -230,9 +226,9 @@ def test_export_writes_bundle_sidecar_and_report(exported):
 
 
 @pytest.mark.timeout(300)
-def test_bundle_accuracy_equals_training_summary(exported, tmp_path):
+def test_bundle_accuracy_equals_training_summary(exported, tmp_path, deploy_main):
   workdir, out, _ = exported
-  result = cli(f"--bundle={out}", "--evaluate", f"--report_dir={tmp_path}")
+  result = deploy_main(f"--bundle={out}", "--evaluate", f"--report_dir={tmp_path}")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
@@ -266,13 +262,13 @@ def test_bundle_logits_equal_trained_model(exported):
 
 
 @pytest.mark.timeout(300)
-def test_flipped_byte_is_a_clear_error(exported, tmp_path):
+def test_flipped_byte_is_a_clear_error(exported, tmp_path, deploy_main):
   _, out, _ = exported
   data = bytearray(out.read_bytes())
   data[len(data) // 2] ^= 0x01
   corrupted = tmp_path / "corrupted.empf"
   corrupted.write_bytes(bytes(data))
-  result = cli(f"--bundle={corrupted}", "--evaluate", "--dataset=digits")
+  result = deploy_main(f"--bundle={corrupted}", "--evaluate", "--dataset=digits")
   assert_one_line_error(result, "not a valid bundle", "checksum mismatch")
   assert not (tmp_path / deploy_cli.EVALUATION).exists()
 

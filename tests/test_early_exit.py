@@ -6,9 +6,6 @@ prediction and every operation it performs are known by hand.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import chex
 import jax
@@ -17,11 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from empf_jax import bundle, deploy, efficiency, models, testing
+from empf_jax import bundle, deploy, efficiency, layers, models, testing
 from experiments import deploy as deploy_cli
 from experiments import report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 4
 AC, MAC, MUL = 0.9, 4.6, 3.7
 
@@ -139,7 +135,7 @@ def _random_deployed(**options):
   options = dict(num_classes=5, time_steps=T, in_channels=1, width=1 / 8, **options)
   model = models.create("convnet_small", **options, rngs=nnx.Rngs(0))
   testing.randomize(model, jax.random.key(1), kernels=True)
-  x = jax.random.normal(jax.random.key(2), (T, 6, 8, 8, 1))
+  x = layers.draw(jax.random.normal, jax.random.key(2), (T, 6, 8, 8, 1))
   return model, deploy.deploy(model, "convnet_small", **options), x
 
 
@@ -193,12 +189,6 @@ def test_exit_rule_values():
       deploy.ExitRule.parse(text)
 
 
-def _cli(*flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "experiments.deploy", *flags], check=False,
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-
-
 @pytest.fixture(scope="module")
 def random_bundle(tmp_path_factory):
   options = dict(num_classes=10, time_steps=T, in_channels=1, width=0.25)
@@ -218,15 +208,15 @@ def random_bundle(tmp_path_factory):
     ("softmax:1.5", "--exit=softmax:1.5: softmax exit threshold 1.5 is not in (0, 1]"),
     ("margin", "--exit=margin: exit rule 'margin' is not RULE:THRESHOLD"),
     ("top5:1", "unknown exit rule 'top5'; allowed: softmax, margin")])
-def test_cli_bad_exit_value_is_one_line_error(random_bundle, value, fragment):
-  result = _cli(f"--bundle={random_bundle}", "--evaluate", "--dataset=digits", f"--exit={value}")
+def test_cli_bad_exit_value_is_one_line_error(random_bundle, value, fragment, deploy_main):
+  result = deploy_main(f"--bundle={random_bundle}", "--evaluate", "--dataset=digits", f"--exit={value}")
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
 
 
-def test_cli_exit_and_sweep_write_the_report(random_bundle, tmp_path):
-  result = _cli(f"--bundle={random_bundle}", "--evaluate", "--dataset=digits",
+def test_cli_exit_and_sweep_write_the_report(random_bundle, tmp_path, deploy_main):
+  result = deploy_main(f"--bundle={random_bundle}", "--evaluate", "--dataset=digits",
                 "--exit=margin:2", "--exit_sweep", f"--report_dir={tmp_path}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "early exit margin:2: accuracy" in result.stdout

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from empf_jax import efficiency, models, testing
+from empf_jax import efficiency, layers, models, testing
 from empf_jax.layers import QConv
 from empf_jax.quantize import ternary_codes
 
@@ -87,7 +87,8 @@ def _randomize_kernels(model, key):
     if isinstance(node, QConv) and node.weights != "float":
       k = jax.random.fold_in(key, zlib.crc32(repr(path).encode()) % 2**31)
       fan_in = node.kernel_size ** 2 * node.in_features
-      node.kernel[...] = math.sqrt(2.0 / fan_in) * jax.random.normal(k, node.kernel.shape)
+      node.kernel[...] = math.sqrt(2.0 / fan_in) * layers.draw(jax.random.normal, k,
+                                                               node.kernel.shape)
 
 
 NETWORKS = {
@@ -116,7 +117,7 @@ def _network(name):
   testing.randomize(model, jax.random.key(1))
   _randomize_kernels(model, jax.random.key(2))
   keys = jax.random.split(jax.random.key(3), 2)
-  batches = [jax.random.normal(k, (2, 2) + shape) for k in keys]
+  batches = [layers.draw(jax.random.normal, k, (2, 2) + shape) for k in keys]
   if name == "vgg_snn":
     batches = [jnp.round(jnp.abs(b)) * (b > 0.5) for b in batches]  # sparse event counts
   return model, batches

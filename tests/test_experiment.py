@@ -158,6 +158,9 @@ def four_devices(tmp_path_factory):
   return workdir
 
 
+# The default suite has the same comparison after a preemption (the next test: a two-process run
+# stopped and resumed ends with the parameters of the one-process run).
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_processes_match_one_process(tmp_path, four_devices):
   """Two processes joined by jax.distributed (2 CPU devices each, gloo) train like one process

@@ -25,21 +25,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from empf_jax import models, training
+from empf_jax import layers, models, training
 from experiments import diagnose, train
 from experiments.checkpoint import Checkpoints
 from experiments.configs import digits, fashion_mnist, variants
 from experiments.input import DataError
-from test_experiment import ROOT, checkpoint_steps, command, env, final_params
+from test_experiment import (COMPILATION_CACHE, ONE_EPOCH, ROOT, checkpoint_steps, command,
+                             env, final_params)
 
-# One epoch of 44 batches; checkpoints every 5 batches, the newest 3 kept (35, 40, 44).
-FLAGS = ["--config.epochs=1", "--config.checkpoint_every_steps=5", "--config.model.width=0.25",
-         "--config.progress=False", "--config.log_every_steps=1000"]
+# One epoch of 44 batches; checkpoints every 5 batches, the newest 3 kept (35, 40, 44): the flags
+# of the shared run (conftest.digits_one_epoch).
+FLAGS = ONE_EPOCH
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("compilation_cache"))
+def compile_cache():
+  """The compilation cache of test_experiment's runs (most runs here compile the same steps)."""
+  return COMPILATION_CACHE
 
 
 def cli(compile_cache, workdir, *flags, timeout=300):
@@ -61,11 +63,9 @@ def one_error_line(result, code):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, compile_cache):
-  workdir = tmp_path_factory.mktemp("reference")
-  result = cli(compile_cache, workdir, *FLAGS)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+def reference(digits_one_epoch):
+  """The shared one-epoch run (conftest), trained with ``FLAGS``."""
+  return digits_one_epoch
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,9 @@ def rerun(tmp_path_factory, compile_cache, reference):
 # Determinism.
 
 
+# The default suite has the same check in test_experiment's kill and resume tests (a run from
+# scratch that is killed and resumed ends bit-identical to another run from scratch).
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_same_config_and_seed_give_bit_identical_parameters(reference, rerun):
   step_a, params_a = final_params(reference)
@@ -226,7 +229,7 @@ def locate(tiny, mode, x, learning_rate=0.1, seed=0, static=True):
 
 def images(sequence=False):
   shape = (8, T, 8, 8, 1) if sequence else (8, 8, 8, 1)
-  return jax.random.normal(jax.random.key(1), shape)
+  return layers.draw(jax.random.normal, jax.random.key(1), shape)
 
 
 def seed_drawing(time_step):
@@ -482,10 +485,12 @@ def snapshot(workdir):
 
 
 @pytest.mark.timeout(120)
-def test_refused_workdir_is_left_untouched(compile_cache, rerun):
-  before = snapshot(rerun)
+def test_refused_workdir_is_left_untouched(tmp_path, compile_cache, reference):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  before = snapshot(workdir)
   assert "config.json" in before and "checkpoints/44/" in before
-  result = cli(compile_cache, rerun, *FLAGS, "--config.learning_rate=0.5")
+  result = cli(compile_cache, workdir, *FLAGS, "--config.learning_rate=0.5")
   line = one_error_line(result, 2)
   assert "holds a run of a different config" in line and "--allow_config_change" in line
-  assert snapshot(rerun) == before
+  assert snapshot(workdir) == before

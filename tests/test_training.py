@@ -24,13 +24,14 @@ def tiny_model(seed=0, **options):
   # Latent weights away from zero so that the binarised network has non-trivial gradients.
   for _, variable in nnx.iter_graph(model):
     if isinstance(variable, nnx.Param) and variable.ndim == 4:
-      variable[...] = 0.3 * jax.random.normal(jax.random.key(7), variable.shape)
+      variable[...] = 0.3 * layers.draw(jax.random.normal, jax.random.key(7), variable.shape)
   return model
 
 
 def batch(seed=1):
   kx, ky = jax.random.split(jax.random.key(seed))
-  return jax.random.normal(kx, (BATCH, 8, 8, 1)), jax.random.randint(ky, (BATCH,), 0, CLASSES)
+  x = layers.draw(jax.random.normal, kx, (BATCH, 8, 8, 1))
+  return x, jax.random.randint(ky, (BATCH,), 0, CLASSES)
 
 
 def plain_sgd():
