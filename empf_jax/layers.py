@@ -150,13 +150,6 @@ class Dense(nnx.Module):
     return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
 
 
-def slice_moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """Mean and biased variance over ``axes`` (per time-step slice and channel)."""
-  mean = jnp.mean(x, axis=axes)
-  var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
-  return mean, var
-
-
 def unbiased(var: jax.Array, count: int) -> jax.Array:
   """Converts a biased variance over ``count`` samples to the unbiased one."""
   return var * (count / max(count - 1, 1))
@@ -208,9 +201,8 @@ class StepBatchNorm(nnx.Module):
         a = jax.lax.dynamic_slice_in_dim(a, t0, steps).reshape(shape)
         c = jax.lax.dynamic_slice_in_dim(c, t0, steps).reshape(shape)
       return x * a.astype(x.dtype) + c.astype(x.dtype)
-    axes = tuple(range(1, x.ndim - 1))
     xf = x.astype(jnp.float32)
-    mean, var = slice_moments(xf, axes)  # [S, C]
+    xhat, mean, var = ops.standardize(xf, BN_EPSILON)  # mean, var: [S, C]
     var_unbiased = unbiased(var, math.prod(x.shape[1:-1]))
     if self.time_steps is None:
       # S sequential updates r <- (1 - m) r + m stat_s, written in closed form.
@@ -221,8 +213,7 @@ class StepBatchNorm(nnx.Module):
     else:
       update_rows(self.mean, t0, mean)
       update_rows(self.var, t0, var_unbiased)
-    y = (xf - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + BN_EPSILON)
-    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+    return (xhat * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
 class MemBN(nnx.Module):
@@ -258,10 +249,10 @@ class MemBN(nnx.Module):
     if not train:
       k, h = self.folded()
       return m * k[t].astype(m.dtype) + h[t].astype(m.dtype), None
-    axes = tuple(range(m.ndim - 1))
     mf = m.astype(jnp.float32)
-    mean, var = slice_moments(mf, axes)
-    normed = (mf - mean) * jax.lax.rsqrt(var + BN_EPSILON) * self.scale[...][t] + self.bias[...][t]
+    xhat, mean, var = ops.standardize(mf[None], BN_EPSILON)
+    mean, var = mean[0], var[0]
+    normed = xhat[0] * self.scale[...][t] + self.bias[...][t]
     return (gate_bn * normed + gate_id * mf).astype(m.dtype), (mean, var)
 
   def update(self, t0: jax.Array, means: jax.Array, variances: jax.Array, count: int) -> None:

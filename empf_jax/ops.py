@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -237,3 +238,89 @@ def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -
 def spatial_mean(x: jax.Array, axes: Sequence[int] = (-3, -2)) -> jax.Array:
   """Global average pooling over the spatial axes of [..., H, W, C]."""
   return jnp.mean(x, axis=tuple(axes))
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm statistics. XLA's CPU backend runs a reduction over many elements as a tree of
+# reduce-window operations, about 0.5 G elements/s on one thread; a matrix-vector product with a
+# vector of ones sums the same numbers 2-4x faster on every core. A ResNet-18 training step
+# (batch 64) reduces ~390 M elements per time step in its BatchNorms and their gradients.
+
+
+def _sums_by_matmul() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def channel_sums(x: jax.Array) -> jax.Array:
+  """Sums of ``x`` [S, ..., C] over its middle axes: [S, C] (on the CPU one matrix-vector product
+  with a vector of ones per slice s, elsewhere ``jnp.sum``)."""
+  if not _sums_by_matmul():
+    return jnp.sum(x, axis=tuple(range(1, x.ndim - 1)))
+  steps, channels = x.shape[0], x.shape[-1]
+  rows = x.reshape(steps, -1, channels)
+  ones = jnp.ones((1, rows.shape[1]), x.dtype)
+  return jnp.concatenate([ones @ rows[s] for s in range(steps)], axis=0)
+
+
+def _standardize_reference(x: jax.Array, epsilon: float
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  axes = tuple(range(1, x.ndim - 1))
+  mean = jnp.mean(x, axis=axes)
+  var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
+  xhat = (x - jnp.expand_dims(mean, axes)) * jax.lax.rsqrt(jnp.expand_dims(var, axes) + epsilon)
+  return xhat, mean, var
+
+
+def standardize(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode BatchNorm without its affine part, per slice s and channel c of x [S, ..., C].
+
+  mean[s, c] and the biased var[s, c] are over the middle axes (n elements), and
+  xhat = (x - mean) / sqrt(var + epsilon). On the CPU the sums are matrix-vector products
+  (:func:`channel_sums`) and the gradient is the closed form below (its sums too); elsewhere it
+  is XLA's reductions and JAX's differentiation of them. With r = 1 / sqrt(var + epsilon) and
+  cotangents g, g_mean, g_var of xhat, mean, var:
+
+    dL/dx = r (g - sum(g) / n - xhat sum(g xhat) / n) + g_mean / n + 2 g_var xhat / (r n).
+
+  Returns:
+    xhat (the shape of x), mean [S, C] and var [S, C].
+  """
+  if not _sums_by_matmul():
+    return _standardize_reference(x, epsilon)
+  return _standardize_matmul(x, epsilon)
+
+
+def _broadcast_rows(v: jax.Array, x: jax.Array) -> jax.Array:
+  """[S, C] statistics as [S, 1, ..., 1, C] against x [S, ..., C]."""
+  return v.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _standardize_matmul(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return _standardize_matmul_fwd(x, epsilon)[0]
+
+
+def _standardize_matmul_fwd(x, epsilon):
+  n = math.prod(x.shape[1:-1])
+  mean = channel_sums(x) / n
+  centered = x - _broadcast_rows(mean, x)
+  var = channel_sums(centered * centered) / n
+  r = jax.lax.rsqrt(var + epsilon)
+  xhat = centered * _broadcast_rows(r, x)
+  return (xhat, mean, var), (xhat, r)
+
+
+def _standardize_matmul_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  xhat, r = residuals
+  g, g_mean, g_var = cotangents
+  n = math.prod(xhat.shape[1:-1])
+  sum_g = channel_sums(g)
+  sum_gx = channel_sums(g * xhat)
+  dx = _broadcast_rows(r, xhat) * (g - _broadcast_rows(sum_g / n, xhat)
+                                   - xhat * _broadcast_rows(sum_gx / n, xhat))
+  dx = dx + _broadcast_rows(g_mean / n, xhat) + xhat * _broadcast_rows(2 * g_var / (r * n), xhat)
+  return (dx,)
+
+
+_standardize_matmul.defvjp(_standardize_matmul_fwd, _standardize_matmul_bwd)

@@ -161,3 +161,22 @@ def test_set_conv_backward_returns_previous_and_rejects_unknown_modes():
   with pytest.raises(ValueError, match="'xla'.*auto, custom, native"):
     ops.set_conv_backward("xla")
   assert ops.set_conv_backward("auto") == "custom"
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 5, 5, 3), (3, 4, 7), (2, 8, 3, 3, 4)])
+def test_standardize_and_its_gradient_equal_the_reductions(shape):
+  """The CPU BatchNorm statistics (matrix-vector sums, closed-form gradient) against XLA's
+  reductions and JAX's differentiation of them, every output's cotangent non-zero."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = 3.0 + 2.0 * jax.random.normal(keys[0], shape)
+  s, c = shape[0], shape[-1]
+  cotangents = (jax.random.normal(keys[1], shape), jax.random.normal(keys[2], (s, c)),
+                jax.random.normal(keys[3], (s, c)))
+  fast, fast_vjp = jax.vjp(lambda v: ops.standardize(v, 1e-5), x)
+  slow, slow_vjp = jax.vjp(lambda v: ops._standardize_reference(v, 1e-5), x)
+  for a, b in zip(fast, slow):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fast_vjp(cotangents)[0], slow_vjp(cotangents)[0], rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(ops.channel_sums(x), jnp.sum(x, axis=tuple(range(1, x.ndim - 1))),
+                             rtol=1e-5)
