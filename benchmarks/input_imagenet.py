@@ -4,14 +4,16 @@ Runs :class:`experiments.input.pipeline.GrainBatches` over an ``ExampleReader`` 
 preprocessing (:func:`~experiments.input.imagenet.train_image`: decode, random resized crop 224,
 flip, normalisation) and, separately, the evaluation preprocessing, on JPEG bytes of 500x375
 synthetic images held in memory, pinned to ``--cores`` CPU cores, once for every number of grain
-worker processes in ``--workers`` (0: one thread of this process). The figure therefore measures
-decoding and augmentation, not storage. Other jobs may share the cores: the load average before
+worker processes in ``--workers``, and with 0 workers once for every number of threads of this
+process in ``--threads`` (grain's read threads, each making whole batches). The figure therefore
+measures decoding and augmentation, not storage. Other jobs may share the cores: the load average before
 and after the run is recorded with the figures, together with the CPU time per image of this
 process and its workers (nearly independent of that load).
 
 Usage, from the repository root::
 
-  python -m benchmarks.input_imagenet [--cores=2] [--workers=0,1,2] [--batches=24]
+  python -m benchmarks.input_imagenet [--cores=2] [--workers=0,1,2] [--threads=1,2]
+      [--batches=24]
 
 Prints the figures and writes them to ``benchmarks/results/input_imagenet.json``.
 """
@@ -34,7 +36,9 @@ from experiments.input import imagenet, pipeline
 
 _CORES = flags.DEFINE_integer("cores", 2, "CPU cores to pin the process and its workers to.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"],
-                             "Worker process counts to measure (0: a thread of this process).")
+                             "Worker process counts to measure (0: threads of this process).")
+_THREADS = flags.DEFINE_list("threads", ["1", "2"],
+                             "Thread counts of this process measured with 0 workers.")
 _BATCHES = flags.DEFINE_integer("batches", 24, "Timed batches per preprocessing.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
 _DISTINCT = flags.DEFINE_integer("distinct_images", 64, "Distinct synthetic JPEGs cycled over.")
@@ -88,7 +92,7 @@ def _cpu_seconds(process: psutil.Process) -> float:
 
 
 def measure(jpegs: list[bytes], *, train: bool, workers: int, batch_size: int,
-            batches: int) -> tuple[float, float]:
+            batches: int, threads: int = 1) -> tuple[float, float]:
   """Times ``batches`` batches of the pipeline after a short warm-up (which starts the workers).
 
   Returns:
@@ -98,7 +102,8 @@ def measure(jpegs: list[bytes], *, train: bool, workers: int, batch_size: int,
   num_examples = (batches + _WARMUP_BATCHES) * batch_size
   reader = pipeline.ExampleReader(SyntheticExamples(jpegs), num_examples, (224, 224, 3))
   batched = pipeline.GrainBatches(reader, num_classes=1000, batch_size=batch_size, train=train,
-                                  seed=0, augment=train, num_workers=workers)
+                                  seed=0, augment=train, num_workers=workers,
+                                  num_threads=threads)
   iterator = batched.epoch(0)
   for _ in range(_WARMUP_BATCHES):
     next(iterator)
@@ -120,12 +125,16 @@ def main(argv):
   jpegs = synthetic_jpegs(_DISTINCT.value)
   load_before = os.getloadavg()
   result = {}
-  for workers in map(int, _WORKERS.value):
+  settings = [(workers, threads) for workers in map(int, _WORKERS.value)
+              for threads in (map(int, _THREADS.value) if workers == 0 else [1])]
+  for workers, threads in settings:
+    # "0_workers" alone is one thread, as in earlier result files.
+    suffix = f"{workers}_workers" + (f"_{threads}_threads" if threads > 1 else "")
     for name, train in (("train", True), ("eval", False)):
       rate, cpu_ms = measure(jpegs, train=train, workers=workers, batch_size=_BATCH_SIZE.value,
-                             batches=_BATCHES.value)
-      result[f"{name}_images_per_second_{workers}_workers"] = round(rate, 1)
-      result[f"{name}_cpu_ms_per_image_{workers}_workers"] = round(cpu_ms, 2)
+                             batches=_BATCHES.value, threads=threads)
+      result[f"{name}_images_per_second_{suffix}"] = round(rate, 1)
+      result[f"{name}_cpu_ms_per_image_{suffix}"] = round(cpu_ms, 2)
   for name in ("train", "eval"):
     if {"1", "2"} <= set(_WORKERS.value):
       result[f"{name}_speedup_1_to_2_workers"] = round(

@@ -113,6 +113,18 @@ def test_worker_processes_deliver_the_batches_of_one_process_in_order():
     np.testing.assert_array_equal(yw, y)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_threads_deliver_the_batches_of_one_thread_in_order(train):
+  single = list(toy_pipeline(30, train=train).epoch(2))
+  threaded = list(toy_pipeline(30, train=train, num_threads=3).epoch(2, start=1))
+  assert len(threaded) == len(single) - 1 > 3
+  for (x, y), (xt, yt) in zip(single[1:], threaded):
+    np.testing.assert_array_equal(xt, x)
+    np.testing.assert_array_equal(yt, y)
+  with pytest.raises(DataError, match="num_threads 0 must be at least 1"):
+    toy_pipeline(30, train=train, num_threads=0)
+
+
 def test_record_batches_evaluation_counts_every_example_once():
   batches = [list(toy_pipeline(7, train=False, process_index=p, process_count=2).epoch(0))
              for p in range(2)]

@@ -55,9 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_epochs = 1
   c.progress = True
-  # Worker processes making the input batches (grain), 0 for one thread of the training process;
-  # -1 for the dataset's default: one per CPU core (at most 32) for the datasets decoded from files
-  # (ImageNet, Tiny-ImageNet), 0 for the in-memory ones and the DVS frame cache (BENCHMARKS.md §7).
+  # Worker processes making the input batches (grain); 0 or -1 (the default) for none: the
+  # datasets decoded from files (ImageNet, Tiny-ImageNet) then decode on one thread per CPU core
+  # of the training process (at most 32; faster than workers on 2 cores, BENCHMARKS.md §7), the
+  # in-memory ones and the DVS frame cache make batches on one thread.
   c.input_workers = -1
   # At every evaluation also evaluate with BatchNorm averages re-estimated from this many
   # training batches (another order than the re-estimation above), beside the stored ones, and

@@ -43,9 +43,9 @@ def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
     process_index: this process, in [0, process_count).
     process_count: number of processes sharing every global batch.
     augment: training augmentation on or off; None for the dataset's default.
-    num_workers: worker processes making the batches, 0 for one thread of this process; None for
-      the dataset's default (``pipeline.decoding_workers()`` for ImageNet and Tiny-ImageNet, 0
-      for the others).
+    num_workers: worker processes making the batches, 0 for none; None for the dataset's
+      default (none: ImageNet and Tiny-ImageNet decode on one thread per core of this process,
+      ``pipeline.decoding_parallelism``; the others make batches on one thread).
 
   Raises:
     DataError: unknown name (the message lists the registered ones), or any problem the

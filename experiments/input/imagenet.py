@@ -22,7 +22,7 @@ from PIL import Image
 
 from experiments.input.base import DataError
 from experiments.input.images import normalise, tfds_data_dir
-from experiments.input.pipeline import ExampleReader, GrainBatches, decoding_workers
+from experiments.input.pipeline import ExampleReader, GrainBatches, decoding_parallelism
 
 # Per-channel ImageNet statistics of RGB values in [0, 1] (the torchvision convention).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -180,8 +180,8 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
     process_index: this process, in [0, process_count).
     process_count: number of processes sharing every global batch.
     augment: random resized crop and flip; None for on when training, off otherwise.
-    num_workers: decoding worker processes, 0 for one thread of this process; None for
-      ``pipeline.decoding_workers()``.
+    num_workers: decoding worker processes; 0 or None (the default) for one thread per core in
+      this process (``pipeline.decoding_parallelism``).
     image_size: side of the square network input.
 
   Returns:
@@ -206,4 +206,4 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
   return GrainBatches(reader, num_classes=num_classes, batch_size=batch_size, train=train,
                       seed=seed, augment=augment, process_index=process_index,
                       process_count=process_count,
-                      num_workers=decoding_workers() if num_workers is None else num_workers)
+                      **decoding_parallelism(num_workers))

@@ -27,9 +27,10 @@ elements are this process's batches, each made by one call of the reader:
   MapDataset from position k by random access. A checkpoint therefore needs only (epoch, batch),
   which the training driver stores anyway; grain's iterator state would be a second file to keep
   in step with each checkpoint, and it depends on the number of workers.
-* workers: with ``num_workers`` > 0 the batches are made in that many processes (grain's
-  ``mp_prefetch``, each worker making whole batches, delivered in order); with 0, on one thread
-  of this process, ``prefetch_batches`` ahead of the consumer.
+* workers and threads: with ``num_workers`` > 0 the batches are made in that many processes
+  (grain's ``mp_prefetch``, each worker making whole batches, delivered in order); with 0, in this
+  process by ``num_threads`` threads (grain's read threads, each making whole batches, delivered in
+  order; decoding and resizing release the GIL), ``prefetch_batches`` ahead of the consumer.
 """
 
 from __future__ import annotations
@@ -51,11 +52,20 @@ _ORDER_STREAM = 0
 _AUGMENT_STREAM = 1
 
 
-def decoding_workers() -> int:
-  """The default number of worker processes of the pipelines that decode files (ImageNet,
-  Tiny-ImageNet): one per CPU core this process may run on, at most 32, so that decoding can use
-  every core (one thread of the training process uses one; BENCHMARKS.md §7)."""
+def decoding_threads() -> int:
+  """Threads of the pipelines that decode files (ImageNet, Tiny-ImageNet) when they use no worker
+  processes, their default: one per CPU core this process may run on, at most 32. On 2 cores two
+  threads made 375 training images/s against 271 with two worker processes (decoding and resizing
+  release the GIL; workers pay for handing the batches over; BENCHMARKS.md §7)."""
   return min(32, len(os.sched_getaffinity(0)))
+
+
+def decoding_parallelism(num_workers: int | None) -> dict[str, int]:
+  """``num_workers`` and ``num_threads`` of a decoding pipeline: N > 0 worker processes of one
+  thread each, or (0 or None, the default) :func:`decoding_threads` threads of this process."""
+  if num_workers:
+    return {"num_workers": num_workers, "num_threads": 1}
+  return {"num_workers": 0, "num_threads": decoding_threads()}
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -179,7 +189,7 @@ class GrainBatches:
   def __init__(self, reader: Reader, *, num_classes: int, batch_size: int, train: bool,
                seed: int, augment: bool = False, time_major: bool = False,
                process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-               prefetch_batches: int = 2):
+               num_threads: int = 1, prefetch_batches: int = 2):
     """Wraps a reader.
 
     Args:
@@ -192,7 +202,8 @@ class GrainBatches:
       time_major: whether examples carry their own time axis.
       process_index: this process, in [0, process_count).
       process_count: number of processes sharing every global batch.
-      num_workers: worker processes making batches; 0 makes them on a thread of this process.
+      num_workers: worker processes making batches; 0 makes them in this process.
+      num_threads: threads making batches in this process (in each worker with workers), >= 1.
       prefetch_batches: batches made ahead of the consumer (per worker with workers), >= 1.
 
     Raises:
@@ -202,6 +213,8 @@ class GrainBatches:
                    process_index=process_index, process_count=process_count)
     if num_workers < 0:
       raise DataError(f"num_workers {num_workers} must be non-negative")
+    if num_threads < 1:
+      raise DataError(f"num_threads {num_threads} must be at least 1")
     if prefetch_batches < 1:
       raise DataError(f"prefetch_batches {prefetch_batches} must be at least 1")
     count = reader.num_examples
@@ -217,6 +230,7 @@ class GrainBatches:
     self._process_index = process_index
     self._process_count = process_count
     self._num_workers = num_workers
+    self._num_threads = num_threads
     self._prefetch_batches = prefetch_batches
     self.num_classes = num_classes
     self.input_shape = reader.input_shape
@@ -251,7 +265,8 @@ class GrainBatches:
 
   def _iterate(self, batches: grain.MapDataset) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     dataset = batches.to_iter_dataset(grain.ReadOptions(
-        num_threads=1, prefetch_buffer_size=self._prefetch_batches))
+        num_threads=self._num_threads,
+        prefetch_buffer_size=max(self._prefetch_batches, self._num_threads)))
     if self._num_workers:
       # grain 0.2.18 reads one of its absl flags when it starts workers, which fails in programs
       # that parse no absl flags (pytest, notebooks); those take the flags' defaults.

@@ -27,7 +27,7 @@ from PIL import Image
 from experiments.input.base import DataError
 from experiments.input.images import crop_and_flip, draw_crop_flip, normalise
 from experiments.input.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from experiments.input.pipeline import ExampleReader, GrainBatches, decoding_workers
+from experiments.input.pipeline import ExampleReader, GrainBatches, decoding_parallelism
 
 TINY_IMAGENET_DIR = "~/data/tiny-imagenet-200"
 """Default folder of the unzipped dataset."""
@@ -133,8 +133,8 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
     process_count: number of processes sharing every global batch.
     augment: random crop with 4-pixel zero padding and horizontal flip; None for on when
       training, off otherwise.
-    num_workers: decoding worker processes, 0 for one thread of this process; None for
-      ``pipeline.decoding_workers()``.
+    num_workers: decoding worker processes; 0 or None (the default) for one thread per core in
+      this process (``pipeline.decoding_parallelism``).
 
   Returns:
     A ``pipeline.GrainBatches`` with input shape [64, 64, 3] and 200 classes.
@@ -160,4 +160,4 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
   return GrainBatches(ExampleReader(example, len(paths), IMAGE_SHAPE), num_classes=len(wnids),
                       batch_size=batch_size, train=train, seed=seed, augment=augment,
                       process_index=process_index, process_count=process_count,
-                      num_workers=decoding_workers() if num_workers is None else num_workers)
+                      **decoding_parallelism(num_workers))
