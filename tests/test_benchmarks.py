@@ -11,7 +11,6 @@ import sys
 import types
 
 import chex
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,34 +257,3 @@ def test_compare_modes_collects_unfinished_runs_and_plots_accuracy_per_epoch(tmp
   assert missing["epochs"] == [] and missing["accuracy"] is None
   assert "| online (epoch 2) | 85.00 % | 80.0, 85.0 | 100 |" in (tmp_path / "results.md").read_text()
   assert (tmp_path / "results.png").stat().st_size > 0
-
-
-@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
-def test_conv_benchmark_times_the_same_convolutions_in_pytorch(stride, padding):
-  """The per-layer comparison with PyTorch computes what JAX computes, for every operation."""
-  pytest.importorskip("torch")
-  from benchmarks import conv_cpu  # pylint: disable=import-outside-toplevel
-  layer = conv_cpu.Layer("tiny", 2, 9, 3, 5, 3, stride, padding)
-  result = conv_cpu.bench_layer(layer, 1, 1, jax.devices("cpu")[0], with_torch=True)
-  for op in conv_cpu.TORCH_OPERATIONS:
-    entry = result["operations"][op]
-    assert entry["torch_max_relative_difference"] < 1e-5, op
-    assert entry["jax_over_torch_speed"] == pytest.approx(
-        entry["torch"]["median_ms"] / entry[conv_cpu.LIBRARY_RULE]["median_ms"])
-  assert "torch" not in result["operations"]["value_and_grad"]
-  summary = conv_cpu.step_summary([result, result], [1, 3], conv_cpu.LIBRARY_RULE)
-  jax_ms = 4 * sum(result["operations"][op][conv_cpu.LIBRARY_RULE]["median_ms"]
-                   for op in conv_cpu.TORCH_OPERATIONS)
-  assert summary["jax_conv_ms_per_step"] == pytest.approx(jax_ms)
-
-
-def test_resnet18_convolution_list_matches_the_network():
-  """Every convolution of the CIFAR ResNet-18 appears with its count per time step."""
-  from benchmarks import conv_cpu  # pylint: disable=import-outside-toplevel
-  from empf_jax import models  # pylint: disable=import-outside-toplevel
-  model = models.create("resnet18", num_classes=10, time_steps=1)
-  kernels = sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))
-                   if leaf.ndim == 4)
-  listed = sorted((layer.kernel, layer.kernel, layer.c_in, layer.c_out)
-                  for layer, count in conv_cpu.resnet18_layers(64) for _ in range(count))
-  assert listed == kernels
