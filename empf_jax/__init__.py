@@ -20,7 +20,7 @@ Modules:
   bundle      versioned, checksummed byte format for deployed models.
   efficiency  firing rates, synaptic/neuron operations and 45 nm energy.
   convert     load PyTorch state dicts (reference and HD_LIF layouts).
-  ops         convolution (with a fast CPU backward) and pooling.
+  ops         convolution (with a fast CPU backward), pooling, BatchNorm statistics.
   testing     helpers for tests: randomize a network's hidden state.
   xla_defaults  XLA CPU options set on import unless XLA_FLAGS names them (EMPF_JAX_XLA_DEFAULTS=0
               turns this off).

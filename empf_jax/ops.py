@@ -1,4 +1,5 @@
-"""Array operations shared by the layers: convolution and pooling on NHWC / HWIO arrays."""
+"""Array operations shared by the layers on NHWC / HWIO arrays: convolution, pooling and
+BatchNorm statistics."""
 
 from __future__ import annotations
 
