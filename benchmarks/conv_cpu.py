@@ -8,10 +8,15 @@ round) so that load from other processes on a shared machine falls on both alike
 over all timed calls is reported. A convolution costs 2 N H' W' KH KW C_in C_out floating-point
 operations; dL/dx and dL/dw cost the same and ``value_and_grad`` three times that.
 
+``--kernel_grad_forms`` instead times other ways of writing dL/dw of the layer with the most
+training time in ResNet-18 (3x3 stride 1, 64 -> 64 channels, 32x32, batch 64), each against the
+forward convolution of the same layer: the library's rule (one convolution), patches (im2col)
+and one matrix product, and nine matrix products, one per kernel tap.
+
 Usage::
 
   python -m benchmarks.conv_cpu [--out benchmarks/results/conv_cpu.json] [--rounds 5]
-      [--repeats 5]
+      [--repeats 5] [--kernel_grad_forms]
 """
 
 from __future__ import annotations
@@ -166,14 +171,82 @@ def bench_resnet18(rounds: int, repeats: int, device: jax.Device) -> dict:
   }
 
 
+KERNEL_GRAD_LAYER = Layer("ResNet-18 3x3 s1, 64x32x32x64 -> 64", 64, 32, 64, 64, 3, 1, 1)
+
+
+def _shifted(x: jax.Array, layer: Layer) -> list[jax.Array]:
+  """The input as each kernel tap (a, b) reads it: KH * KW arrays the shape of the output."""
+  pad = layer.padding
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = layer.out_size
+  return [xp[:, a:a + out, b:b + out] for a in range(layer.kernel) for b in range(layer.kernel)]
+
+
+def kernel_grad_forms(layer: Layer) -> dict[str, Callable]:
+  """dL/dw of a stride-1 ``layer`` written three ways, and its forward convolution."""
+  assert layer.stride == 1
+  k, c_in, c_out = layer.kernel, layer.c_in, layer.c_out
+
+  def im2col(x, w, g):
+    patches = jnp.concatenate(_shifted(x, layer), axis=-1).reshape(-1, k * k * c_in)
+    return (patches.T @ g.reshape(-1, c_out)).reshape(w.shape)
+
+  def per_tap(x, w, g):
+    taps = [jnp.einsum("nhwc,nhwo->co", tap, g) for tap in _shifted(x, layer)]
+    return jnp.stack(taps).reshape(w.shape)
+
+  return {
+      "forward (reference)": lambda x, w, g: ops.conv2d(x, w, layer.stride, layer.padding),
+      "one convolution (the library's rule)": lambda x, w, g: ops.conv2d_kernel_grad(
+          x, g, w.shape, layer.stride, layer.padding),
+      "patches and one matrix product": im2col,
+      "one matrix product per tap": per_tap,
+  }
+
+
+def bench_kernel_grad_forms(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> dict:
+  """Median time and GFLOP/s of each form of :func:`kernel_grad_forms`, interleaved."""
+  rng = np.random.default_rng(0)
+  x = jax.device_put(rng.standard_normal((layer.batch, layer.size, layer.size, layer.c_in),
+                                         np.float32), device)
+  w = jax.device_put(0.1 * rng.standard_normal(
+      (layer.kernel, layer.kernel, layer.c_in, layer.c_out), np.float32), device)
+  g = jax.device_put(rng.standard_normal(
+      (layer.batch, layer.out_size, layer.out_size, layer.c_out), np.float32), device)
+  compiled = {name: jax.jit(fn).lower(x, w, g).compile()
+              for name, fn in kernel_grad_forms(layer).items()}
+  seconds = _interleaved_medians(compiled, (x, w, g), rounds, repeats)
+  library = compiled["one convolution (the library's rule)"](x, w, g)
+  forms = {}
+  for name, fn in compiled.items():
+    forms[name] = {"median_ms": 1e3 * seconds[name], "gflops": layer.flops / seconds[name] / 1e9}
+    if not name.startswith("forward"):
+      forms[name]["max_relative_difference"] = _relative_difference(fn(x, w, g), library)
+  return {"layer": layer._asdict(), "mflop_per_conv": layer.flops / 1e6, "forms": forms}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON result file")
   parser.add_argument("--rounds", type=int, default=5, help="alternations of the two rules")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per rule per round")
+  parser.add_argument("--kernel_grad_forms", action="store_true",
+                      help="time only the forms of dL/dw of one layer (module docstring)")
   args = parser.parse_args()
   device = jax.devices("cpu")[0]
   load_before = os.getloadavg()
+  if args.kernel_grad_forms:
+    result = bench_kernel_grad_forms(KERNEL_GRAD_LAYER, args.rounds, args.repeats, device)
+    print(f"{KERNEL_GRAD_LAYER.name} ({result['mflop_per_conv']:.0f} MFLOP), dL/dw:")
+    for name, entry in result["forms"].items():
+      print(f"  {name:40s} {entry['median_ms']:7.1f} ms {entry['gflops']:6.1f} GFLOP/s")
+    result["load_average"] = [load_before, os.getloadavg()]
+    result["jax"] = jax.__version__
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return
   layers = []
   for layer in LAYERS:
     result = bench_layer(layer, args.rounds, args.repeats, device)

@@ -257,3 +257,20 @@ def test_compare_modes_collects_unfinished_runs_and_plots_accuracy_per_epoch(tmp
   assert missing["epochs"] == [] and missing["accuracy"] is None
   assert "| online (epoch 2) | 85.00 % | 80.0, 85.0 | 100 |" in (tmp_path / "results.md").read_text()
   assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_kernel_grad_forms_compute_the_kernel_gradient():
+  """The other forms of dL/dw timed by conv_cpu --kernel_grad_forms equal the library's rule
+  (and so the native gradient) on a small layer."""
+  from benchmarks import conv_cpu
+  layer = conv_cpu.Layer("small", 2, 6, 3, 4, 3, 1, 1)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 6, 6, 3), np.float32)
+  w = rng.standard_normal((3, 3, 3, 4), np.float32)
+  g = rng.standard_normal((2, 6, 6, 4), np.float32)
+  native = jax.vjp(lambda w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")), w)[1](g)[0]
+  forms = conv_cpu.kernel_grad_forms(layer)
+  for name, fn in forms.items():
+    if not name.startswith("forward"):
+      np.testing.assert_allclose(fn(x, w, g), native, rtol=1e-4, atol=1e-4, err_msg=name)
