@@ -8,14 +8,23 @@ Modes: ``online`` (EM-PF, online rule), ``random_step`` (EM-PF, random single-st
 trained by BPTT), ``online_float`` (EM-PF, online, full-precision weights). Every mode uses the
 same network, epochs, batch size, learning rate and seed. Each mode trains in its own workdir
 (``WORKDIR/MODE``), so an interrupted comparison resumes where it stopped, and modes may be run
-by separate calls into the same WORKDIR. Results go to ``WORKDIR/results.json``,
-``WORKDIR/results.md`` and ``WORKDIR/results.png`` (test accuracy against epoch); ``--collect``
-writes them from what the workdirs hold without training.
+by separate calls into the same WORKDIR. Results go to ``--results`` (default
+``WORKDIR/results.json``) and, beside it, a Markdown table (``.md``) and a plot of test accuracy
+against epoch (``.png``). A results file that exists is updated: the modes of this call replace
+their entries, the other modes' entries are kept, so that rules trained on different days (or
+machines) end in one table. ``--collect`` writes them from what the workdirs hold without
+training.
+
+Per mode: test accuracy at t = 1..T (final epoch), every epoch's accuracy, the training time (the
+sum of the epochs' training seconds, without evaluation and BatchNorm re-estimation), the median
+training image rate, and the train step's memory (XLA's memory analysis of the compiled step for
+the run's network, rule and batch, temporary + argument bytes, as ``benchmarks.memory``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -55,6 +64,8 @@ def parse_args(argv=None):
                       type=names_in(MODES, "mode(s)"))
   parser.add_argument("--extra", action="append", default=[],
                       help="further --config.key=value flags for every mode")
+  parser.add_argument("--results", default=None,
+                      help="JSON results file to write or update (default WORKDIR/results.json)")
   parser.add_argument("--collect", action="store_true",
                       help="train nothing: tabulate and plot what each mode's workdir holds, "
                            "unfinished runs included (their last evaluated epoch)")
@@ -96,9 +107,65 @@ def collect(workdir: str) -> dict:
       last = json.load(f)
   else:
     last = epochs[-1] if epochs else {"accuracy": None, "accuracy_per_step": []}
+  train_seconds = [e["train_seconds"] for e in epochs if e["train_seconds"] is not None]
   return {"finished": os.path.exists(summary_path), "accuracy": last["accuracy"],
           "accuracy_per_step": last["accuracy_per_step"], "epochs": epochs,
-          "median_train_images_per_second": rates[len(rates) // 2] if rates else None}
+          "median_train_images_per_second": rates[len(rates) // 2] if rates else None,
+          "train_seconds": sum(train_seconds) if train_seconds else None,
+          "train_step_memory_bytes": step_memory(workdir)}
+
+
+def step_memory(workdir: str) -> int | None:
+  """Temporary + argument bytes of the compiled train step of the run in ``workdir`` (its
+  ``config.json``), or None without one or for a dataset other than the image datasets."""
+  import ml_collections
+  from benchmarks import memory
+  from experiments import train
+  from experiments.input import images
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f)["config"])
+  dataset = images.DATASETS.get(config.dataset)
+  if dataset is None:
+    return None
+  options = train.net_options(config, dataset.num_classes, dataset.image_shape)
+  network = {k: v for k, v in dataclasses.asdict(options).items() if k != "time_steps"}
+  analysis = memory.train_step_memory(network, mode=config.mode, time_steps=config.time_steps,
+                                      batch=config.batch_size, image_shape=dataset.image_shape)
+  return analysis["bytes"]["total"]
+
+
+def merged(path: str, results: list[dict]) -> list[dict]:
+  """The entries of the results file at ``path`` (if any) with those of ``results`` replacing
+  the entries of their modes, in the order of :data:`MODES`."""
+  entries = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      entries = {r["mode"]: r for r in json.load(f)["results"]}
+  entries.update({r["mode"]: r for r in results})
+  return [entries[mode] for mode in MODES if mode in entries]
+
+
+def table(results: list[dict]) -> str:
+  """The Markdown table of :func:`main`: one row per mode."""
+  lines = ["| mode | test accuracy (t = T) | accuracy at t = 1..T | training time | "
+           "train img/s | train-step memory |", "|---|---|---|---|---|---|"]
+  for r in results:
+    if r["accuracy"] is None:
+      continue
+    per_step = ", ".join(f"{100 * a:.1f}" for a in r["accuracy_per_step"])
+    rate = r["median_train_images_per_second"]
+    seconds = r.get("train_seconds")
+    mem = r.get("train_step_memory_bytes")
+    name = r["mode"] if r["finished"] else f"{r['mode']} (epoch {r['epochs'][-1]['epoch']})"
+    lines.append(f"| {name} | {100 * r['accuracy']:.2f} % | {per_step} | "
+                 + (f"{seconds / 60:.0f} min | " if seconds else "- | ")
+                 + (f"{rate:.0f} | " if rate else "- | ")
+                 + (f"{mem / 2 ** 20:.0f} MiB |" if mem else "- |"))
+  return "\n".join(lines)
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -128,23 +195,19 @@ def main(argv=None):
           "extra": args.extra, "machine": platform.platform(), "cpus": os.cpu_count(),
           "jax": jax.__version__, "backend": jax.default_backend(),
           "date": time.strftime("%Y-%m-%d")}
-  with open(os.path.join(args.workdir, "results.json"), "w") as f:
-    json.dump({"meta": meta, "results": results}, f, indent=2)
-  lines = ["| mode | test accuracy (t = T) | accuracy per step | train img/s |",
-           "|---|---|---|---|"]
   for r in results:
-    if r["accuracy"] is None:
-      continue
-    per_step = ", ".join(f"{100 * a:.1f}" for a in r["accuracy_per_step"])
-    rate = r["median_train_images_per_second"]
-    name = r["mode"] if r["finished"] else f"{r['mode']} (epoch {r['epochs'][-1]['epoch']})"
-    lines.append(f"| {name} | {100 * r['accuracy']:.2f} % | {per_step} | "
-                 + (f"{rate:.0f} |" if rate else "- |"))
-  table = "\n".join(lines)
-  with open(os.path.join(args.workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
-  plot(results, os.path.join(args.workdir, "results.png"))
-  print(table)
+    r["date"] = meta["date"]
+  path = args.results or os.path.join(args.workdir, "results.json")
+  results = merged(path, results)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"meta": meta, "results": results}, f, indent=2)
+  stem = os.path.splitext(path)[0]
+  text = table(results)
+  with open(stem + ".md", "w") as f:
+    f.write(text + "\n")
+  plot(results, stem + ".png")
+  print(text)
 
 
 if __name__ == "__main__":

@@ -239,24 +239,46 @@ def test_ablation_runs_one_train_step_of_every_shipped_config(config):
 
 
 def test_compare_modes_collects_unfinished_runs_and_plots_accuracy_per_epoch(tmp_path):
-  from benchmarks import compare_modes
+  from benchmarks import compare_modes, memory
+  from experiments.configs import digits
   workdir = tmp_path / "online"
   workdir.mkdir()
   records = [{"kind": "train", "step": 5, "epoch": 0, "images_per_second": 100.0},
              {"kind": "eval", "step": 10, "epoch": 0, "accuracy": 0.8,
-              "accuracy_per_step": [0.7, 0.8], "accuracy_reestimated": 0.81},
+              "accuracy_per_step": [0.7, 0.8], "accuracy_reestimated": 0.81,
+              "train_seconds": 90.0},
              {"kind": "eval", "step": 20, "epoch": 1, "accuracy": 0.85,
-              "accuracy_per_step": [0.8, 0.85]}]
+              "accuracy_per_step": [0.8, 0.85], "train_seconds": 150.0}]
   (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-  compare_modes.main(["--workdir", str(tmp_path), "--modes", "online,random_step", "--collect"])
-  results = json.loads((tmp_path / "results.json").read_text())["results"]
-  online, missing = results
+  config = digits.get_config()
+  (workdir / "config.json").write_text(json.dumps({"config": config.to_dict()}))
+  # A results file from an earlier call holds another mode, which the update keeps.
+  earlier = {"mode": "bptt_lif", "finished": True, "accuracy": 0.9, "accuracy_per_step": [0.9],
+             "epochs": [{"epoch": 1, "accuracy": 0.9}], "median_train_images_per_second": 50.0}
+  results_path = tmp_path / "out" / "compare.json"
+  results_path.parent.mkdir()
+  results_path.write_text(json.dumps({"meta": {}, "results": [earlier]}))
+  compare_modes.main(["--workdir", str(tmp_path), "--modes", "online,random_step", "--collect",
+                      "--results", str(results_path)])
+  results = json.loads(results_path.read_text())["results"]
+  online, missing, kept = results
   assert not online["finished"] and online["accuracy"] == 0.85
   assert [e["epoch"] for e in online["epochs"]] == [1, 2]
   assert online["epochs"][0]["accuracy_reestimated"] == 0.81
+  assert online["train_seconds"] == 240.0
+  network = {"name": config.model.name, "num_classes": 10, "in_channels": 1, "width":
+             config.model.width, "weights": config.model.weights, "neuron": config.model.neuron}
+  expected = memory.train_step_memory(network, mode=config.mode, time_steps=config.time_steps,
+                                      batch=config.batch_size, image_shape=(8, 8, 1))
+  assert online["train_step_memory_bytes"] == expected["bytes"]["total"]
   assert missing["epochs"] == [] and missing["accuracy"] is None
-  assert "| online (epoch 2) | 85.00 % | 80.0, 85.0 | 100 |" in (tmp_path / "results.md").read_text()
-  assert (tmp_path / "results.png").stat().st_size > 0
+  assert missing["train_step_memory_bytes"] is None
+  assert kept == earlier
+  mib = expected["bytes"]["total"] / 2 ** 20
+  text = (tmp_path / "out" / "compare.md").read_text()
+  assert f"| online (epoch 2) | 85.00 % | 80.0, 85.0 | 4 min | 100 | {mib:.0f} MiB |" in text
+  assert "| bptt_lif | 90.00 % | 90.0 | - | 50 | - |" in text
+  assert (tmp_path / "out" / "compare.png").stat().st_size > 0
 
 
 def test_kernel_grad_forms_compute_the_kernel_gradient():
