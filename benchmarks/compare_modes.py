@@ -18,7 +18,8 @@ training.
 Per mode: test accuracy at t = 1..T (final epoch), every epoch's accuracy, the training time (the
 sum of the epochs' training seconds, without evaluation and BatchNorm re-estimation), the median
 training image rate, and the train step's memory (XLA's memory analysis of the compiled step for
-the run's network, rule and batch, temporary + argument bytes, as ``benchmarks.memory``).
+the run's network, rule and batch, temporary + argument bytes, as ``benchmarks.memory``; entries
+written before these two were recorded get them from their epochs and flags).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def run_mode(args, mode: str) -> dict:
     print(f"== {mode}: python -m experiments.cifar {' '.join(flags)}", flush=True)
     subprocess.run([sys.executable, "-m", "experiments.cifar", *flags], check=True)
     seconds = time.perf_counter() - start
-  return {"mode": mode, **collect(workdir), "wall_seconds_this_call": seconds, "flags": flags}
+  return {"mode": mode, **collect(workdir), "wall_seconds_this_call": seconds, "flags": flags,
+          "train_step_memory_bytes": step_memory(flags)}
 
 
 def collect(workdir: str) -> dict:
@@ -111,23 +113,48 @@ def collect(workdir: str) -> dict:
   return {"finished": os.path.exists(summary_path), "accuracy": last["accuracy"],
           "accuracy_per_step": last["accuracy_per_step"], "epochs": epochs,
           "median_train_images_per_second": rates[len(rates) // 2] if rates else None,
-          "train_seconds": sum(train_seconds) if train_seconds else None,
-          "train_step_memory_bytes": step_memory(workdir)}
+          "train_seconds": sum(train_seconds) if train_seconds else None}
 
 
-def step_memory(workdir: str) -> int | None:
-  """Temporary + argument bytes of the compiled train step of the run in ``workdir`` (its
-  ``config.json``), or None without one or for a dataset other than the image datasets."""
+def run_config(flags: list[str]):
+  """The config of a run from its ``experiments.cifar`` flags: ``--config=PATH[:VARIANT]`` and
+  ``--config.KEY=VALUE`` overrides (each cast to the type of the value it replaces)."""
+  import importlib.util
+
   import ml_collections
+  path = next(f.split("=", 1)[1] for f in flags if f.startswith("--config="))
+  path, _, variant = path.partition(":")
+  spec = importlib.util.spec_from_file_location("run_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant or "default")
+  overrides = {}
+  flat = config.to_dict()
+  for flag in flags:
+    if not flag.startswith("--config."):
+      continue
+    key, value = flag[len("--config."):].split("=", 1)
+    node = flat
+    for part in key.split("."):
+      node = node[part]
+    if isinstance(node, bool):
+      overrides[key] = value.lower() in ("1", "true")
+    elif node is None or isinstance(node, str):
+      overrides[key] = None if value == "None" else value
+    else:
+      overrides[key] = type(node)(value)
+  config.update_from_flattened_dict(overrides)
+  return ml_collections.ConfigDict(config)
+
+
+def step_memory(flags: list[str]) -> int | None:
+  """Temporary + argument bytes of the compiled train step of the run that ``flags`` describe
+  (:func:`run_config`), or None for a dataset other than the image datasets."""
   from benchmarks import memory
   from experiments import train
   from experiments.input import images
 
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f)["config"])
+  config = run_config(flags)
   dataset = images.DATASETS.get(config.dataset)
   if dataset is None:
     return None
@@ -138,6 +165,18 @@ def step_memory(workdir: str) -> int | None:
   return analysis["bytes"]["total"]
 
 
+def completed(entry: dict) -> dict:
+  """``entry`` with its training time (from its epochs) and train-step memory (from its flags)
+  where an earlier version of this script did not record them."""
+  entry = dict(entry)
+  if entry.get("train_seconds") is None:
+    seconds = [e["train_seconds"] for e in entry["epochs"] if e.get("train_seconds") is not None]
+    entry["train_seconds"] = sum(seconds) if seconds else None
+  if entry.get("train_step_memory_bytes") is None and entry.get("flags"):
+    entry["train_step_memory_bytes"] = step_memory(entry["flags"])
+  return entry
+
+
 def merged(path: str, results: list[dict]) -> list[dict]:
   """The entries of the results file at ``path`` (if any) with those of ``results`` replacing
   the entries of their modes, in the order of :data:`MODES`."""
@@ -146,7 +185,7 @@ def merged(path: str, results: list[dict]) -> list[dict]:
     with open(path) as f:
       entries = {r["mode"]: r for r in json.load(f)["results"]}
   entries.update({r["mode"]: r for r in results})
-  return [entries[mode] for mode in MODES if mode in entries]
+  return [completed(entries[mode]) for mode in MODES if mode in entries]
 
 
 def table(results: list[dict]) -> str:
