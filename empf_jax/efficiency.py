@@ -44,6 +44,10 @@ A deployed network is counted by the same rules, per example and step, from the 
 membranes its own runner computes (:func:`step_operations`, a probe of
 :func:`empf_jax.deploy.run` and :func:`empf_jax.deploy.run_early_exit`): with early exit an
 example's operations and energy are the sums over the steps it ran.
+
+:func:`layer_rows` flattens a :class:`Report` into one :class:`LayerRow` per layer in forward
+order and :func:`to_markdown` renders it (the table ``python -m experiments.deploy`` writes as
+``efficiency.md``).
 """
 
 from __future__ import annotations
@@ -442,42 +446,110 @@ def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
           "energy_full_pj": full}
 
 
-def _fmt(value: float) -> str:
-  return f"{value:.4g}"
+_MICRO = 1e-6
 
 
-def to_markdown(report: Report) -> str:
-  """The report as Markdown tables (per layer, then totals); energies in microjoules per sample."""
-  uj = 1e-6
-  lines = [f"Per sample, summed over T = {report.time_steps} steps ({report.samples} samples"
-           f"{', 4-bit spikes' if report.spike_bits == 4 else ''}).", "",
-           "| layer | type | input | op | non-zero input | ops (M) | energy full (uJ) |",
-           "|---|---|---|---|---|---|---|"]
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+  """One row of the report; operations per sample over all steps, energies in pJ.
+
+  Attributes:
+    name: module path (``blocks.0.conv1``, ``unit2.neuron``).
+    kind: ``conv``/``dense`` (synaptic), a neuron kind (``empf``, ``empf+mem_bn``, ``parallel``,
+      ``lif``) or ``seca``.
+    rate: neuron layers: fraction of non-zero spikes; synaptic layers: fraction of non-zero inputs;
+      None for SECA.
+    sops: spike-driven synaptic operations.
+    acs: synaptic accumulates (binary or ternary weights).
+    macs: synaptic multiply-accumulates (float weights), and SECA's 1-D convolution.
+    nops: neuron operations (multiplies + additions); for SECA its pooling additions and gate
+      multiplies.
+    energy_authors_pj: SOPs x 0.9 pJ, x 1/8 with 4-bit spikes.
+    energy_full_pj: every operation of the layer at its price.
+  """
+
+  name: str
+  kind: str
+  rate: float | None
+  sops: float
+  acs: float
+  macs: float
+  nops: float
+  energy_authors_pj: float
+  energy_full_pj: float
+
+
+def authors_factor(report: Report) -> float:
+  """The authors' discount of spike-driven additions: 1/8 with 4-bit spikes, else 1."""
+  return FOUR_BIT_FACTOR if report.spike_bits == 4 else 1.0
+
+
+def layer_rows(report: Report) -> list[LayerRow]:
+  """One :class:`LayerRow` per synaptic, neuron and SECA layer of ``report``, in forward order
+  (``report.order``)."""
+  factor = authors_factor(report)
+  rows = []
   for layer in report.synaptic:
-    lines.append(f"| {layer.name} | {layer.kind} | {layer.source} | {layer.op} | "
-                 f"{layer.input_rate:.4f} | {_fmt(layer.ops / 1e6)} | "
-                 f"{_fmt(layer.energy_pj * uj)} |")
-  lines += ["", "| neuron layer | kind | neurons | firing rate | mul (M) | add (M) | "
-                "energy full (uJ) |", "|---|---|---|---|---|---|---|"]
+    sops = layer.ops if layer.source == "spikes" else 0.0
+    rows.append(LayerRow(
+        layer.name, layer.kind, layer.input_rate, sops,
+        acs=layer.ops if layer.op == "AC" else 0.0, macs=layer.ops if layer.op == "MAC" else 0.0,
+        nops=0.0, energy_authors_pj=sops * AC_ENERGY_PJ * factor,
+        energy_full_pj=layer.energy_pj))
   for layer in report.neurons:
-    lines.append(f"| {layer.name} | {layer.kind} | {layer.neurons} | {layer.firing_rate:.4f} | "
-                 f"{_fmt(layer.muls / 1e6)} | {_fmt(layer.adds / 1e6)} | "
-                 f"{_fmt(layer.energy_pj * uj)} |")
-  if report.attention:
-    lines += ["", "| SECA | MAC (M) | mul (M) | add (M) | energy full (uJ) |",
-              "|---|---|---|---|---|"]
-    for layer in report.attention:
-      lines.append(f"| {layer.name} | {_fmt(layer.macs / 1e6)} | {_fmt(layer.muls / 1e6)} | "
-                   f"{_fmt(layer.adds / 1e6)} | {_fmt(layer.energy_pj * uj)} |")
+    rows.append(LayerRow(layer.name, layer.kind, layer.firing_rate, 0.0, 0.0, 0.0,
+                         layer.muls + layer.adds, 0.0, layer.energy_pj))
+  for layer in report.attention:
+    rows.append(LayerRow(layer.name, "seca", None, 0.0, 0.0, layer.macs,
+                         layer.muls + layer.adds, 0.0, layer.energy_pj))
+  by_name = {row.name: row for row in rows}
+  return [by_name[name] for name in report.order]
+
+
+def _fmt(value: float | None, scale: float = 1.0) -> str:
+  return "-" if value is None else f"{value * scale:.4g}"
+
+
+def to_markdown(report: Report, rows: list[LayerRow] | None = None) -> str:
+  """The report as Markdown: one row per layer in forward order (``rows``, default
+  :func:`layer_rows`), the totals, and what the columns count; operations in millions, energies
+  in microjoules per example."""
+  if rows is None:
+    rows = layer_rows(report)
+  four_bit = report.spike_bits == 4
+  spikes = "4-bit" if four_bit else "floating-point"
+  applied = ("applied here" if four_bit
+             else "not applied here: this network fires floating-point spikes")
+  intro = (f"Per test example, summed over T = {report.time_steps} steps, averaged over "
+           f"{report.samples} examples; {spikes} spikes.")
+  header = ("| layer | kind | firing rate | SOPs (M) | ACs (M) | MACs (M) | NOPs (M) | "
+            "energy, authors (uJ) | energy, full (uJ) |")
+  legend = ("Firing rate: the fraction of non-zero spikes of a neuron layer; for a convolution "
+            "or FC layer, the fraction of its inputs that are non-zero. SOPs are the operations "
+            "of layers fed by spikes; ACs + MACs count every synaptic operation. NOPs: neuron "
+            "multiplies and additions (for a SECA row, its pooling additions and gate "
+            "multiplies; the total counts neurons only).")
+  energy = (f"Energy at 45 nm: {AC_ENERGY_PJ} pJ per addition (AC), "
+            f"{MAC_ENERGY_PJ} pJ per MAC. Authors' column: SOPs x "
+            f"{AC_ENERGY_PJ} pJ only; with 4-bit spikes the additions are divided "
+            f"by 8 (32-bit over 4-bit spike words), as the authors count them ({applied}). "
+            "Full column: every synaptic operation at its AC or MAC price, plus the neuron and "
+            "SECA operations, without the 4-bit discount.")
+  lines = ["# Efficiency", "", intro, "", header, "|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(
+        f"| {row.name} | {row.kind} | {_fmt(row.rate)} | {_fmt(row.sops, _MICRO)} | "
+        f"{_fmt(row.acs, _MICRO)} | {_fmt(row.macs, _MICRO)} | {_fmt(row.nops, _MICRO)} | "
+        f"{_fmt(row.energy_authors_pj, _MICRO)} | {_fmt(row.energy_full_pj, _MICRO)} |")
   muls, adds = report.neuron_ops
-  authors_note = " (/8 for 4-bit spikes)" if report.spike_bits == 4 else ""
-  lines += ["", "| total | value |", "|---|---|",
-            f"| SOPs (M) | {_fmt(report.sops / 1e6)} |",
-            f"| synaptic ACs (M) | {_fmt(report.acs / 1e6)} |",
-            f"| synaptic MACs (M) | {_fmt(report.macs / 1e6)} |",
-            f"| neuron mul / add (M) | {_fmt(muls / 1e6)} / {_fmt(adds / 1e6)} |",
-            f"| firing rate | {report.firing_rate:.4f} |",
-            f"| energy, authors: SOPs x 0.9 pJ{authors_note} (uJ) | "
-            f"{_fmt(report.energy_authors_pj * uj)} |",
-            f"| energy, full (uJ) | {_fmt(report.energy_full_pj * uj)} |"]
+  lines += [
+      "", "| total | value |", "|---|---|",
+      f"| SOPs (M) | {_fmt(report.sops, _MICRO)} |",
+      f"| ACs (M) | {_fmt(report.acs, _MICRO)} |",
+      f"| MACs (M) | {_fmt(report.macs, _MICRO)} |",
+      f"| NOPs (M) | {_fmt(muls + adds, _MICRO)} |",
+      f"| firing rate (all neurons) | {_fmt(report.firing_rate)} |",
+      f"| energy, authors (uJ) | {_fmt(report.energy_authors_pj, _MICRO)} |",
+      f"| energy, full (uJ) | {_fmt(report.energy_full_pj, _MICRO)} |",
+      "", legend, "", energy]
   return "\n".join(lines) + "\n"

@@ -55,109 +55,11 @@ EXIT_PLOT = "exit_sweep.png"
 _MICRO = 1e-6
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerRow:
-  """One row of the report; operations per sample over all steps, energies in pJ.
-
-  Attributes:
-    name: module path (``blocks.0.conv1``, ``unit2.neuron``).
-    kind: ``conv``/``dense`` (synaptic), a neuron kind (``empf``, ``empf+mem_bn``, ``parallel``,
-      ``lif``) or ``seca``.
-    rate: neuron layers: fraction of non-zero spikes; synaptic layers: fraction of non-zero inputs;
-      None for SECA.
-    sops: spike-driven synaptic operations.
-    acs: synaptic accumulates (binary or ternary weights).
-    macs: synaptic multiply-accumulates (float weights), and SECA's 1-D convolution.
-    nops: neuron operations (multiplies + additions); for SECA its pooling additions and gate
-      multiplies.
-    energy_authors_pj: SOPs x 0.9 pJ, x 1/8 with 4-bit spikes.
-    energy_full_pj: every operation of the layer at its price.
-  """
-
-  name: str
-  kind: str
-  rate: float | None
-  sops: float
-  acs: float
-  macs: float
-  nops: float
-  energy_authors_pj: float
-  energy_full_pj: float
-
-
-def authors_factor(report: efficiency.Report) -> float:
-  """The authors' discount of spike-driven additions: 1/8 with 4-bit spikes, else 1."""
-  return efficiency.FOUR_BIT_FACTOR if report.spike_bits == 4 else 1.0
-
-
-def layer_rows(report: efficiency.Report) -> list[LayerRow]:
-  """One :class:`LayerRow` per synaptic, neuron and SECA layer of ``report``, in forward order
-  (``report.order``)."""
-  factor = authors_factor(report)
-  rows = []
-  for layer in report.synaptic:
-    sops = layer.ops if layer.source == "spikes" else 0.0
-    rows.append(LayerRow(
-        layer.name, layer.kind, layer.input_rate, sops,
-        acs=layer.ops if layer.op == "AC" else 0.0, macs=layer.ops if layer.op == "MAC" else 0.0,
-        nops=0.0, energy_authors_pj=sops * efficiency.AC_ENERGY_PJ * factor,
-        energy_full_pj=layer.energy_pj))
-  for layer in report.neurons:
-    rows.append(LayerRow(layer.name, layer.kind, layer.firing_rate, 0.0, 0.0, 0.0,
-                         layer.muls + layer.adds, 0.0, layer.energy_pj))
-  for layer in report.attention:
-    rows.append(LayerRow(layer.name, "seca", None, 0.0, 0.0, layer.macs,
-                         layer.muls + layer.adds, 0.0, layer.energy_pj))
-  by_name = {row.name: row for row in rows}
-  return [by_name[name] for name in report.order]
-
-
 def _fmt(value: float | None, scale: float = 1.0) -> str:
   return "-" if value is None else f"{value * scale:.4g}"
 
 
-def to_markdown(report: efficiency.Report, rows: list[LayerRow]) -> str:
-  """The per-layer table and the totals; operations in millions, energies in microjoules."""
-  four_bit = report.spike_bits == 4
-  spikes = "4-bit" if four_bit else "floating-point"
-  applied = ("applied here" if four_bit
-             else "not applied here: this network fires floating-point spikes")
-  intro = (f"Per test example, summed over T = {report.time_steps} steps, averaged over "
-           f"{report.samples} examples; {spikes} spikes.")
-  header = ("| layer | kind | firing rate | SOPs (M) | ACs (M) | MACs (M) | NOPs (M) | "
-            "energy, authors (uJ) | energy, full (uJ) |")
-  legend = ("Firing rate: the fraction of non-zero spikes of a neuron layer; for a convolution "
-            "or FC layer, the fraction of its inputs that are non-zero. SOPs are the operations "
-            "of layers fed by spikes; ACs + MACs count every synaptic operation. NOPs: neuron "
-            "multiplies and additions (for a SECA row, its pooling additions and gate "
-            "multiplies; the total counts neurons only).")
-  energy = (f"Energy at 45 nm: {efficiency.AC_ENERGY_PJ} pJ per addition (AC), "
-            f"{efficiency.MAC_ENERGY_PJ} pJ per MAC. Authors' column: SOPs x "
-            f"{efficiency.AC_ENERGY_PJ} pJ only; with 4-bit spikes the additions are divided "
-            f"by 8 (32-bit over 4-bit spike words), as the authors count them ({applied}). "
-            "Full column: every synaptic operation at its AC or MAC price, plus the neuron and "
-            "SECA operations, without the 4-bit discount.")
-  lines = ["# Efficiency", "", intro, "", header, "|---|---|---|---|---|---|---|---|---|"]
-  for row in rows:
-    lines.append(
-        f"| {row.name} | {row.kind} | {_fmt(row.rate)} | {_fmt(row.sops, _MICRO)} | "
-        f"{_fmt(row.acs, _MICRO)} | {_fmt(row.macs, _MICRO)} | {_fmt(row.nops, _MICRO)} | "
-        f"{_fmt(row.energy_authors_pj, _MICRO)} | {_fmt(row.energy_full_pj, _MICRO)} |")
-  muls, adds = report.neuron_ops
-  lines += [
-      "", "| total | value |", "|---|---|",
-      f"| SOPs (M) | {_fmt(report.sops, _MICRO)} |",
-      f"| ACs (M) | {_fmt(report.acs, _MICRO)} |",
-      f"| MACs (M) | {_fmt(report.macs, _MICRO)} |",
-      f"| NOPs (M) | {_fmt(muls + adds, _MICRO)} |",
-      f"| firing rate (all neurons) | {_fmt(report.firing_rate)} |",
-      f"| energy, authors (uJ) | {_fmt(report.energy_authors_pj, _MICRO)} |",
-      f"| energy, full (uJ) | {_fmt(report.energy_full_pj, _MICRO)} |",
-      "", legend, "", energy]
-  return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[LayerRow], path: str) -> None:
+def plot(rows: list[efficiency.LayerRow], path: str) -> None:
   """Writes a PNG with two bar charts: firing rate per neuron layer, SOPs per synaptic layer."""
   neurons = [row for row in rows if row.kind not in ("conv", "dense", "seca")]
   synapses = [row for row in rows if row.kind in ("conv", "dense")]
@@ -217,14 +119,14 @@ def write_efficiency_report(model: SpikingNetwork,
 
   Returns:
     The content of ``efficiency.json``: ``samples``, ``time_steps``, ``spike_bits``, ``layers``
-    (one dict per row, forward order, see :class:`LayerRow`) and ``totals``.
+    (one dict per row, forward order, see :class:`empf_jax.efficiency.LayerRow`) and ``totals``.
 
   Raises:
     ValueError: no batch with a real example, or inputs of the wrong rank or number of steps.
   """
   report = efficiency.measure(
       model, network_inputs(batches, model.time_steps, max_batches=max_batches))
-  rows = layer_rows(report)
+  rows = efficiency.layer_rows(report)
   muls, adds = report.neuron_ops
   result = {
       "samples": report.samples,
@@ -238,7 +140,7 @@ def write_efficiency_report(model: SpikingNetwork,
                  "energy_full_pj": report.energy_full_pj},
   }
   os.makedirs(workdir, exist_ok=True)
-  atomic_write(os.path.join(workdir, MARKDOWN), to_markdown(report, rows))
+  atomic_write(os.path.join(workdir, MARKDOWN), efficiency.to_markdown(report, rows))
   atomic_write(os.path.join(workdir, JSON), json.dumps(result, indent=2) + "\n")
   plot(rows, os.path.join(workdir, PLOT))
   return result
