@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   own, rest = parser.parse_known_args(argv)
   args = compare_modes.parse_args(rest)
   compare_modes.main(rest)
-  with open(os.path.join(args.workdir, "results.json")) as f:
+  with open(args.results or os.path.join(args.workdir, "results.json")) as f:
     compared = json.load(f)
   rows = []
   for result in compared["results"]:

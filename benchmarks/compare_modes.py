@@ -18,14 +18,13 @@ training.
 Per mode: test accuracy at t = 1..T (final epoch), every epoch's accuracy, the training time (the
 sum of the epochs' training seconds, without evaluation and BatchNorm re-estimation), the median
 training image rate, and the train step's memory (XLA's memory analysis of the compiled step for
-the run's network, rule and batch, temporary + argument bytes, as ``benchmarks.memory``; entries
+the run's network, rule and batch, temporary + argument bytes, as ``benchmarks.ablations``; entries
 written before these two were recorded get them from their epochs and flags).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -116,53 +115,14 @@ def collect(workdir: str) -> dict:
           "train_seconds": sum(train_seconds) if train_seconds else None}
 
 
-def run_config(flags: list[str]):
-  """The config of a run from its ``experiments.cifar`` flags: ``--config=PATH[:VARIANT]`` and
-  ``--config.KEY=VALUE`` overrides (each cast to the type of the value it replaces)."""
-  import importlib.util
-
-  import ml_collections
-  path = next(f.split("=", 1)[1] for f in flags if f.startswith("--config="))
-  path, _, variant = path.partition(":")
-  spec = importlib.util.spec_from_file_location("run_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant or "default")
-  overrides = {}
-  flat = config.to_dict()
-  for flag in flags:
-    if not flag.startswith("--config."):
-      continue
-    key, value = flag[len("--config."):].split("=", 1)
-    node = flat
-    for part in key.split("."):
-      node = node[part]
-    if isinstance(node, bool):
-      overrides[key] = value.lower() in ("1", "true")
-    elif node is None or isinstance(node, str):
-      overrides[key] = None if value == "None" else value
-    else:
-      overrides[key] = type(node)(value)
-  config.update_from_flattened_dict(overrides)
-  return ml_collections.ConfigDict(config)
-
-
 def step_memory(flags: list[str]) -> int | None:
-  """Temporary + argument bytes of the compiled train step of the run that ``flags`` describe
-  (:func:`run_config`), or None for a dataset other than the image datasets."""
-  from benchmarks import memory
-  from experiments import train
-  from experiments.input import images
-
-  config = run_config(flags)
-  dataset = images.DATASETS.get(config.dataset)
-  if dataset is None:
-    return None
-  options = train.net_options(config, dataset.num_classes, dataset.image_shape)
-  network = {k: v for k, v in dataclasses.asdict(options).items() if k != "time_steps"}
-  analysis = memory.train_step_memory(network, mode=config.mode, time_steps=config.time_steps,
-                                      batch=config.batch_size, image_shape=dataset.image_shape)
-  return analysis["bytes"]["total"]
+  """Temporary + argument bytes of the compiled train step of the run that ``flags`` (its
+  ``experiments.cifar`` flags: ``--config=PATH`` and ``--config.KEY=VALUE`` overrides)
+  describe, as ``benchmarks.ablations`` measures it."""
+  from benchmarks import ablations
+  path = next(f.split("=", 1)[1] for f in flags if f.startswith("--config="))
+  overrides = [f for f in flags if f.startswith("--config.")]
+  return ablations.mode_memory(ablations.load_config(path, overrides))["bytes"]["total"]
 
 
 def completed(entry: dict) -> dict:
