@@ -119,8 +119,8 @@ def _relative_difference(a, b) -> float:
              for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def bench_layer(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> dict:
-  """Times every operation of ``layer`` under both rules; GFLOP/s from the median time."""
+def layer_arrays(layer: Layer, device: jax.Device) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Random input, kernel and output gradient of ``layer`` (seed 0) on ``device``."""
   rng = np.random.default_rng(0)
   x = jax.device_put(rng.standard_normal((layer.batch, layer.size, layer.size, layer.c_in),
                                          np.float32), device)
@@ -128,6 +128,12 @@ def bench_layer(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> 
       (layer.kernel, layer.kernel, layer.c_in, layer.c_out), np.float32), device)
   g = jax.device_put(rng.standard_normal(
       (layer.batch, layer.out_size, layer.out_size, layer.c_out), np.float32), device)
+  return x, w, g
+
+
+def bench_layer(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> dict:
+  """Times every operation of ``layer`` under both rules; GFLOP/s from the median time."""
+  x, w, g = layer_arrays(layer, device)
   result = {"layer": layer._asdict(), "mflop_per_conv": layer.flops / 1e6, "operations": {}}
   for op, fn in _layer_functions(layer).items():
     compiled = {mode: _compile(mode, fn, x, w, g) for mode in MODES}
@@ -206,13 +212,7 @@ def kernel_grad_forms(layer: Layer) -> dict[str, Callable]:
 
 def bench_kernel_grad_forms(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> dict:
   """Median time and GFLOP/s of each form of :func:`kernel_grad_forms`, interleaved."""
-  rng = np.random.default_rng(0)
-  x = jax.device_put(rng.standard_normal((layer.batch, layer.size, layer.size, layer.c_in),
-                                         np.float32), device)
-  w = jax.device_put(0.1 * rng.standard_normal(
-      (layer.kernel, layer.kernel, layer.c_in, layer.c_out), np.float32), device)
-  g = jax.device_put(rng.standard_normal(
-      (layer.batch, layer.out_size, layer.out_size, layer.c_out), np.float32), device)
+  x, w, g = layer_arrays(layer, device)
   compiled = {name: jax.jit(fn).lower(x, w, g).compile()
               for name, fn in kernel_grad_forms(layer).items()}
   seconds = _interleaved_medians(compiled, (x, w, g), rounds, repeats)
