@@ -143,6 +143,22 @@ def pin_cores(threads: int | None) -> list[int]:
   return cores
 
 
+def cpu_description() -> dict[str, Any]:
+  """The CPU model and its vector extensions from ``/proc/cpuinfo`` (Linux; empty elsewhere):
+  JAX/PyTorch ratios differ between CPU models, so every figure records which one it ran on."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return {}
+  fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  flags = set(fields.get("flags", "").split())
+  return {"cpu_model": fields.get("model name", ""),
+          "cpu_vector_extensions": sorted(flags & {"avx2", "avx512f", "avx512_bf16",
+                                                   "avx512_vnni", "amx_bf16", "amx_tile"})}
+
+
 def median_rate(seconds: list[float], images: int) -> float:
   """Images per second of the median repeat."""
   return images / statistics.median(seconds)
@@ -464,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "warmup_batches": args.warmup, "device": args.device, "jax_backend": backend,
       "jax_device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
       "torch": torch.__version__, "python": platform.python_version(),
-      "machine": platform.platform(), "cpus_visible": os.cpu_count(), "cores_used": len(cores),
+      "machine": platform.platform(), **cpu_description(), "cpus_visible": os.cpu_count(),
+      "cores_used": len(cores),
       "torch_num_threads": torch.get_num_threads(),
       "conv_backward": conv_backward_mode(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
