@@ -18,8 +18,9 @@ training.
 Per mode: test accuracy at t = 1..T (final epoch), every epoch's accuracy, the training time (the
 sum of the epochs' training seconds, without evaluation and BatchNorm re-estimation), the median
 training image rate, and the train step's memory (XLA's memory analysis of the compiled step for
-the run's network, rule and batch, temporary + argument bytes, as ``benchmarks.ablations``; entries
-written before these two were recorded get them from their epochs and flags).
+the run's network, rule and batch, temporary + argument bytes, as ``benchmarks.ablations``),
+both derived from each entry's epochs and flags, so entries written before they were recorded
+get them too.
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ def run_mode(args, mode: str) -> dict:
     print(f"== {mode}: python -m experiments.cifar {' '.join(flags)}", flush=True)
     subprocess.run([sys.executable, "-m", "experiments.cifar", *flags], check=True)
     seconds = time.perf_counter() - start
-  return {"mode": mode, **collect(workdir), "wall_seconds_this_call": seconds, "flags": flags,
-          "train_step_memory_bytes": step_memory(flags)}
+  return {"mode": mode, **collect(workdir), "wall_seconds_this_call": seconds, "flags": flags}
 
 
 def collect(workdir: str) -> dict:
@@ -108,11 +108,9 @@ def collect(workdir: str) -> dict:
       last = json.load(f)
   else:
     last = epochs[-1] if epochs else {"accuracy": None, "accuracy_per_step": []}
-  train_seconds = [e["train_seconds"] for e in epochs if e["train_seconds"] is not None]
   return {"finished": os.path.exists(summary_path), "accuracy": last["accuracy"],
           "accuracy_per_step": last["accuracy_per_step"], "epochs": epochs,
-          "median_train_images_per_second": rates[len(rates) // 2] if rates else None,
-          "train_seconds": sum(train_seconds) if train_seconds else None}
+          "median_train_images_per_second": rates[len(rates) // 2] if rates else None}
 
 
 def step_memory(flags: list[str]) -> int | None:
@@ -126,12 +124,11 @@ def step_memory(flags: list[str]) -> int | None:
 
 
 def completed(entry: dict) -> dict:
-  """``entry`` with its training time (from its epochs) and train-step memory (from its flags)
-  where an earlier version of this script did not record them."""
+  """``entry`` with its training time (the sum of its epochs' training seconds) and its
+  train-step memory (from its flags, measured once: an entry that holds it keeps it)."""
   entry = dict(entry)
-  if entry.get("train_seconds") is None:
-    seconds = [e["train_seconds"] for e in entry["epochs"] if e.get("train_seconds") is not None]
-    entry["train_seconds"] = sum(seconds) if seconds else None
+  seconds = [e["train_seconds"] for e in entry["epochs"] if e.get("train_seconds") is not None]
+  entry["train_seconds"] = sum(seconds) if seconds else None
   if entry.get("train_step_memory_bytes") is None and entry.get("flags"):
     entry["train_step_memory_bytes"] = step_memory(entry["flags"])
   return entry

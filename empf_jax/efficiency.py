@@ -446,7 +446,7 @@ def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
           "energy_full_pj": full}
 
 
-_MICRO = 1e-6
+MICRO = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,22 +479,16 @@ class LayerRow:
   energy_full_pj: float
 
 
-def authors_factor(report: Report) -> float:
-  """The authors' discount of spike-driven additions: 1/8 with 4-bit spikes, else 1."""
-  return FOUR_BIT_FACTOR if report.spike_bits == 4 else 1.0
-
-
 def layer_rows(report: Report) -> list[LayerRow]:
   """One :class:`LayerRow` per synaptic, neuron and SECA layer of ``report``, in forward order
   (``report.order``)."""
-  factor = authors_factor(report)
   rows = []
   for layer in report.synaptic:
     sops = layer.ops if layer.source == "spikes" else 0.0
     rows.append(LayerRow(
         layer.name, layer.kind, layer.input_rate, sops,
         acs=layer.ops if layer.op == "AC" else 0.0, macs=layer.ops if layer.op == "MAC" else 0.0,
-        nops=0.0, energy_authors_pj=sops * AC_ENERGY_PJ * factor,
+        nops=0.0, energy_authors_pj=authors_energy_pj(sops, report.spike_bits),
         energy_full_pj=layer.energy_pj))
   for layer in report.neurons:
     rows.append(LayerRow(layer.name, layer.kind, layer.firing_rate, 0.0, 0.0, 0.0,
@@ -506,7 +500,8 @@ def layer_rows(report: Report) -> list[LayerRow]:
   return [by_name[name] for name in report.order]
 
 
-def _fmt(value: float | None, scale: float = 1.0) -> str:
+def format_value(value: float | None, scale: float = 1.0) -> str:
+  """``value * scale`` to 4 significant digits for the report's tables; ``-`` for None."""
   return "-" if value is None else f"{value * scale:.4g}"
 
 
@@ -537,19 +532,19 @@ def to_markdown(report: Report, rows: list[LayerRow] | None = None) -> str:
             "SECA operations, without the 4-bit discount.")
   lines = ["# Efficiency", "", intro, "", header, "|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
-    lines.append(
-        f"| {row.name} | {row.kind} | {_fmt(row.rate)} | {_fmt(row.sops, _MICRO)} | "
-        f"{_fmt(row.acs, _MICRO)} | {_fmt(row.macs, _MICRO)} | {_fmt(row.nops, _MICRO)} | "
-        f"{_fmt(row.energy_authors_pj, _MICRO)} | {_fmt(row.energy_full_pj, _MICRO)} |")
+    cells = [row.name, row.kind, format_value(row.rate)] + [
+        format_value(value, MICRO) for value in (row.sops, row.acs, row.macs, row.nops,
+                                                 row.energy_authors_pj, row.energy_full_pj)]
+    lines.append("| " + " | ".join(cells) + " |")
   muls, adds = report.neuron_ops
   lines += [
       "", "| total | value |", "|---|---|",
-      f"| SOPs (M) | {_fmt(report.sops, _MICRO)} |",
-      f"| ACs (M) | {_fmt(report.acs, _MICRO)} |",
-      f"| MACs (M) | {_fmt(report.macs, _MICRO)} |",
-      f"| NOPs (M) | {_fmt(muls + adds, _MICRO)} |",
-      f"| firing rate (all neurons) | {_fmt(report.firing_rate)} |",
-      f"| energy, authors (uJ) | {_fmt(report.energy_authors_pj, _MICRO)} |",
-      f"| energy, full (uJ) | {_fmt(report.energy_full_pj, _MICRO)} |",
+      f"| SOPs (M) | {format_value(report.sops, MICRO)} |",
+      f"| ACs (M) | {format_value(report.acs, MICRO)} |",
+      f"| MACs (M) | {format_value(report.macs, MICRO)} |",
+      f"| NOPs (M) | {format_value(muls + adds, MICRO)} |",
+      f"| firing rate (all neurons) | {format_value(report.firing_rate)} |",
+      f"| energy, authors (uJ) | {format_value(report.energy_authors_pj, MICRO)} |",
+      f"| energy, full (uJ) | {format_value(report.energy_full_pj, MICRO)} |",
       "", legend, "", energy]
   return "\n".join(lines) + "\n"

@@ -52,13 +52,6 @@ EXIT_MARKDOWN = "exit_sweep.md"
 EXIT_JSON = "exit_sweep.json"
 EXIT_PLOT = "exit_sweep.png"
 
-_MICRO = 1e-6
-
-
-def _fmt(value: float | None, scale: float = 1.0) -> str:
-  return "-" if value is None else f"{value * scale:.4g}"
-
-
 def plot(rows: list[efficiency.LayerRow], path: str) -> None:
   """Writes a PNG with two bar charts: firing rate per neuron layer, SOPs per synaptic layer."""
   neurons = [row for row in rows if row.kind not in ("conv", "dense", "seca")]
@@ -163,10 +156,10 @@ def exit_markdown(rows: list[dict[str, Any]], title: str) -> str:
            "energy, authors (uJ) | energy, full (uJ) |", "|---|---|---|---|---|---|---|"]
   for row in rows:
     stopped = ", ".join(f"{100 * f:.1f}" for f in row["stopped_per_step"])
+    energies = " | ".join(efficiency.format_value(row[key], efficiency.MICRO)
+                          for key in ("sops", "energy_authors_pj", "energy_full_pj"))
     lines.append(f"| {_rule_name(row)} | {100 * row['accuracy']:.2f} | {row['mean_steps']:.3f} | "
-                 f"{stopped} | {_fmt(row['sops'], _MICRO)} | "
-                 f"{_fmt(row['energy_authors_pj'], _MICRO)} | "
-                 f"{_fmt(row['energy_full_pj'], _MICRO)} |")
+                 f"{stopped} | {energies} |")
   return "\n".join(lines) + "\n"
 
 
@@ -177,8 +170,8 @@ def exit_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
   axes = figure.subplots(1, 3, sharey=True)
   reference = next(row for row in rows if row["rule"] is None)
   columns = (("mean_steps", "mean steps per example", 1.0),
-             ("energy_authors_pj", "energy per example, authors (uJ)", _MICRO),
-             ("energy_full_pj", "energy per example, full (uJ)", _MICRO))
+             ("energy_authors_pj", "energy per example, authors (uJ)", efficiency.MICRO),
+             ("energy_full_pj", "energy per example, full (uJ)", efficiency.MICRO))
   for ax, (key, label, scale) in zip(axes, columns, strict=True):
     for kind, marker in (("softmax", "o-"), ("margin", "s-")):
       family = sorted((row for row in rows if row["rule"] == kind), key=lambda row: row[key])
