@@ -136,12 +136,18 @@ def completed(entry: dict) -> dict:
 
 def merged(path: str, results: list[dict]) -> list[dict]:
   """The entries of the results file at ``path`` (if any) with those of ``results`` replacing
-  the entries of their modes, in the order of :data:`MODES`."""
+  the entries of their modes, in the order of :data:`MODES`. A new entry without any evaluated
+  epoch (its workdir is gone or was never trained) does not replace an earlier one that has
+  them: collecting a rule on a machine that no longer holds its run keeps the committed figures."""
   entries = {}
   if os.path.exists(path):
     with open(path) as f:
       entries = {r["mode"]: r for r in json.load(f)["results"]}
-  entries.update({r["mode"]: r for r in results})
+  for r in results:
+    if r["epochs"] or not entries.get(r["mode"], {}).get("epochs"):
+      entries[r["mode"]] = r
+    else:
+      print(f"{r['mode']}: its workdir holds no evaluated epoch; keeping the entry of {path}")
   return [completed(entries[mode]) for mode in MODES if mode in entries]
 
 

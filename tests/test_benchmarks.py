@@ -255,13 +255,17 @@ def test_compare_modes_collects_unfinished_runs_and_plots_accuracy_per_epoch(tmp
   # A results file from an earlier call holds another mode, which the update keeps.
   earlier = {"mode": "bptt_lif", "finished": True, "accuracy": 0.9, "accuracy_per_step": [0.9],
              "epochs": [{"epoch": 1, "accuracy": 0.9}], "median_train_images_per_second": 50.0}
+  # And one of a rule whose workdir is gone: collecting it again must not empty its entry.
+  gone = dict(earlier, mode="online_float", accuracy=0.95, accuracy_per_step=[0.95])
   results_path = tmp_path / "out" / "compare.json"
   results_path.parent.mkdir()
-  results_path.write_text(json.dumps({"meta": {}, "results": [earlier]}))
-  compare_modes.main(["--workdir", str(tmp_path), "--modes", "online,random_step", "--collect",
-                      "--results", str(results_path), "--config", "experiments/configs/digits.py"])
+  results_path.write_text(json.dumps({"meta": {}, "results": [earlier, gone]}))
+  compare_modes.main(["--workdir", str(tmp_path), "--modes", "online,random_step,online_float",
+                      "--collect", "--results", str(results_path),
+                      "--config", "experiments/configs/digits.py"])
   results = json.loads(results_path.read_text())["results"]
-  online, missing, kept = results
+  online, missing, kept, kept_gone = results
+  assert kept_gone == dict(gone, train_seconds=None)
   assert not online["finished"] and online["accuracy"] == 0.85
   assert [e["epoch"] for e in online["epochs"]] == [1, 2]
   assert online["epochs"][0]["accuracy_reestimated"] == 0.81
