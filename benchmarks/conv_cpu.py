@@ -13,10 +13,16 @@ training time in ResNet-18 (3x3 stride 1, 64 -> 64 channels, 32x32, batch 64), e
 forward convolution of the same layer: the library's rule (one convolution), patches (im2col)
 and one matrix product, and nine matrix products, one per kernel tap.
 
+``--xla_options`` times ``value_and_grad`` of that layer at batch 64 and 128 under XLA CPU
+options that could hand convolutions to another library (YNNPACK, oneDNN, XNNPACK), each in its
+own process (XLA reads its options once per process), against the library's defaults, and with
+the batch split into 2, 4 or 8 convolutions; it records how many library fusions each compiled
+program holds, so that an option XLA ignores reads as 0.
+
 Usage::
 
   python -m benchmarks.conv_cpu [--out benchmarks/results/conv_cpu.json] [--rounds 5]
-      [--repeats 5] [--kernel_grad_forms]
+      [--repeats 5] [--kernel_grad_forms | --xla_options]
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ import json
 import os
 import pathlib
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, NamedTuple
 
@@ -225,6 +234,93 @@ def bench_kernel_grad_forms(layer: Layer, rounds: int, repeats: int, device: jax
   return {"layer": layer._asdict(), "mflop_per_conv": layer.flops / 1e6, "forms": forms}
 
 
+# XLA_FLAGS of each option and further environment; the library appends its own CPU defaults
+# (YNN fusion off) to XLA_FLAGS unless they name the same option or EMPF_JAX_XLA_DEFAULTS=0.
+XLA_OPTIONS = {
+    "library defaults (YNN fusion off)": ("", {}),
+    "XLA defaults (YNN fusion on)": ("", {"EMPF_JAX_XLA_DEFAULTS": "0"}),
+    "YNNPACK for convolutions": (
+        "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", {}),
+    "oneDNN for convolutions": ("--xla_cpu_use_onednn=true "
+                                "--xla_cpu_experimental_onednn_fusion_type=individual_convolution",
+                                {}),
+    "XNNPACK for convolutions": ("--xla_cpu_use_xnnpack=true "
+                                 "--xla_cpu_experimental_xnn_fusion_type=individual_convolution",
+                                 {}),
+}
+SPLIT_PARTS = (2, 4, 8)
+
+
+def split_batch(layer: Layer, parts: int) -> Callable:
+  """``value_and_grad`` of <conv2d(x, w), g> with the batch cut into ``parts`` convolutions."""
+  def conv(x, w):
+    pieces = jnp.split(x, parts)
+    return jnp.concatenate([ops.conv2d(p, w, layer.stride, layer.padding) for p in pieces])
+  return lambda x, w, g: jax.value_and_grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1))(x, w)
+
+
+def library_fusions(compiled) -> dict[str, int]:
+  """Count of each kind of library fusion (``__ynn_fusion``, ...) in a compiled program."""
+  kinds = re.findall(r'"kind":"(__[a-z]+_fusion)"', compiled.as_text())
+  return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+
+
+def time_value_and_grad(layer: Layer, repeats: int, device: jax.Device) -> dict:
+  """Median seconds of ``value_and_grad`` of ``layer`` in this process, and its fusions."""
+  x, w, g = layer_arrays(layer, device)
+  compiled = jax.jit(_layer_functions(layer)["value_and_grad"]).lower(x, w, g).compile()
+  seconds = _interleaved_medians({"value_and_grad": compiled}, (x, w, g), 1, repeats)
+  return {"seconds": seconds["value_and_grad"], "library_fusions": library_fusions(compiled)}
+
+
+def bench_xla_options(rounds: int, repeats: int, device: jax.Device) -> dict:
+  """Each option of :data:`XLA_OPTIONS` in a child process per round (the order flips every
+  round), then the batch splits in this process; per batch size the median over rounds."""
+  results = {}
+  for batch in (64, 128):
+    layer = KERNEL_GRAD_LAYER._replace(batch=batch)
+    samples = {name: [] for name in XLA_OPTIONS}
+    fusions = {}
+    order = list(XLA_OPTIONS)
+    for _ in range(rounds):
+      for name in order:
+        flags, extra = XLA_OPTIONS[name]
+        env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+        child = subprocess.run(
+            [sys.executable, "-m", "benchmarks.conv_cpu", "--child_batch", str(batch),
+             "--repeats", str(repeats)], env=env, capture_output=True, text=True, check=True)
+        entry = json.loads(child.stdout.strip().splitlines()[-1])
+        samples[name].append(entry["seconds"])
+        fusions[name] = entry["library_fusions"]
+      order.reverse()
+    x, w, g = layer_arrays(layer, device)
+    split = {f"batch in {parts} parts": jax.jit(split_batch(layer, parts)).lower(x, w, g).compile()
+             for parts in SPLIT_PARTS}
+    split["one convolution"] = jax.jit(
+        _layer_functions(layer)["value_and_grad"]).lower(x, w, g).compile()
+    split_seconds = _interleaved_medians(split, (x, w, g), rounds, repeats)
+    flops = 3 * layer.flops
+    results[str(batch)] = {
+        "options": {name: {"xla_flags": XLA_OPTIONS[name][0], "env": XLA_OPTIONS[name][1],
+                           "median_ms": 1e3 * statistics.median(samples[name]),
+                           "gflops": flops / statistics.median(samples[name]) / 1e9,
+                           "library_fusions": fusions[name]} for name in XLA_OPTIONS},
+        "batch_split": {name: {"median_ms": 1e3 * t, "gflops": flops / t / 1e9}
+                        for name, t in split_seconds.items()},
+    }
+  return {"layer": KERNEL_GRAD_LAYER._asdict(), "operation": "value_and_grad", "rounds": rounds,
+          "repeats": repeats, "batches": results}
+
+
+def _write(result: dict, out: pathlib.Path, load_before) -> None:
+  result["load_average"] = [load_before, os.getloadavg()]
+  result["jax"] = jax.__version__
+  result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  print(f"wrote {out}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON result file")
@@ -232,20 +328,32 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per rule per round")
   parser.add_argument("--kernel_grad_forms", action="store_true",
                       help="time only the forms of dL/dw of one layer (module docstring)")
+  parser.add_argument("--xla_options", action="store_true",
+                      help="time one layer under XLA CPU options and batch splits (docstring)")
+  parser.add_argument("--child_batch", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   device = jax.devices("cpu")[0]
+  if args.child_batch is not None:  # one option's process of --xla_options
+    layer = KERNEL_GRAD_LAYER._replace(batch=args.child_batch)
+    print(json.dumps(time_value_and_grad(layer, args.repeats, device)))
+    return
   load_before = os.getloadavg()
+  if args.xla_options:
+    result = bench_xla_options(args.rounds, args.repeats, device)
+    for batch, entry in result["batches"].items():
+      print(f"batch {batch}, value_and_grad of {KERNEL_GRAD_LAYER.name.split(',')[0]}:")
+      for name, e in {**entry["options"], **entry["batch_split"]}.items():
+        fusions = e.get("library_fusions")
+        print(f"  {name:36s} {e['median_ms']:7.1f} ms {e['gflops']:6.1f} GFLOP/s"
+              + (f"  library fusions {fusions or 0}" if fusions is not None else ""))
+    _write(result, args.out, load_before)
+    return
   if args.kernel_grad_forms:
     result = bench_kernel_grad_forms(KERNEL_GRAD_LAYER, args.rounds, args.repeats, device)
     print(f"{KERNEL_GRAD_LAYER.name} ({result['mflop_per_conv']:.0f} MFLOP), dL/dw:")
     for name, entry in result["forms"].items():
       print(f"  {name:40s} {entry['median_ms']:7.1f} ms {entry['gflops']:6.1f} GFLOP/s")
-    result["load_average"] = [load_before, os.getloadavg()]
-    result["jax"] = jax.__version__
-    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    _write(result, args.out, load_before)
     return
   layers = []
   for layer in LAYERS:

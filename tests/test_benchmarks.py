@@ -303,3 +303,30 @@ def test_kernel_grad_forms_compute_the_kernel_gradient():
   for name, fn in forms.items():
     if not name.startswith("forward"):
       np.testing.assert_allclose(fn(x, w, g), native, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_xla_options_batch_split_and_fusion_count():
+  """conv_cpu --xla_options: the batch split computes the same loss and gradients as one
+  convolution, and the fusion count reads a library fusion where XLA made one (and none in a
+  program without convolutions handed to a library)."""
+  from benchmarks import conv_cpu
+  layer = conv_cpu.Layer("small", 8, 6, 3, 4, 3, 1, 1)
+  x, w, g = conv_cpu.layer_arrays(layer, jax.devices("cpu")[0])
+  one = jax.jit(conv_cpu._layer_functions(layer)["value_and_grad"])(x, w, g)
+  for parts in conv_cpu.SPLIT_PARTS:
+    split = jax.jit(conv_cpu.split_batch(layer, parts))(x, w, g)
+    for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(one)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{parts} parts")
+
+  class Compiled:
+    def __init__(self, text):
+      self.text = text
+
+    def as_text(self):
+      return self.text
+
+  text = ('%f = f32[8] fusion(%a), kind=kCustom, backend_config={"fusion_config":'
+          '{"kind":"__ynn_fusion"},"outer_dimension_partitions":[]}\n') * 2
+  assert conv_cpu.library_fusions(Compiled(text)) == {"__ynn_fusion": 2}
+  plain = jax.jit(lambda v: v * 2.0).lower(jnp.ones(4)).compile()
+  assert conv_cpu.library_fusions(plain) == {}
