@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           seconds[name].append(run(args.iters))
       for name, times in seconds.items():
         entry[name] = {"images_per_second": round(median_rate(times, images), 3),
-                       "repeat_seconds": [round(t, 4) for t in times]}
+                       "repeat_seconds": [round(t, 6) for t in times]}
       if set(seconds) == {"jax", "torch"}:
         entry["jax_over_torch"] = round(entry["jax"]["images_per_second"]
                                         / entry["torch"]["images_per_second"], 3)
