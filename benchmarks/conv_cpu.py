@@ -300,10 +300,10 @@ def bench_xla_options(rounds: int, repeats: int, device: jax.Device) -> dict:
         _layer_functions(layer)["value_and_grad"]).lower(x, w, g).compile()
     split_seconds = _interleaved_medians(split, (x, w, g), rounds, repeats)
     flops = 3 * layer.flops
+    medians = {name: statistics.median(times) for name, times in samples.items()}
     results[str(batch)] = {
         "options": {name: {"xla_flags": XLA_OPTIONS[name][0], "env": XLA_OPTIONS[name][1],
-                           "median_ms": 1e3 * statistics.median(samples[name]),
-                           "gflops": flops / statistics.median(samples[name]) / 1e9,
+                           "median_ms": 1e3 * medians[name], "gflops": flops / medians[name] / 1e9,
                            "library_fusions": fusions[name]} for name in XLA_OPTIONS},
         "batch_split": {name: {"median_ms": 1e3 * t, "gflops": flops / t / 1e9}
                         for name, t in split_seconds.items()},
