@@ -202,7 +202,7 @@ class StepBatchNorm(nnx.Module):
         c = jax.lax.dynamic_slice_in_dim(c, t0, steps).reshape(shape)
       return x * a.astype(x.dtype) + c.astype(x.dtype)
     xf = x.astype(jnp.float32)
-    xhat, mean, var = ops.standardize(xf, BN_EPSILON)  # mean, var: [S, C]
+    y, mean, var = ops.batch_norm(xf, self.scale[...], self.bias[...], BN_EPSILON)  # mean: [S, C]
     var_unbiased = unbiased(var, math.prod(x.shape[1:-1]))
     if self.time_steps is None:
       # S sequential updates r <- (1 - m) r + m stat_s, written in closed form.
@@ -213,7 +213,7 @@ class StepBatchNorm(nnx.Module):
     else:
       update_rows(self.mean, t0, mean)
       update_rows(self.var, t0, var_unbiased)
-    return (xhat * self.scale[...] + self.bias[...]).astype(x.dtype)
+    return y.astype(x.dtype)
 
 
 class MemBN(nnx.Module):
@@ -250,9 +250,9 @@ class MemBN(nnx.Module):
       k, h = self.folded()
       return m * k[t].astype(m.dtype) + h[t].astype(m.dtype), None
     mf = m.astype(jnp.float32)
-    xhat, mean, var = ops.standardize(mf[None], BN_EPSILON)
-    mean, var = mean[0], var[0]
-    normed = xhat[0] * self.scale[...][t] + self.bias[...][t]
+    normed, mean, var = ops.batch_norm(mf[None], self.scale[...][t], self.bias[...][t],
+                                       BN_EPSILON)
+    normed, mean, var = normed[0], mean[0], var[0]
     return (gate_bn * normed + gate_id * mf).astype(m.dtype), (mean, var)
 
   def update(self, t0: jax.Array, means: jax.Array, variances: jax.Array, count: int) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from empf_jax import ops
 from empf_jax.quantize import quantize_spike_ste
 
 LIF_THRESHOLD_OFFSET = 0.5
@@ -72,7 +73,8 @@ def step_scalar(logits: jax.Array, t: jax.Array, like: jax.Array, offset: float 
   The per-step scalars are float32 parameters; casting them keeps half-precision currents (and so
   the scan carry) in their own dtype instead of promoting them to float32.
   """
-  return (jax.nn.sigmoid(logits[t]) + offset).astype(like.dtype)
+  value = (jax.nn.sigmoid(logits[t]) + offset).astype(like.dtype)
+  return ops.broadcast_scalar(value, like.shape)
 
 
 def maybe_quantize(spike: jax.Array, spike_bits: int | None) -> jax.Array:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from empf_jax import ops
+
 TERNARY_DELTA_FACTOR = 0.7
 SPIKE_LEVELS = 4.0
 SPIKE_MAX_CODE = 15.0
@@ -20,8 +22,15 @@ def _channel_axes(w: jax.Array) -> tuple[int, ...]:
 
 
 def binary_scale(w: jax.Array) -> jax.Array:
-  """Per-output-channel scale alpha_o = mean |W| over the kernel of output channel o."""
-  return jnp.mean(jnp.abs(w), axis=_channel_axes(w), keepdims=True)
+  """Per-output-channel scale alpha_o = mean |W| over the kernel of output channel o.
+
+  The sums are :func:`empf_jax.ops.channel_sums` (a matrix-vector product on the CPU, where XLA's
+  reduction of a 3x3x512x512 kernel took ~6 ms of a ResNet-18 step, and ``jnp.sum`` elsewhere).
+  """
+  if w.ndim < 2:
+    return jnp.mean(jnp.abs(w), axis=_channel_axes(w), keepdims=True)
+  rows = jnp.abs(w).reshape(1, -1, w.shape[-1])  # one slice: [1, KH*KW*C_in, C_out]
+  return (ops.channel_sums(rows) / rows.shape[1]).reshape((1,) * (w.ndim - 1) + w.shape[-1:])
 
 
 def binary_sign(w: jax.Array) -> jax.Array:

@@ -180,3 +180,56 @@ def test_standardize_and_its_gradient_equal_the_reductions(shape):
                              atol=1e-5)
   np.testing.assert_allclose(ops.channel_sums(x), jnp.sum(x, axis=tuple(range(1, x.ndim - 1))),
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 5, 5, 3), (3, 4, 7), (2, 8, 3, 3, 4)])
+def test_batch_norm_and_its_gradients_equal_the_reductions(shape):
+  """The CPU BatchNorm with its affine part (one closed-form VJP for x, scale and bias) against
+  the reference statistics and JAX's differentiation of them, every cotangent non-zero."""
+  keys = jax.random.split(jax.random.key(1), 6)
+  x = 3.0 + 2.0 * jax.random.normal(keys[0], shape)
+  s, c = shape[0], shape[-1]
+  scale = 1.0 + 0.5 * jax.random.normal(keys[1], (c,))
+  bias = jax.random.normal(keys[2], (c,))
+  cotangents = (jax.random.normal(keys[3], shape), jax.random.normal(keys[4], (s, c)),
+                jax.random.normal(keys[5], (s, c)))
+
+  def reference(x, scale, bias):
+    xhat, mean, var = ops._standardize_reference(x, 1e-5)
+    return xhat * scale + bias, mean, var
+
+  fast, fast_vjp = jax.vjp(lambda *a: ops.batch_norm(*a, 1e-5), x, scale, bias)
+  slow, slow_vjp = jax.vjp(reference, x, scale, bias)
+  for a, b in zip(fast, slow):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for a, b in zip(fast_vjp(cotangents), slow_vjp(cotangents)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_broadcast_scalar_gradient_is_the_sum_of_its_cotangent(dtype):
+  value = jnp.asarray(0.3, dtype)
+  g = jax.random.normal(jax.random.key(2), (4, 5, 6, 8)).astype(dtype)
+  out, vjp = jax.vjp(lambda v: ops.broadcast_scalar(v, g.shape), value)
+  assert out.shape == g.shape and out.dtype == dtype
+  assert bool(jnp.all(out == value))
+  (grad,) = vjp(g)
+  assert grad.shape == () and grad.dtype == dtype
+  np.testing.assert_allclose(np.float32(grad), np.sum(np.asarray(g, np.float64)),
+                             rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+  np.testing.assert_allclose(ops.total_sum(g), np.sum(np.asarray(g, np.float64)),
+                             rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("channels", [3, ops.BATCH_LAST_BY_PRODUCT_MAX_CHANNELS,
+                                      ops.BATCH_LAST_BY_PRODUCT_MAX_CHANNELS + 1])
+def test_batch_last_equals_the_transpose_exactly(channels):
+  """Through the identity product (up to 64 channels) or the plain transpose, and with an
+  elementwise producer XLA can fuse, the result is the transpose bit for bit."""
+  x = jax.random.normal(jax.random.key(3), (5, 4, 3, channels))
+  shift = jnp.linspace(-1.0, 1.0, channels)
+  fused = jax.jit(lambda x: ops.batch_last(jax.nn.relu(2.0 * x - shift)))  # exact in any order
+  expected = np.transpose(np.maximum(2.0 * np.asarray(x) - np.asarray(shift), 0), (3, 1, 2, 0))
+  np.testing.assert_array_equal(fused(x), expected)
+  np.testing.assert_array_equal(ops.batch_last(x), np.transpose(np.asarray(x), (3, 1, 2, 0)))
