@@ -206,9 +206,8 @@ def conv2d_kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], strid
   # The padding after the input is cut (negative) to what the last tap reads, so the output is
   # exactly KH x KW; it stays inside the convolution, which XLA's CPU runs ~3x faster than a
   # convolution of an explicitly padded input.
-  xt = batch_last(x)
   dw = jax.lax.conv_general_dilated(
-      xt, g.transpose(1, 2, 0, 3), window_strides=(1, 1),
+      batch_last(x), g.transpose(1, 2, 0, 3), window_strides=(1, 1),
       padding=((padding, (out_h - 1) * stride + kh - h - padding),
                (padding, (out_w - 1) * stride + kw - wd - padding)),
       rhs_dilation=(stride, stride), dimension_numbers=_DIMENSION_NUMBERS)
@@ -342,13 +341,17 @@ def _standardize_matmul_bwd(epsilon, residuals, cotangents):
   del epsilon
   xhat, r = residuals
   g, g_mean, g_var = cotangents
+  return (_standardize_input_grad(xhat, r, r, g, channel_sums(g), channel_sums(g * xhat), g_mean,
+                                  g_var),)
+
+
+def _standardize_input_grad(xhat, r, gain, g, sum_g, sum_gx, g_mean, g_var):
+  """dL/dx of :func:`standardize` (its formula, with ``gain`` = r; r * scale for
+  :func:`batch_norm`, whose g is the cotangent of y), from the sums of g and g xhat [S, C]."""
   n = math.prod(xhat.shape[1:-1])
-  sum_g = channel_sums(g)
-  sum_gx = channel_sums(g * xhat)
-  dx = _broadcast_rows(r, xhat) * (g - _broadcast_rows(sum_g / n, xhat)
-                                   - xhat * _broadcast_rows(sum_gx / n, xhat))
-  dx = dx + _broadcast_rows(g_mean / n, xhat) + xhat * _broadcast_rows(2 * g_var / (r * n), xhat)
-  return (dx,)
+  dx = _broadcast_rows(gain, xhat) * (g - _broadcast_rows(sum_g / n, xhat)
+                                      - xhat * _broadcast_rows(sum_gx / n, xhat))
+  return dx + _broadcast_rows(g_mean / n, xhat) + xhat * _broadcast_rows(2 * g_var / (r * n), xhat)
 
 
 _standardize_matmul.defvjp(_standardize_matmul_fwd, _standardize_matmul_bwd)
@@ -387,13 +390,9 @@ def _batch_norm_matmul_bwd(epsilon, residuals, cotangents):
   del epsilon
   xhat, r, scale = residuals
   g, g_mean, g_var = cotangents
-  n = math.prod(xhat.shape[1:-1])
   sum_g = channel_sums(g)  # [S, C]
   sum_gx = channel_sums(g * xhat)
-  rs = r * scale
-  dx = _broadcast_rows(rs, xhat) * (g - _broadcast_rows(sum_g / n, xhat)
-                                    - xhat * _broadcast_rows(sum_gx / n, xhat))
-  dx = dx + _broadcast_rows(g_mean / n, xhat) + xhat * _broadcast_rows(2 * g_var / (r * n), xhat)
+  dx = _standardize_input_grad(xhat, r, r * scale, g, sum_g, sum_gx, g_mean, g_var)
   return dx, jnp.sum(sum_gx, axis=0).astype(scale.dtype), jnp.sum(sum_g, axis=0).astype(scale.dtype)
 
 
@@ -425,12 +424,12 @@ def _broadcast_scalar(value, shape):
 
 
 def _broadcast_scalar_fwd(value, shape):
-  return jnp.broadcast_to(value, shape), jnp.zeros((), value.dtype)
+  return jnp.broadcast_to(value, shape), None
 
 
-def _broadcast_scalar_bwd(shape, like, g):
-  del shape
-  return (total_sum(g).astype(like.dtype),)
+def _broadcast_scalar_bwd(shape, residuals, g):
+  del shape, residuals
+  return (total_sum(g).astype(g.dtype),)  # g has the dtype of the broadcast, value's
 
 
 _broadcast_scalar.defvjp(_broadcast_scalar_fwd, _broadcast_scalar_bwd)
