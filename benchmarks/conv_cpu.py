@@ -19,10 +19,18 @@ own process (XLA reads its options once per process), against the library's defa
 the batch split into 2, 4 or 8 convolutions; it records how many library fusions each compiled
 program holds, so that an option XLA ignores reads as 0.
 
+``--padding_forms`` times the forward and ``value_and_grad`` of ResNet-18's 3x3 stride-1
+convolutions at batch 64 (64 channels at 32x32 down to 512 at 4x4) written three ways: the
+library's (one XLA convolution, which multiplies the zero padding too), one matrix product per
+kernel tap over only the outputs where that tap reads the image (the work a convolution that
+skips the padding does: ``valid_tap_fraction`` of it), and Winograd F(2x2, 3x3) (16 batched
+matrix products per 2x2 output tile, 2.25x fewer multiplications). GFLOP/s count the library's
+work (padding included) for all three, so they compare times.
+
 Usage::
 
   python -m benchmarks.conv_cpu [--out benchmarks/results/conv_cpu.json] [--rounds 5]
-      [--repeats 5] [--kernel_grad_forms | --xla_options]
+      [--repeats 5] [--kernel_grad_forms | --xla_options | --padding_forms]
 """
 
 from __future__ import annotations
@@ -234,6 +242,83 @@ def bench_kernel_grad_forms(layer: Layer, rounds: int, repeats: int, device: jax
   return {"layer": layer._asdict(), "mflop_per_conv": layer.flops / 1e6, "forms": forms}
 
 
+PADDING_LAYERS = tuple(
+    Layer(f"ResNet-18 3x3 s1, 64x{size}x{size}x{c} -> {c}", 64, size, c, c, 3, 1, 1)
+    for size, c in ((32, 64), (16, 128), (8, 256), (4, 512)))
+# Winograd F(2x2, 3x3): Y = A^T [(G w G^T) * (B^T d B)] A per 4x4 input tile d.
+_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+_WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+
+
+def valid_taps_conv(layer: Layer) -> Callable:
+  """A 3x3 stride-1 'same' convolution as one matrix product per tap, each over only the
+  outputs where that tap falls on the image, padded back to the output's shape and summed."""
+  size, pad = layer.size, layer.padding
+
+  def conv(x, w):
+    parts = []
+    for a in range(layer.kernel):
+      for b in range(layer.kernel):
+        da, db = a - pad, b - pad  # output (i, j) reads input (i + da, j + db)
+        i0, i1 = max(0, -da), min(size, size - da)
+        j0, j1 = max(0, -db), min(size, size - db)
+        part = jnp.einsum("nhwc,co->nhwo", x[:, i0 + da:i1 + da, j0 + db:j1 + db], w[a, b])
+        parts.append(jnp.pad(part, ((0, 0), (i0, size - i1), (j0, size - j1), (0, 0))))
+    return sum(parts)
+
+  return conv
+
+
+def winograd_conv(layer: Layer) -> Callable:
+  """A 3x3 stride-1 'same' convolution (even size) by Winograd F(2x2, 3x3)."""
+  tiles = layer.size // 2
+
+  def conv(x, w):
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = jnp.stack([xp[:, i:i + 2 * tiles:2] for i in range(4)], axis=2)
+    d = jnp.stack([rows[:, :, :, j:j + 2 * tiles:2] for j in range(4)], axis=4)
+    v = jnp.einsum("ai,ntiwjc,bj->abntwc", _WINOGRAD_BT, d, _WINOGRAD_BT)
+    u = jnp.einsum("ai,ijco,bj->abco", _WINOGRAD_G, w, _WINOGRAD_G)
+    m = jnp.einsum("abntwc,abco->abntwo", v, u)
+    y = jnp.einsum("pa,abntwo,qb->ntpwqo", _WINOGRAD_AT, m, _WINOGRAD_AT)
+    return y.reshape(x.shape[0], layer.size, layer.size, layer.c_out)
+
+  return conv
+
+
+def bench_padding_forms(rounds: int, repeats: int, device: jax.Device) -> dict:
+  """Forward and ``value_and_grad`` of each layer of :data:`PADDING_LAYERS` in the three forms."""
+  from benchmarks.throughput import valid_tap_fraction
+  results = {}
+  for layer in PADDING_LAYERS:
+    x, w, g = layer_arrays(layer, device)
+    forms = {"one XLA convolution (the library's)":
+             lambda x, w, l=layer: ops.conv2d(x, w, l.stride, l.padding),
+             "one product per tap, padding skipped": valid_taps_conv(layer),
+             "Winograd F(2x2, 3x3)": winograd_conv(layer)}
+    compiled, outputs = {}, {}
+    for name, conv in forms.items():
+      compiled[f"{name}: forward"] = jax.jit(lambda x, w, g, c=conv: c(x, w)).lower(
+          x, w, g).compile()
+      compiled[f"{name}: value_and_grad"] = jax.jit(
+          lambda x, w, g, c=conv: jax.value_and_grad(lambda x, w: jnp.vdot(c(x, w), g),
+                                                     (0, 1))(x, w)).lower(x, w, g).compile()
+    seconds = _interleaved_medians(compiled, (x, w, g), rounds, repeats)
+    reference = {op: compiled[f"one XLA convolution (the library's): {op}"](x, w, g)
+                 for op in ("forward", "value_and_grad")}
+    entry = {}
+    for name, fn in compiled.items():
+      op = name.rsplit(": ", 1)[1]
+      flops = layer.flops * OPERATIONS[op]
+      entry[name] = {"median_ms": 1e3 * seconds[name], "gflops": flops / seconds[name] / 1e9,
+                     "max_relative_difference": _relative_difference(fn(x, w, g),
+                                                                     reference[op])}
+    results[layer.name] = {"layer": layer._asdict(), "valid_tap_fraction": valid_tap_fraction(
+        layer.size, layer.kernel, layer.stride, layer.padding), "forms": entry}
+  return {"rounds": rounds, "repeats": repeats, "layers": results}
+
+
 # XLA_FLAGS of each option and further environment; the library appends its own CPU defaults
 # (YNN fusion off) to XLA_FLAGS unless they name the same option or EMPF_JAX_XLA_DEFAULTS=0.
 XLA_OPTIONS = {
@@ -330,6 +415,8 @@ def main() -> None:
                       help="time only the forms of dL/dw of one layer (module docstring)")
   parser.add_argument("--xla_options", action="store_true",
                       help="time one layer under XLA CPU options and batch splits (docstring)")
+  parser.add_argument("--padding_forms", action="store_true",
+                      help="time 3x3 convolutions with and without the padding's work (docstring)")
   parser.add_argument("--child_batch", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   device = jax.devices("cpu")[0]
@@ -346,6 +433,14 @@ def main() -> None:
         fusions = e.get("library_fusions")
         print(f"  {name:36s} {e['median_ms']:7.1f} ms {e['gflops']:6.1f} GFLOP/s"
               + (f"  library fusions {fusions or 0}" if fusions is not None else ""))
+    _write(result, args.out, load_before)
+    return
+  if args.padding_forms:
+    result = bench_padding_forms(args.rounds, args.repeats, device)
+    for name, entry in result["layers"].items():
+      print(f"{name} (taps on the image: {entry['valid_tap_fraction']:.2f}):")
+      for form, e in entry["forms"].items():
+        print(f"  {form:58s} {e['median_ms']:7.1f} ms {e['gflops']:6.1f} GFLOP/s")
     _write(result, args.out, load_before)
     return
   if args.kernel_grad_forms:

@@ -379,7 +379,8 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
     (h,) = recorded
     key = (tuple(h.shape), tuple(module.kernel.shape), module.stride, module.padding)
     shapes[key] = shapes.get(key, 0) + 1
-  conv_parts, counts = {}, {}
+  conv_parts, counts, work = {}, {}, {}
+  image_channels = x_np.shape[-1]
   for (x_shape, w_shape, stride, padding), count in shapes.items():
     x_shape = (math.prod(x_shape[:-3]),) + x_shape[-3:]  # time and batch folded, as the layer
     kh, kw, cin, cout = w_shape
@@ -411,12 +412,23 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
     conv_parts[f"{name}: kernel_grad"] = (
         lambda f=kernel_grad, a=xj, b=wj, g=g: jax.block_until_ready(f(a, b, g)),
         lambda f=torch_backward: f([False, True, False]))
+    out_h, out_w = g.shape[1], g.shape[2]
+    gflop = 2 * x_shape[0] * out_h * out_w * kh * kw * cin * cout / 1e9
+    taps = valid_tap_fraction(x_shape[1], kh, stride, padding)
     for op in ("forward", "input_grad", "kernel_grad"):
       counts[f"{name}: {op}"] = count
+      work[f"{name}: {op}"] = {"gflop": float(f"{gflop:.4g}"),
+                               "valid_tap_fraction": round(taps, 3)}
+    if cin == image_channels:  # the network's input: no gradient is taken, none computed
+      counts[f"{name}: input_grad"] = 0
   with torch.no_grad():
     timings = _interleaved(conv_parts, repeats, sync)
   for name, value in timings.items():
     value["per_step_count"] = counts[name]
+    value.update(work[name])
+    gflop = value["gflop"]
+    value["jax_gflops"] = float(f"{gflop / value['jax_seconds']:.4g}")
+    value["torch_gflops"] = float(f"{gflop / value['torch_seconds']:.4g}")
   result["convolutions"] = timings
   totals = {}
   for op in ("forward", "input_grad", "kernel_grad"):
@@ -426,7 +438,36 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
     totals[op] = {"jax_seconds": jax_s, "torch_seconds": torch_s,
                   "jax_over_torch_speed": round(torch_s / jax_s, 3)}
   result["convolutions_per_step_total"] = totals
+  result["ceiling"] = convolution_ceiling(result)
   return result
+
+
+def valid_tap_fraction(size: int, kernel: int, stride: int, padding: int) -> float:
+  """Fraction of a ``kernel`` x ``kernel`` convolution's taps that fall inside a ``size`` x
+  ``size`` input (not on its zero padding), over all output positions.
+
+  XLA's CPU convolution multiplies the padding's zeros too; a direct convolution that skips
+  them (oneDNN's) does this fraction of the work, so at 4x4 inputs (0.69 for 3x3, padding 1)
+  it has a third less to do."""
+  out = (size + 2 * padding - kernel) // stride + 1
+  inside = sum(1 for i in range(out) for j in range(kernel)
+               if 0 <= i * stride - padding + j < size)
+  return (inside / (out * kernel)) ** 2
+
+
+def convolution_ceiling(result: dict[str, Any]) -> dict[str, Any]:
+  """The highest JAX/PyTorch ratio one online time step (forward + backward + update) could
+  reach if everything but XLA's convolutions took no time: PyTorch's whole time step over the
+  JAX convolutions alone. Below a goal, no change outside the convolutions can meet it."""
+  step = result["one_step"]
+  torch_step = step["forward_backward"]["torch_seconds"] + step["update"]["torch_seconds"]
+  jax_step = step["forward_backward"]["jax_seconds"] + step["update"]["jax_seconds"]
+  jax_convs = sum(v["jax_seconds"] for v in result["convolutions_per_step_total"].values())
+  torch_convs = sum(v["torch_seconds"] for v in result["convolutions_per_step_total"].values())
+  return {"jax_time_step_seconds": jax_step, "torch_time_step_seconds": torch_step,
+          "jax_convolutions_seconds": jax_convs, "torch_convolutions_seconds": torch_convs,
+          "jax_rest_seconds": jax_step - jax_convs, "torch_rest_seconds": torch_step - torch_convs,
+          "jax_over_torch_at_most": round(torch_step / jax_convs, 3)}
 
 
 def load_average() -> list[float]:
@@ -552,6 +593,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for part, value in measured["breakdown"][group].items():
           print(f"{group} {part}: JAX {1e3 * value['jax_seconds']:.1f} ms, PyTorch "
                 f"{1e3 * value['torch_seconds']:.1f} ms", flush=True)
+      ceiling = measured["breakdown"]["ceiling"]
+      print(f"one time step: JAX {1e3 * ceiling['jax_time_step_seconds']:.0f} ms (convolutions "
+            f"{1e3 * ceiling['jax_convolutions_seconds']:.0f}), PyTorch "
+            f"{1e3 * ceiling['torch_time_step_seconds']:.0f} ms (convolutions "
+            f"{1e3 * ceiling['torch_convolutions_seconds']:.0f}); with XLA's convolutions the "
+            f"ratio is at most {ceiling['jax_over_torch_at_most']:.2f}", flush=True)
     online = results.get("online", {}).get("jax_over_torch")
     if online is not None:
       measured["goals"] = {f"online JAX/PyTorch >= {goal}": online >= goal for goal in GOALS}

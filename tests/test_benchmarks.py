@@ -18,6 +18,7 @@ import pytest
 
 from benchmarks import gradient_scaling as gs
 from benchmarks import memory
+from empf_jax import ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = dict(name="convnet_small", num_classes=10, in_channels=1, weights="binary",
@@ -136,7 +137,7 @@ def test_throughput_smoke_runs_both_frameworks_on_one_core(tmp_path):
   # networks' PyTorch twins.
   out = tmp_path / "throughput.json"
   done = _run_script(["benchmarks.throughput", "--device=cpu", "--smoke", "--network=convnet28",
-                      "--modes=online", f"--out={out}"], timeout=300)
+                      "--modes=online", "--breakdown", f"--out={out}"], timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   record = json.loads(out.read_text())
   assert record["meta"]["cores_used"] == 1 and record["meta"]["torch_num_threads"] == 1
@@ -151,6 +152,31 @@ def test_throughput_smoke_runs_both_frameworks_on_one_core(tmp_path):
   assert entry["jax_over_torch"] == pytest.approx(
       entry["jax"]["images_per_second"] / entry["torch"]["images_per_second"], rel=1e-2)
   assert set(record["goals"]) == {"online JAX/PyTorch >= 1.0", "online JAX/PyTorch >= 1.2"}
+  convs = record["breakdown"]["convolutions"]
+  stem = [v for k, v in convs.items() if " 1->" in k and k.endswith("input_grad")]
+  assert len(stem) == 1 and stem[0]["per_step_count"] == 0  # the image needs no gradient
+  for value in convs.values():
+    assert value["jax_gflops"] == pytest.approx(value["gflop"] / value["jax_seconds"], rel=1e-2)
+  ceiling = record["breakdown"]["ceiling"]
+  assert ceiling["jax_over_torch_at_most"] == pytest.approx(
+      ceiling["torch_time_step_seconds"] / ceiling["jax_convolutions_seconds"], rel=1e-2)
+  assert ceiling["jax_convolutions_seconds"] == pytest.approx(sum(
+      v["jax_seconds"] * v["per_step_count"] for v in convs.values()))
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding", [(4, 3, 1, 1), (8, 3, 1, 1), (7, 3, 2, 1),
+                                                        (32, 1, 2, 0), (5, 5, 1, 2)])
+def test_valid_tap_fraction_counts_the_taps_off_the_padding(size, kernel, stride, padding):
+  from benchmarks import throughput
+  # Convolving an all-ones image with an all-ones kernel counts each output's taps on the image.
+  ones = jnp.ones((1, size, size, 1))
+  counted = jax.lax.conv_general_dilated(ones, jnp.ones((kernel, kernel, 1, 1)), (stride, stride),
+                                         [(padding, padding)] * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  expected = float(counted.mean()) / kernel**2
+  assert throughput.valid_tap_fraction(size, kernel, stride, padding) == pytest.approx(expected)
+  if padding == 0:
+    assert throughput.valid_tap_fraction(size, kernel, stride, padding) == 1.0
 
 
 def test_throughput_refuses_a_missing_gpu(tmp_path):
@@ -305,6 +331,24 @@ def test_kernel_grad_forms_compute_the_kernel_gradient():
       np.testing.assert_allclose(fn(x, w, g), native, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize("size", [4, 6])
+def test_padding_forms_compute_the_convolution_and_its_gradients(size):
+  """conv_cpu --padding_forms: the per-tap form (padding skipped) and Winograd F(2x2, 3x3) give
+  the library's convolution and gradients."""
+  from benchmarks import conv_cpu
+  layer = conv_cpu.Layer("small", 2, size, 3, 5, 3, 1, 1)
+  x, w, g = conv_cpu.layer_arrays(layer, jax.devices("cpu")[0])
+
+  def value_and_grad(conv):
+    return jax.value_and_grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1))(x, w)
+
+  library = value_and_grad(lambda x, w: ops.conv2d(x, w, 1, 1))
+  for conv in (conv_cpu.valid_taps_conv(layer), conv_cpu.winograd_conv(layer)):
+    np.testing.assert_allclose(conv(x, w), ops.conv2d(x, w, 1, 1), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(value_and_grad(conv)), jax.tree.leaves(library)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_xla_options_batch_split_and_fusion_count():
   """conv_cpu --xla_options: the batch split computes the same loss and gradients as one
   convolution, and the fusion count reads a library fusion where XLA made one (and none in a
@@ -330,3 +374,33 @@ def test_xla_options_batch_split_and_fusion_count():
   assert conv_cpu.library_fusions(Compiled(text)) == {"__ynn_fusion": 2}
   plain = jax.jit(lambda v: v * 2.0).lower(jnp.ones(4)).compile()
   assert conv_cpu.library_fusions(plain) == {}
+
+
+def test_profile_cpu_names_the_kind_and_line_of_each_instruction():
+  from benchmarks import profile_cpu
+
+  def f(x, w):
+    y = jnp.sum(jnp.tanh(x), axis=(1, 2))  # a reduction
+    return jnp.dot(y, w)  # a matrix product
+
+  x, w = jnp.ones((8, 6, 6, 16)), jnp.ones((16, 4))
+  table = profile_cpu.instructions(jax.jit(f).lower(x, w).compile().as_text())
+  kinds = {entry["kind"] for entry in table.values()}
+  assert {"dot", "reduction"} <= kinds, table
+  here = os.path.relpath(__file__, REPO)
+  dot = [e for e in table.values() if e["kind"] == "dot"]
+  assert dot and all(e["source"].startswith(here + ":") for e in dot), dot
+
+
+def test_profile_cpu_smoke_traces_the_train_step(tmp_path):
+  from benchmarks import profile_cpu
+  out = tmp_path / "profile.json"
+  record = profile_cpu.main(["--smoke", "--network=convnet28", "--top=5", f"--out={out}"])
+  assert json.loads(out.read_text())["meta"]["mode"] == "online"
+  assert record["step_wall_seconds"] > 0 and record["traced_seconds"] > 0
+  assert len(record["instructions"]) == 5 and len(record["sources"]) <= 5
+  seconds = [entry["seconds"] for entry in record["instructions"]]
+  assert seconds == sorted(seconds, reverse=True)
+  assert sum(v["seconds"] for v in record["kinds"].values()) == pytest.approx(
+      record["traced_seconds"])
+  assert any(entry["source"].startswith("empf_jax/") for entry in record["instructions"])
