@@ -214,30 +214,26 @@ def conv2d_kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], strid
   return dw.transpose(1, 2, 0, 3)
 
 
-# Widest input for which :func:`batch_last` transposes through a product with the identity.
-BATCH_LAST_BY_PRODUCT_MAX_CHANNELS = 64
-
-
 def batch_last(x: jax.Array) -> jax.Array:
   """x [N, H, W, C] as [C, H, W, N] (the input of the kernel-gradient convolution).
 
   In a training step x is the spike map of the previous layer, and XLA fuses its elementwise
   producer (BatchNorm and neuron) into the transpose: a loop over the transposed order whose reads
   stride over N, which XLA's CPU backend ran ~4x slower than the same transpose of a stored array
-  (~25 against ~6 ms for [64, 32, 32, 64]). A matrix product is never fused with its producer, so
-  for C <= :data:`BATCH_LAST_BY_PRODUCT_MAX_CHANNELS` x goes through one with the identity,
-  I[C, C] x[N, HW, C] -> [C, N, HW], and the transpose reads that stored product. Each output is
-  1 * x plus zeros, so the result equals the plain transpose for every finite x (an inf or NaN
-  would spread to the other channels of its pixel). For wider x the product's 2 C operations per
-  element cost more than the transpose saves (ResNet-18 at batch 64: 5 % faster steps at 64
-  channels, slower when also applied at 128 and above), and it is the plain transpose.
+  (~25 against ~6 ms for [64, 32, 32, 64]). A matrix product is not fused with its producer, so x
+  first goes through one with the identity in its own layout, x[NHW, C] I[C, C] -> [NHW, C] (a
+  product XLA runs as stored, without transposing an operand), and the transpose reads that
+  stored product. Each output is x * 1 plus zeros, so the result equals the plain transpose for
+  every finite x (an inf or NaN would spread to the other channels of its pixel). The product
+  costs C multiply-adds per element, at most a fifth of the convolution whose kernel gradient
+  reads it (3x3, stride 2, C -> 2C). With the identity on the other side, I[C, C] x[NHW, C]^T,
+  XLA made a transposed copy of x for the product, fused with the producer again (BENCHMARKS.md
+  §2 has the profile).
   """
   n, h, w, c = x.shape
-  if c > BATCH_LAST_BY_PRODUCT_MAX_CHANNELS:
-    return x.transpose(3, 1, 2, 0)
-  product = jax.lax.dot_general(jnp.eye(c, dtype=x.dtype), x.reshape(n, h * w, c),
-                                (((1,), (2,)), ((), ())))  # [C, N, HW]
-  return product.reshape(c, n, h, w).transpose(0, 2, 3, 1)
+  product = jax.lax.dot_general(x.reshape(n * h * w, c), jnp.eye(c, dtype=x.dtype),
+                                (((1,), (0,)), ((), ())))  # [NHW, C], x's own layout
+  return product.reshape(n, h, w, c).transpose(3, 1, 2, 0)
 
 
 def fold_time(x: jax.Array, fn) -> jax.Array:

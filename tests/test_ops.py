@@ -222,14 +222,14 @@ def test_broadcast_scalar_gradient_is_the_sum_of_its_cotangent(dtype):
                              rtol=1e-5 if dtype == jnp.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("channels", [3, ops.BATCH_LAST_BY_PRODUCT_MAX_CHANNELS,
-                                      ops.BATCH_LAST_BY_PRODUCT_MAX_CHANNELS + 1])
-def test_batch_last_equals_the_transpose_exactly(channels):
-  """Through the identity product (up to 64 channels) or the plain transpose, and with an
-  elementwise producer XLA can fuse, the result is the transpose bit for bit."""
-  x = jax.random.normal(jax.random.key(3), (5, 4, 3, channels))
-  shift = jnp.linspace(-1.0, 1.0, channels)
+@pytest.mark.parametrize("channels,dtype", [(3, jnp.float32), (64, jnp.float32),
+                                            (512, jnp.float32), (64, jnp.bfloat16)])
+def test_batch_last_equals_the_transpose_exactly(channels, dtype):
+  """Through the identity product, also with an elementwise producer XLA can fuse, the result is
+  the transpose bit for bit."""
+  x = jax.random.normal(jax.random.key(3), (5, 4, 3, channels)).astype(dtype)
+  shift = jnp.linspace(-1.0, 1.0, channels).astype(dtype)
   fused = jax.jit(lambda x: ops.batch_last(jax.nn.relu(2.0 * x - shift)))  # exact in any order
-  expected = np.transpose(np.maximum(2.0 * np.asarray(x) - np.asarray(shift), 0), (3, 1, 2, 0))
+  expected = np.transpose(np.asarray(jax.nn.relu(2.0 * x - shift)), (3, 1, 2, 0))
   np.testing.assert_array_equal(fused(x), expected)
   np.testing.assert_array_equal(ops.batch_last(x), np.transpose(np.asarray(x), (3, 1, 2, 0)))
