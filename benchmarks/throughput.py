@@ -31,7 +31,9 @@ peak, so run one mode per process for a per-mode figure, as ``benchmarks/gpu.sh`
 PyTorch ``max_memory_allocated`` (reset per mode).
 
 ``--breakdown`` also times one time step's forward and forward + backward (train mode, no
-update) in both frameworks. ``--smoke`` shrinks everything (width 1/16, T=2, batch 4, 8x8, one
+update) in both frameworks, and every distinct convolution alone (:func:`breakdown`), with its
+GFLOP/s, its share of taps on the image (:func:`valid_tap_fraction`) and the highest ratio
+XLA's convolutions leave the time step (:func:`convolution_ceiling`). ``--smoke`` shrinks everything (width 1/16, T=2, batch 4, 8x8, one
 CPU core) for a quick check that the script runs.
 """
 

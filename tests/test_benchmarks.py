@@ -404,3 +404,16 @@ def test_profile_cpu_smoke_traces_the_train_step(tmp_path):
   assert sum(v["seconds"] for v in record["kinds"].values()) == pytest.approx(
       record["traced_seconds"])
   assert any(entry["source"].startswith("empf_jax/") for entry in record["instructions"])
+
+
+def test_batch_last_forms_are_the_transpose_and_the_library_form_is_restored(tmp_path):
+  from benchmarks import batch_last_forms
+  x = jax.random.normal(jax.random.key(0), (3, 4, 5, 6))
+  for name, form in batch_last_forms.forms().items():
+    np.testing.assert_array_equal(form(x), np.transpose(np.asarray(x), (3, 1, 2, 0)), name)
+  library = ops.batch_last
+  record = batch_last_forms.main(["--network=convnet28", "--batch=2", "--rounds=1",
+                                  "--width=0.0625", f"--out={tmp_path / 'forms.json'}"])
+  assert ops.batch_last is library
+  assert record["forms"][batch_last_forms.LIBRARY]["speed_relative_to_library"] == 1.0
+  assert set(record["forms"]) == set(batch_last_forms.forms())
