@@ -19,7 +19,6 @@ per batch is reported with each form's speed relative to the library's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -105,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "load_average": throughput.load_average(), "batch": args.batch,
                      "rounds": args.rounds, "network": args.network},
             "forms": results}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=2)
+  throughput.write_record(args.out, record)
   return record
 
 

@@ -260,9 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print("lines:")
   for entry in summary["sources"]:
     print(f"  {1e3 * entry['seconds']:9.1f} ms  {entry['where']}")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=2)
+  throughput.write_record(args.out, record)
   return record
 
 

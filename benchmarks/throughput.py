@@ -472,6 +472,13 @@ def convolution_ceiling(result: dict[str, Any]) -> dict[str, Any]:
           "jax_over_torch_at_most": round(torch_step / jax_convs, 3)}
 
 
+def write_record(path: str, record: dict[str, Any]) -> None:
+  """Writes a benchmark's JSON record, creating its folder."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(record, f, indent=2)
+
+
 def load_average() -> list[float]:
   return [round(v, 2) for v in os.getloadavg()]
 
@@ -610,9 +617,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if len(args.batches) == 1:  # one batch size: its entry at the top level too, as before
     record.update(record["batches"][str(args.batches[0])])
   meta["load_average_end"] = load_average()
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=2)
+  write_record(args.out, record)
   return record
 
 
