@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   model = models.create(args.network, num_classes=throughput.NUM_CLASSES, time_steps=4,
                         width=args.width, in_channels=channels, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
-  batch = (rng.normal(size=(args.batch, step_args.size, step_args.size, channels))
-           .astype(np.float32),
-           rng.integers(0, throughput.NUM_CLASSES, size=(args.batch,)).astype(np.int32))
+  batch = throughput.random_batch(rng, args.batch, step_args.size, channels)
   library, runners = ops.batch_last, {}
   try:
     for name, form in forms().items():

@@ -297,7 +297,7 @@ def bench_padding_forms(rounds: int, repeats: int, device: jax.Device) -> dict:
              lambda x, w, l=layer: ops.conv2d(x, w, l.stride, l.padding),
              "one product per tap, padding skipped": valid_taps_conv(layer),
              "Winograd F(2x2, 3x3)": winograd_conv(layer)}
-    compiled, outputs = {}, {}
+    compiled = {}
     for name, conv in forms.items():
       compiled[f"{name}: forward"] = jax.jit(lambda x, w, g, c=conv: c(x, w)).lower(
           x, w, g).compile()

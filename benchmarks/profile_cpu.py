@@ -6,8 +6,8 @@ by XLA operation and by the library line that emitted it.
         [--threads=N] [--top=30] [--out=benchmarks/results/profile_cpu.json] [--smoke]
 
 The step is the one ``benchmarks.throughput`` times (:class:`benchmarks.throughput.JaxRunner`:
-the library's train or evaluation step, jitted, state donated). After one compiling call and one
-untimed call, ``--steps`` calls run under ``jax.profiler.trace``; the trace's events are matched
+the library's train or evaluation step, jitted, state donated). After compiling and two
+untimed calls, ``--steps`` calls run under ``jax.profiler.trace``; the trace's events are matched
 to the instructions of the compiled module (``compiled.as_text()``), each instruction to its
 kind (``convolution``, ``dot``, ``reduction`` for reduce and reduce-window, ``transpose``,
 ``elementwise`` for the other fusions, else its opcode) and to the innermost frame of its source
@@ -227,16 +227,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         time_steps=args.time_steps, width=args.width, in_channels=channels,
                         rngs=nnx.Rngs(args.seed))
   rng = np.random.default_rng(args.seed)
-  batch = (rng.normal(size=(args.batch, args.size, args.size, channels)).astype(np.float32),
-           rng.integers(0, throughput.NUM_CLASSES, size=(args.batch,)).astype(np.int32))
+  batch = throughput.random_batch(rng, args.batch, args.size, channels)
   runner = throughput.JaxRunner(model, args, args.mode, [batch])
   x, y = runner.batches[0]
   call = ((runner.state, x, y, runner.mask) if args.mode == "eval" else
           (runner.state, x, y, runner.lr, runner.seed_key))
-  text = runner.step.lower(*call).compile().as_text()
-  table = instructions(text)
+  # The compiled step both names the instructions and runs (jit would compile it again).
+  runner.step = runner.step.lower(*call).compile()
+  table = instructions(runner.step.as_text())
   print(f"{args.network}, {args.mode}, batch {args.batch}, T={args.time_steps}, "
-        f"{len(cores)} cores: {len(table)} instructions; compiling and warming up", flush=True)
+        f"{len(cores)} cores: {len(table)} instructions; warming up", flush=True)
   runner.run(1)
   runner.run(1)
   with tempfile.TemporaryDirectory() as directory:

@@ -33,8 +33,8 @@ PyTorch ``max_memory_allocated`` (reset per mode).
 ``--breakdown`` also times one time step's forward and forward + backward (train mode, no
 update) in both frameworks, and every distinct convolution alone (:func:`breakdown`), with its
 GFLOP/s, its share of taps on the image (:func:`valid_tap_fraction`) and the highest ratio
-XLA's convolutions leave the time step (:func:`convolution_ceiling`). ``--smoke`` shrinks everything (width 1/16, T=2, batch 4, 8x8, one
-CPU core) for a quick check that the script runs.
+XLA's convolutions leave the time step (:func:`convolution_ceiling`). ``--smoke`` shrinks
+everything (width 1/16, T=2, batch 4, 8x8, one CPU core) for a quick check that the script runs.
 """
 
 from __future__ import annotations
@@ -472,6 +472,13 @@ def convolution_ceiling(result: dict[str, Any]) -> dict[str, Any]:
           "jax_over_torch_at_most": round(torch_step / jax_convs, 3)}
 
 
+def random_batch(rng, batch_size: int, size: int, channels: int) -> tuple[Any, Any]:
+  """One batch of random images [B, size, size, channels] (float32) and labels [B] (int32)."""
+  import numpy as np
+  return (rng.normal(size=(batch_size, size, size, channels)).astype(np.float32),
+          rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32))
+
+
 def write_record(path: str, record: dict[str, Any]) -> None:
   """Writes a benchmark's JSON record, creating its folder."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -550,8 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   record: dict[str, Any] = {"meta": meta, "batches": {}}
   for batch_size in args.batches:
     rng = np.random.default_rng(args.seed)
-    batches = [(rng.normal(size=(batch_size, args.size, args.size, channels)).astype(np.float32),
-                rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)) for _ in range(2)]
+    batches = [random_batch(rng, batch_size, args.size, channels) for _ in range(2)]
     images = batch_size * args.iters
     print(f"== batch {batch_size} (load {load_average()})", flush=True)
     results = {}

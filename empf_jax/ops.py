@@ -226,9 +226,9 @@ def batch_last(x: jax.Array) -> jax.Array:
   stored product. Each output is x * 1 plus zeros, so the result equals the plain transpose for
   every finite x (an inf or NaN would spread to the other channels of its pixel). The product
   costs C multiply-adds per element, a small share of the convolution whose kernel gradient
-  reads it (a ninth for 3x3, stride 1, C -> C; a fifth for 3x3, stride 2, C -> 2C). With the identity on the other side, I[C, C] x[NHW, C]^T,
-  XLA made a transposed copy of x for the product, fused with the producer again (BENCHMARKS.md
-  §2 has the profile).
+  reads it (a ninth for 3x3, stride 1, C -> C; a fifth for 3x3, stride 2, C -> 2C). With the
+  identity on the other side, I[C, C] x[NHW, C]^T, XLA made a transposed copy of x for the
+  product, fused with the producer again (BENCHMARKS.md §2 has the profile).
   """
   n, h, w, c = x.shape
   product = jax.lax.dot_general(x.reshape(n * h * w, c), jnp.eye(c, dtype=x.dtype),
