@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from empf_jax import accounting, models, training
+from empf_jax import accounting, dispatch, models, training
 from experiments import diagnose, report
 from experiments import input as data_input
 from experiments.checkpoint import Checkpoints
@@ -263,6 +263,24 @@ def checked_step(train_step: Callable) -> Callable:
   return step
 
 
+class OnMesh:
+  """A jitted step traced, lowered and run with ``mesh`` set (:func:`jax.set_mesh`), so that
+  the model's time folds keep the batch split over the mesh's devices
+  (:func:`empf_jax.ops.fold_time`) instead of gathering it."""
+
+  def __init__(self, mesh: jax.sharding.Mesh, jitted: Callable):
+    self.mesh = mesh
+    self.jitted = jitted
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
 class Trainer:
   """Holds the compiled steps, the mesh and the state of one run."""
 
@@ -300,18 +318,18 @@ class Trainer:
     self.state = self.initial_state()
     self.seed_key = jax.random.key(config.seed)
     self._learning_rates: dict[int, float] = {}
-    self._train_step = jax.jit(
+    self._train_step = OnMesh(self.mesh, jax.jit(
         checked_step(training.make_train_step(self.graphdef, self.optimizer, self.step_config)),
         in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding, None, None),
-        out_shardings=(self.replicated, self.replicated, self.replicated), donate_argnums=0)
-    self._recalibrate_step = jax.jit(
+        out_shardings=(self.replicated, self.replicated, self.replicated), donate_argnums=0))
+    self._recalibrate_step = OnMesh(self.mesh, jax.jit(
         training.make_recalibrate_step(self.graphdef, self.step_config),
-        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
-    self._eval_step = jax.jit(
+        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated))
+    self._eval_step = OnMesh(self.mesh, jax.jit(
         training.make_eval_step(self.graphdef, self.step_config),
         in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding,
                       self.batch_sharding),
-        out_shardings=self.replicated)
+        out_shardings=self.replicated))
 
   def initial_state(self) -> training.TrainState:
     """The state before training (a fresh model from the seed), replicated on the mesh; also
@@ -356,8 +374,10 @@ class Trainer:
     ``count`` training batches of epoch 0's order from batch ``start`` on (at most to the end of
     that epoch), parameters frozen; ``self.state`` is left as it is."""
     state = jax.device_put(training.reset_batch_stats(self.graphdef, self.state), self.replicated)
+    inflight = dispatch.InFlight()
     for _, (x, _labels) in zip(range(count), self.train_data.epoch(0, start=start)):
       state = self._recalibrate_step(state, *self.global_batch(x))
+      inflight.push(state)
     return state
 
   def recalibrate_batch_stats(self) -> None:
@@ -387,12 +407,12 @@ class Trainer:
     """Accuracy at every step, loss, firing rate per layer, learned decay/threshold, of
     ``state`` (default: the current one); ``details=False`` leaves out the neuron scalars."""
     state = self.state if state is None else state
-    totals = None
+    totals, inflight = None, dispatch.InFlight()
     for batch in self.test_data.epoch(0):
       x, y, mask = _batch_parts(batch)
       x, y, mask = self.global_batch(x, y.astype(np.int32), mask.astype(np.float32))
-      out = self._eval_step(state, x, y, mask)
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+      totals = dispatch.accumulate(totals, self._eval_step(state, x, y, mask))
+      inflight.push(totals)
     totals = jax.device_get(totals)
     count = float(totals.count)
     accuracy = [float(c) / count for c in totals.correct]
@@ -541,16 +561,17 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
   per_epoch = trainer.train_data.batches_per_epoch
   total = per_epoch * config.epochs
   step = start_step
-  unchecked = []  # (step, finite flag) of dispatched steps whose flag was not read yet
+  # (global step, finite flag, running sums) of each dispatched step; the flag is read once the
+  # step has finished.
+  inflight = dispatch.InFlight()
 
-  def confirm_finite():
-    while unchecked:
-      checked, finite = unchecked.pop(0)
+  def confirm_finite(finished):
+    for checked, finite, _ in finished:
       if not bool(finite):
         raise _NonFinite(checked)
 
   def save():
-    confirm_finite()
+    confirm_finite(inflight.drain())
     checkpoints.save(step, trainer.state, _meta(config, step, *divmod(step, per_epoch)))
 
   bar = writer.progress(total=total, initial=step, enabled=config.progress)
@@ -558,25 +579,26 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
     try:
       while step < total:
         epoch, position = divmod(step, per_epoch)
-        tick, seen, window = time.perf_counter(), 0, []
-        # Per-kernel code changes and relative update sizes, summed on the device over the epoch
-        # (or since the resumption).
-        changes, counted = None, 0
+        tick, seen, in_window = time.perf_counter(), 0, 0
+        # The step outputs (loss, accuracy, per-kernel code changes and relative update sizes)
+        # summed on the device over the epoch (or since the resumption), one program per step;
+        # a logging window's means are differences of these sums, read on the host.
+        sums, logged, counted = None, None, 0
         epoch_start = time.perf_counter()
         for x, y in trainer.train_data.epoch(epoch, start=position):
           out, finite = trainer.train_batch(x, y, epoch)
-          # Reading the previous step's flag waits for that step only: this one is queued.
-          confirm_finite()
           step += 1
-          unchecked.append((step, finite))
+          sums = dispatch.accumulate(sums, out)
+          # Waits for the previous step only: this one stays queued behind it.
+          confirm_finite(inflight.push((step, finite, sums)))
           seen += len(y) * trainer.process_count
-          window.append(out)
-          batch_changes = (out.code_change, out.update_ratio)
-          changes = batch_changes if changes is None else _tree_add(changes, batch_changes)
           counted += 1
+          in_window += 1
           if step % config.log_every_steps == 0 or step % per_epoch == 0:
-            means = jax.device_get(jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *window))
-            confirm_finite()
+            confirm_finite(inflight.drain())
+            current = jax.device_get(sums)
+            means = _window_means(current, logged, in_window)
+            logged = current
             rate = seen / (time.perf_counter() - tick)
             record = {"step": step, "epoch": epoch, "loss": float(means.loss),
                       "train_accuracy": float(means.accuracy), "images_per_second": rate,
@@ -585,7 +607,7 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
             writer.write("train", record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
                             img_s=f"{rate:.0f}")
-            tick, seen, window = time.perf_counter(), 0, []
+            tick, seen, in_window = time.perf_counter(), 0, 0
           bar.update(1)
           if step % config.checkpoint_every_steps == 0:
             save()
@@ -596,11 +618,11 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
             print(f"\nstopped by signal {signum} at step {step}; checkpoint saved, "
                   "rerun with the same --workdir to resume", flush=True)
             return signum
-        confirm_finite()
+        confirm_finite(inflight.drain())
         train_seconds = time.perf_counter() - epoch_start
         if counted:
-          code_change, update_ratio = jax.device_get(
-              jax.tree.map(lambda v: v / counted, changes))
+          code_change, update_ratio = jax.tree.map(
+              lambda v: float(v) / counted, jax.device_get((sums.code_change, sums.update_ratio)))
           writer.write("weights", {"step": step, "epoch": epoch, "batches": counted,
                                    **_prefixed("code_change", code_change),
                                    **_prefixed("update_ratio", update_ratio),
@@ -635,8 +657,13 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
   return None
 
 
-def _tree_add(a: Any, b: Any) -> Any:
-  return jax.tree.map(jnp.add, a, b)
+def _window_means(current: Any, previous: Any | None, count: int) -> Any:
+  """The mean of ``count`` steps' outputs from the running sums at the window's end
+  (``current``) and at its start (``previous``; None at the start of a run or epoch), in float64
+  on the host."""
+  if previous is None:
+    return jax.tree.map(lambda c: np.float64(c) / count, current)
+  return jax.tree.map(lambda c, p: (np.float64(c) - np.float64(p)) / count, current, previous)
 
 
 def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, float]:
