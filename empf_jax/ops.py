@@ -236,11 +236,32 @@ def batch_last(x: jax.Array) -> jax.Array:
   return product.reshape(n, h, w, c).transpose(3, 1, 2, 0)
 
 
+def batch_shards(batch: int) -> int:
+  """How many devices split a batch axis of size ``batch``: the size of the mesh set with
+  :func:`jax.set_mesh` (data parallelism splits the batch over all of its devices), 1 without
+  one or when it does not divide ``batch``."""
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = 1 if mesh.empty else mesh.size
+  return shards if batch % shards == 0 else 1
+
+
 def fold_time(x: jax.Array, fn) -> jax.Array:
-  """Applies ``fn`` (which takes [N, ...]) to time-major ``x`` [S, B, ...] on the folded S*B batch."""
+  """Applies ``fn`` (which takes [N, ...]) to time-major ``x`` [S, B, ...] on the folded S*B batch.
+
+  The fold keeps a sharded batch axis sharded. Merging [S, B] with B split over D devices into
+  one axis cannot be described as a split of the merged axis (each device would hold S separate
+  pieces of it), so XLA's partitioner gathers the whole batch onto every device and each device
+  computes all of it. Instead B is viewed as [D, B/D] and D is moved in front of S: [D*S*B/D] is
+  split over D devices in contiguous blocks, each device's block being its own examples, and the
+  unfold reverses that. D comes from :func:`batch_shards`; with D = 1 the moves are of a unit axis
+  and compile to nothing, so one device runs the plain S*B fold.
+  """
   steps, batch = x.shape[:2]
-  y = fn(x.reshape((steps * batch,) + x.shape[2:]))
-  return y.reshape((steps, batch) + y.shape[1:])
+  shards = batch_shards(batch)
+  local = (steps, shards, batch // shards)
+  y = fn(x.reshape(local + x.shape[2:]).swapaxes(0, 1).reshape((steps * batch,) + x.shape[2:]))
+  y = y.reshape((shards, steps, batch // shards) + y.shape[1:]).swapaxes(0, 1)
+  return y.reshape((steps, batch) + y.shape[3:])
 
 
 def avg_pool(x: jax.Array, window: int) -> jax.Array:

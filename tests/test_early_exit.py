@@ -246,3 +246,12 @@ def test_cli_exit_and_sweep_write_the_report(random_bundle, tmp_path, deploy_mai
   markdown = (tmp_path / report.EXIT_MARKDOWN).read_text()
   assert "| all steps |" in markdown and "| softmax:0.9 |" in markdown
   assert (tmp_path / report.EXIT_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_margin_rule_equals_the_top_two_difference_ties_included():
+  """The margin rule's two maxima give lax.top_k's top-1 minus top-2, also when values tie."""
+  c = jax.random.randint(jax.random.key(3), (200, 5), 0, 4).astype(jnp.float32)  # many ties
+  for threshold in (0.0, 1.0, 2.0):
+    top2 = jax.lax.top_k(c, 2)[0]
+    np.testing.assert_array_equal(deploy.ExitRule("margin", threshold).fires(c, 1),
+                                  top2[:, 0] - top2[:, 1] >= threshold)

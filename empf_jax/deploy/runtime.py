@@ -269,8 +269,13 @@ class ExitRule:
       if self.threshold >= 1.0:
         return jnp.zeros(mean.shape[:-1], bool)
       return jnp.max(jax.nn.softmax(mean, axis=-1), axis=-1) >= self.threshold
-    top2 = jax.lax.top_k(mean, 2)[0]
-    return top2[..., 0] - top2[..., 1] >= self.threshold
+    # Top-2 as two maxima (the first top-1 position masked out), which equal lax.top_k's, ties
+    # included: XLA partitions reductions over K per example, while its TopK gathers a batch
+    # split over devices onto each of them.
+    top1 = jnp.max(mean, axis=-1)
+    first = jnp.argmax(mean, axis=-1)
+    rest = jnp.where(jnp.arange(mean.shape[-1]) == first[..., None], -jnp.inf, mean)
+    return top1 - jnp.max(rest, axis=-1) >= self.threshold
 
 
 def exit_steps(logits: jax.Array, rule: ExitRule | None) -> tuple[jax.Array, jax.Array]:
