@@ -6,6 +6,7 @@ session) and read back as HLO: parameters' gradient and BatchNorm-statistics red
 global batch.
 """
 
+import functools
 import re
 import tempfile
 
@@ -39,10 +40,11 @@ def test_collectives_reads_hlo_lines():
   assert collectives(hlo) == {"all-gather": 1, "all-reduce": 2}
 
 
-@pytest.fixture(scope="module", params=["online", "random_step", "bptt"])
-def trainer(request):
+@functools.cache
+def _trainer(mode):
+  """The training program's trainer for the digits config with rule ``mode`` (a narrow net)."""
   config = digits.get_config()
-  config.mode = request.param
+  config.mode = mode
   config.model.width = 0.25
   return train.Trainer(config, tempfile.mkdtemp())
 
@@ -52,7 +54,9 @@ def _batch(trainer):
   return trainer.global_batch(x, y.astype(np.int32))
 
 
-def test_train_step_reduces_gradients_and_gathers_nothing(trainer):
+@pytest.mark.parametrize("mode", ["online", "random_step", "bptt"])
+def test_train_step_reduces_gradients_and_gathers_nothing(mode):
+  trainer = _trainer(mode)
   assert jax.device_count() == 8 and trainer.mesh.size == 8
   x, y = _batch(trainer)
   hlo = trainer._train_step.lower(trainer.state, x, y, jnp.float32(0.1),  # pylint: disable=protected-access
@@ -62,9 +66,8 @@ def test_train_step_reduces_gradients_and_gathers_nothing(trainer):
   assert set(found) == {"all-reduce"}, found
 
 
-def test_eval_and_reestimation_steps_gather_nothing(trainer):
-  if trainer.config.mode != "online":
-    pytest.skip("the evaluation and re-estimation steps do not depend on the rule")
+def test_eval_and_reestimation_steps_gather_nothing():
+  trainer = _trainer("online")  # the two steps do not depend on the rule
   x, y = _batch(trainer)
   mask = trainer.global_batch(np.ones(y.shape, np.float32))[0]
   eval_hlo = trainer._eval_step.lower(trainer.state, x, y, mask).compile().as_text()  # pylint: disable=protected-access

@@ -139,6 +139,42 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path, uninter
   np.testing.assert_array_equal(final_params(uninterrupted)[1], final_params(workdir)[1])
 
 
+@pytest.fixture(scope="module", params=["online", "random_step", "bptt"])
+def float_one_device(request, tmp_path_factory):
+  """(rule, workdir) of one epoch of the short float-weight digits run on one device."""
+  workdir = str(tmp_path_factory.mktemp(f"float_one_device_{request.param}"))
+  result = run(workdir, *SHORT, "--config.epochs=1", f"--config.mode={request.param}",
+               devices=1, config=DIGITS + ":float")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return request.param, workdir
+
+
+@pytest.mark.timeout(300)
+def test_two_devices_train_like_one_with_every_default(tmp_path, float_one_device):
+  """Each rule with every default of the digits config (BatchNorm re-estimation and its check on
+  other batches, evaluation at the epoch end, checkpoints in the middle of the epoch) on 2 host
+  devices ends with the parameters of a 1-device run.
+
+  Float weights and one epoch, with a tolerance of 1e-3: the devices sum gradients and BatchNorm
+  statistics in another order, so step 1 differs by ~2e-7 (float32 rounding) and the difference
+  grows with training: ~1e-4 after this epoch (learning-rate warmup), then ~10x every 5 steps at
+  the full learning rate (0.27 at step 60). Binary weights cannot be compared this way: latent
+  weights start within 1e-3 of 0, and one epoch of rounding differences flips 5-10 % of their
+  signs (361 of 3802 online); the binary defaults on 2 devices run in the tests above.
+  """
+  mode, single = float_one_device
+  workdir = str(tmp_path)
+  result = run(workdir, *SHORT, "--config.epochs=1", f"--config.mode={mode}", devices=2,
+               config=DIGITS + ":float")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "re-estimated from 22 batches" in result.stdout, result.stdout[-2000:]
+  assert checkpoint_steps(workdir) == [35, 40, 44]  # two in the middle of the epoch
+  step_single, params_single = final_params(single)
+  step_two, params_two = final_params(workdir)
+  assert step_single == step_two == 44
+  np.testing.assert_allclose(params_two, params_single, rtol=0, atol=1e-3)
+
+
 def two_processes(workdir, flags, port):
   return [subprocess.Popen(
       command(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
