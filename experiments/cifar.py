@@ -3,10 +3,12 @@
     python -m experiments.cifar --workdir=DIR [--config=experiments/configs/cifar10.py[:VARIANT]]
         [--config.key=value ...] [--eval_only] [--allow_config_change]
 
-Rerunning with the same workdir resumes from the newest readable checkpoint. Multi-host: pass
---coordinator_address, --num_processes and --process_id (or set them in the environment that
-``jax.distributed.initialize`` reads). Orbax's informational logging is off unless --verbosity is
-given.
+Rerunning with the same workdir resumes from the newest readable checkpoint. Multi-host: started
+by ``srun`` (SLURM) or ``mpirun`` (Open MPI) with more than one task, each process joins the
+others by itself (``jax.distributed.initialize()`` reads the launcher's environment); elsewhere
+pass --coordinator_address, --num_processes and --process_id (these win over the environment),
+or --distributed=on where JAX reads the cluster itself (TPU pods). Orbax's informational logging
+is off unless --verbosity is given.
 
 Errors are one line on stderr starting with ``error:``, without a traceback. Exit codes:
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -54,6 +57,55 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-process training.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process start: auto joins the other processes when launched by srun (SLURM) or "
+    "mpirun (Open MPI) with more than one task, or with --coordinator_address; on always calls "
+    "jax.distributed.initialize() (TPU pods, other clusters JAX reads); off never does.")
+
+# The variables by which JAX's jax.distributed.initialize() recognizes a launch with no
+# arguments, and the one that counts the launch's processes.
+_LAUNCHERS = {
+    "SLURM (srun)": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                      "SLURM_LOCALID"), "SLURM_NTASKS"),
+    "Open MPI (mpirun)": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE",
+                           "OMPI_COMM_WORLD_RANK"), "OMPI_COMM_WORLD_SIZE"),
+}
+
+
+def cluster_launcher(environ: Mapping[str, str] | None = None) -> str | None:
+  """The launcher that started this process as one of several, read from its environment:
+  ``"SLURM (srun)"`` or ``"Open MPI (mpirun)"``; None outside them or for a single task (an
+  ``sbatch`` shell or ``srun -n 1`` stays a single-process run)."""
+  environ = os.environ if environ is None else environ
+  for name, (variables, count) in _LAUNCHERS.items():
+    if all(v in environ for v in variables):
+      try:
+        if int(environ[count]) > 1:
+          return name
+      except ValueError:
+        fail(f"{count}={environ[count]!r} is not a number of processes", EXIT_USAGE)
+  return None
+
+
+def start_distributed(jax) -> str | None:
+  """Joins the run's other processes (``jax.distributed.initialize``) as ``--distributed`` and
+  the launch ask; returns how it found them (None: a single-process run)."""
+  explicit = _COORDINATOR.value is not None
+  how = ("--coordinator_address" if explicit else
+         None if _DISTRIBUTED.value == "off" else
+         cluster_launcher() or ("--distributed=on" if _DISTRIBUTED.value == "on" else None))
+  if how is None:
+    return None
+  if jax.config.jax_platforms in (None, "", "cpu"):
+    # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  else:  # the explicit flags that are set win over what JAX reads from the environment
+    jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  print(f"process {jax.process_index()} of {jax.process_count()} (started by {how})", flush=True)
+  return how
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -84,11 +136,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import empf_jax  # noqa: F401  (its XLA CPU options, before JAX starts; after flag parsing,
   import jax  # so that --help is fast)
-  if _COORDINATOR.value is not None:
-    if jax.config.jax_platforms in (None, "", "cpu"):
-      # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  start_distributed(jax)
   from experiments import train
   from experiments.checkpoint import CheckpointError
   from experiments.input.base import DataError

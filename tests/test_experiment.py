@@ -6,6 +6,7 @@ Each test runs ``python -m experiments.cifar`` in a subprocess, as a user would.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -242,6 +243,62 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, four_d
   for p, output in zip(processes, outputs):
     assert p.returncode == 0, output[-3000:]
     assert f"resuming from step {stopped[0]}" in output, output[-3000:]
+  step_single, params_single = final_params(four_devices)
+  step_multi, params_multi = final_params(multi)
+  assert step_single == step_multi == 44
+  np.testing.assert_allclose(params_multi, params_single, rtol=1e-5, atol=1e-6)
+
+
+SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+         "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+
+
+def test_cluster_launcher_reads_srun_and_mpirun_environments():
+  from experiments import cifar  # pylint: disable=import-outside-toplevel
+  assert cifar.cluster_launcher(SLURM) == "SLURM (srun)"
+  assert cifar.cluster_launcher({**SLURM, "SLURM_NTASKS": "1"}) is None  # srun -n 1, sbatch
+  assert cifar.cluster_launcher({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}
+                                ) is None  # an sbatch shell outside any srun step
+  mpi = {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "4",
+         "OMPI_COMM_WORLD_RANK": "3"}
+  assert cifar.cluster_launcher(mpi) == "Open MPI (mpirun)"
+  assert cifar.cluster_launcher({}) is None
+  with pytest.raises(SystemExit):
+    cifar.cluster_launcher({**SLURM, "SLURM_NTASKS": "two"})
+
+
+def _slurm_job_id_with_free_port():
+  """A SLURM job id whose coordinator port (JAX: 61440 + id mod 4096) is free here."""
+  for port in range(61440 + os.getpid() % 2000, 65536):
+    with socket.socket() as probe:
+      try:
+        probe.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+    return str(port - 61440 + 4096 * 3)
+  raise RuntimeError("no free port in 61440-65535")
+
+
+@pytest.mark.timeout(400)
+def test_srun_launch_forms_one_run_without_flags(tmp_path, four_devices):
+  """Two processes started as srun starts them (SLURM's variables, no multi-host flags) join
+  each other and train like one process with four devices."""
+  multi = str(tmp_path / "multi")
+  job = _slurm_job_id_with_free_port()
+  processes = [subprocess.Popen(
+      command(multi, *ONE_EPOCH), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, env=env(2, **{**SLURM, "SLURM_JOB_ID": job, "SLURM_PROCID": str(i),
+                               "SLURM_LOCALID": str(i)})) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, (p, output) in enumerate(zip(processes, outputs)):
+    assert p.returncode == 0, output[-3000:]
+    assert f"process {i} of 2 (started by SLURM (srun))" in output, output[-3000:]
   step_single, params_single = final_params(four_devices)
   step_multi, params_multi = final_params(multi)
   assert step_single == step_multi == 44
