@@ -50,6 +50,31 @@ def run(workdir, *flags, devices=2, timeout=300, config=DIGITS):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture
+def spawn():
+  """``spawn(command, **popen_args)``: a started process that is killed (if still running) when
+  the test ends, passed or failed, so that no training process outlives its test."""
+  started = []
+
+  def start(args, **kwargs):
+    process = subprocess.Popen(args, **kwargs)
+    started.append(process)
+    return process
+
+  yield start
+  for process in started:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+
+
+def free_port():
+  """A TCP port that is free on this machine now (the system's choice for port 0)."""
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
+
+
 def checkpoint_steps(workdir):
   path = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(path):
@@ -100,9 +125,9 @@ def test_digits_trains_to_97_percent(tmp_path):
 
 
 @pytest.mark.timeout(400)
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, uninterrupted, spawn):
   workdir = str(tmp_path)
-  process = subprocess.Popen(command(workdir, *SHORT), cwd=ROOT, env=env(),
+  process = spawn(command(workdir, *SHORT), cwd=ROOT, env=env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and not any(s >= 15 for s in checkpoint_steps(workdir)):
@@ -121,9 +146,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, uninterru
 
 
 @pytest.mark.timeout(400)
-def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
+def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path, uninterrupted, spawn):
   workdir = str(tmp_path)
-  process = subprocess.Popen(command(workdir, *SHORT), cwd=ROOT, env=env(),
+  process = spawn(command(workdir, *SHORT), cwd=ROOT, env=env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and not any(s >= 6 for s in checkpoint_steps(workdir)):
@@ -176,8 +201,8 @@ def test_two_devices_train_like_one_with_every_default(tmp_path, float_one_devic
   np.testing.assert_allclose(params_two, params_single, rtol=0, atol=1e-3)
 
 
-def two_processes(workdir, flags, port):
-  return [subprocess.Popen(
+def two_processes(spawn, workdir, flags, port):
+  return [spawn(
       command(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
               f"--process_id={i}"), cwd=ROOT, env=env(2), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -199,13 +224,13 @@ def four_devices(tmp_path_factory):
 # stopped and resumed ends with the parameters of the one-process run).
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_two_processes_match_one_process(tmp_path, four_devices):
+def test_two_processes_match_one_process(tmp_path, four_devices, spawn):
   """Two processes joined by jax.distributed (2 CPU devices each, gloo) train like one process
   with four devices and the same global batch."""
   single = four_devices
-  port = 20000 + os.getpid() % 20000
+  port = free_port()
   multi = str(tmp_path / "multi")
-  processes = two_processes(multi, ONE_EPOCH, port)
+  processes = two_processes(spawn, multi, ONE_EPOCH, port)
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   for p, output in zip(processes, outputs):
     assert p.returncode == 0, output[-3000:]
@@ -216,12 +241,11 @@ def test_two_processes_match_one_process(tmp_path, four_devices):
 
 
 @pytest.mark.timeout(600)
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, four_devices):
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, four_devices, spawn):
   """A preemption notice that reaches one process only: both save the same step and exit 143,
   and the resumed two-process run ends with the parameters of an uninterrupted run."""
   multi = str(tmp_path / "multi")
-  port = 20000 + (os.getpid() + 7919) % 20000
-  processes = two_processes(multi, ONE_EPOCH, port)
+  processes = two_processes(spawn, multi, ONE_EPOCH, free_port())
   deadline = time.time() + 300
   while time.time() < deadline and not any(s >= 5 for s in checkpoint_steps(multi)):
     time.sleep(0.05)
@@ -238,7 +262,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, four_d
   assert stopped[0] == stopped[1] < 44
   assert seconds < 60, f"both processes must stop within 60 s of the signal, took {seconds:.1f} s"
   assert max(checkpoint_steps(multi)) == stopped[0]
-  processes = two_processes(multi, ONE_EPOCH, port + 1)
+  processes = two_processes(spawn, multi, ONE_EPOCH, free_port())
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   for p, output in zip(processes, outputs):
     assert p.returncode == 0, output[-3000:]
@@ -280,22 +304,16 @@ def _slurm_job_id_with_free_port():
 
 
 @pytest.mark.timeout(400)
-def test_srun_launch_forms_one_run_without_flags(tmp_path, four_devices):
+def test_srun_launch_forms_one_run_without_flags(tmp_path, four_devices, spawn):
   """Two processes started as srun starts them (SLURM's variables, no multi-host flags) join
   each other and train like one process with four devices."""
   multi = str(tmp_path / "multi")
   job = _slurm_job_id_with_free_port()
-  processes = [subprocess.Popen(
+  processes = [spawn(
       command(multi, *ONE_EPOCH), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True, env=env(2, **{**SLURM, "SLURM_JOB_ID": job, "SLURM_PROCID": str(i),
                                "SLURM_LOCALID": str(i)})) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
-  finally:
-    for p in processes:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
   for i, (p, output) in enumerate(zip(processes, outputs)):
     assert p.returncode == 0, output[-3000:]
     assert f"process {i} of 2 (started by SLURM (srun))" in output, output[-3000:]
