@@ -100,6 +100,11 @@ def start_distributed(jax) -> str | None:
   if jax.config.jax_platforms in (None, "", "cpu"):
     # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Programs loaded from JAX's persistent compilation cache hang in their first gloo
+    # collective on jax 0.12.1 (a 2-process run resumed from a checkpoint, with the cache its
+    # first run wrote; without the cache the same run resumes and finishes; 0.10.2 is not
+    # affected): multi-process CPU runs compile their programs.
+    jax.config.update("jax_enable_compilation_cache", False)
   if explicit:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   else:  # the explicit flags that are set win over what JAX reads from the environment
