@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.cli import EXIT_NUMERICAL, EXIT_USAGE, fail, one_line
+from experiments.cli import EXIT_NUMERICAL, EXIT_USAGE, cluster_launcher, fail, one_line
 
 # Unknown keys are accepted here and rejected by train.validate_config, whose message names them.
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,31 +61,6 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Multi-process start: auto joins the other processes when launched by srun (SLURM) or "
     "mpirun (Open MPI) with more than one task, or with --coordinator_address; on always calls "
     "jax.distributed.initialize() (TPU pods, other clusters JAX reads); off never does.")
-
-# The variables by which JAX's jax.distributed.initialize() recognizes a launch with no
-# arguments, and the one that counts the launch's processes.
-_LAUNCHERS = {
-    "SLURM (srun)": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                      "SLURM_LOCALID"), "SLURM_NTASKS"),
-    "Open MPI (mpirun)": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE",
-                           "OMPI_COMM_WORLD_RANK"), "OMPI_COMM_WORLD_SIZE"),
-}
-
-
-def cluster_launcher(environ: Mapping[str, str] | None = None) -> str | None:
-  """The launcher that started this process as one of several, read from its environment:
-  ``"SLURM (srun)"`` or ``"Open MPI (mpirun)"``; None outside them or for a single task (an
-  ``sbatch`` shell or ``srun -n 1`` stays a single-process run)."""
-  environ = os.environ if environ is None else environ
-  for name, (variables, count) in _LAUNCHERS.items():
-    if all(v in environ for v in variables):
-      try:
-        if int(environ[count]) > 1:
-          return name
-      except ValueError:
-        fail(f"{count}={environ[count]!r} is not a number of processes", EXIT_USAGE)
-  return None
-
 
 def start_distributed(jax) -> str | None:
   """Joins the run's other processes (``jax.distributed.initialize``) as ``--distributed`` and

@@ -211,6 +211,15 @@ def two_processes(spawn, workdir, flags, port):
 ONE_EPOCH = SHORT + ["--config.epochs=1"]
 
 
+def assert_same_epoch(multi, single):
+  """A multi-process run of ONE_EPOCH ended with the parameters of the one-process run: the same
+  devices partition the same global batch, so only the sums' transport differs."""
+  step_single, params_single = final_params(single)
+  step_multi, params_multi = final_params(multi)
+  assert step_single == step_multi == 44
+  np.testing.assert_allclose(params_multi, params_single, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
   """One epoch of the short run in one process with four devices."""
@@ -234,10 +243,7 @@ def test_two_processes_match_one_process(tmp_path, four_devices, spawn):
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   for p, output in zip(processes, outputs):
     assert p.returncode == 0, output[-3000:]
-  step_single, params_single = final_params(single)
-  step_multi, params_multi = final_params(multi)
-  assert step_single == step_multi == 44
-  np.testing.assert_allclose(params_multi, params_single, rtol=1e-5, atol=1e-6)
+  assert_same_epoch(multi, single)
 
 
 @pytest.mark.timeout(600)
@@ -267,10 +273,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, four_d
   for p, output in zip(processes, outputs):
     assert p.returncode == 0, output[-3000:]
     assert f"resuming from step {stopped[0]}" in output, output[-3000:]
-  step_single, params_single = final_params(four_devices)
-  step_multi, params_multi = final_params(multi)
-  assert step_single == step_multi == 44
-  np.testing.assert_allclose(params_multi, params_single, rtol=1e-5, atol=1e-6)
+  assert_same_epoch(multi, four_devices)
 
 
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
@@ -278,17 +281,17 @@ SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS"
 
 
 def test_cluster_launcher_reads_srun_and_mpirun_environments():
-  from experiments import cifar  # pylint: disable=import-outside-toplevel
-  assert cifar.cluster_launcher(SLURM) == "SLURM (srun)"
-  assert cifar.cluster_launcher({**SLURM, "SLURM_NTASKS": "1"}) is None  # srun -n 1, sbatch
-  assert cifar.cluster_launcher({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}
+  from experiments import cli  # pylint: disable=import-outside-toplevel
+  assert cli.cluster_launcher(SLURM) == "SLURM (srun)"
+  assert cli.cluster_launcher({**SLURM, "SLURM_NTASKS": "1"}) is None  # srun -n 1, sbatch
+  assert cli.cluster_launcher({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}
                                 ) is None  # an sbatch shell outside any srun step
   mpi = {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "4",
          "OMPI_COMM_WORLD_RANK": "3"}
-  assert cifar.cluster_launcher(mpi) == "Open MPI (mpirun)"
-  assert cifar.cluster_launcher({}) is None
+  assert cli.cluster_launcher(mpi) == "Open MPI (mpirun)"
+  assert cli.cluster_launcher({}) is None
   with pytest.raises(SystemExit):
-    cifar.cluster_launcher({**SLURM, "SLURM_NTASKS": "two"})
+    cli.cluster_launcher({**SLURM, "SLURM_NTASKS": "two"})
 
 
 def _slurm_job_id_with_free_port():
@@ -317,10 +320,7 @@ def test_srun_launch_forms_one_run_without_flags(tmp_path, four_devices, spawn):
   for i, (p, output) in enumerate(zip(processes, outputs)):
     assert p.returncode == 0, output[-3000:]
     assert f"process {i} of 2 (started by SLURM (srun))" in output, output[-3000:]
-  step_single, params_single = final_params(four_devices)
-  step_multi, params_multi = final_params(multi)
-  assert step_single == step_multi == 44
-  np.testing.assert_allclose(params_multi, params_single, rtol=1e-5, atol=1e-6)
+  assert_same_epoch(multi, four_devices)
 
 
 def test_workdir_with_another_config_is_refused(tmp_path, uninterrupted):
