@@ -31,11 +31,13 @@ MIB = 2 ** 20
 
 
 def load_config(path: str, overrides: list[str]):
-  """``get_config()`` of a config file with ``--config.key=value`` flags applied."""
+  """``get_config([variant])`` of a config file ``FILE[:variant]`` with ``--config.key=value``
+  flags applied."""
+  path, _, variant = path.partition(":")
   spec = importlib.util.spec_from_file_location("ablation_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(variant) if variant else module.get_config()
   for flag in overrides:
     if not flag.startswith("--config."):
       raise ValueError(f"override {flag!r} is not allowed; allowed: --config.key=value")

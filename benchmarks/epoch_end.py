@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import platform
 import statistics
@@ -47,15 +46,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
-def load_config(spec: str):
-  """``get_config(variant)`` of the config file ``FILE[:variant]``."""
-  path, _, variant = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("benchmarked_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
 def _timed(fn) -> float:
   tick = time.perf_counter()
   fn()
@@ -69,10 +59,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import empf_jax  # noqa: F401  (its XLA CPU options, before the backend starts)
   import jax
+  from benchmarks.ablations import load_config
   from benchmarks.throughput import cpu_description, load_average, write_record
   from experiments import train
 
-  config = load_config(args.config)
+  config = load_config(args.config, [])
   config.progress = False
   trainer = train.Trainer(config, tempfile.mkdtemp(prefix="epoch_end_"))
   count = config.bn_recalibration_batches

@@ -62,9 +62,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "mpirun (Open MPI) with more than one task, or with --coordinator_address; on always calls "
     "jax.distributed.initialize() (TPU pods, other clusters JAX reads); off never does.")
 
+
 def start_distributed(jax) -> str | None:
-  """Joins the run's other processes (``jax.distributed.initialize``) as ``--distributed`` and
-  the launch ask; returns how it found them (None: a single-process run)."""
+  """Joins the run's other processes (``jax.distributed.initialize``) when the flags or the
+  launcher's environment ask for it (``--distributed``); returns how they were found (None: a
+  single-process run)."""
   explicit = _COORDINATOR.value is not None
   how = ("--coordinator_address" if explicit else
          None if _DISTRIBUTED.value == "off" else

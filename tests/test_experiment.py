@@ -169,8 +169,8 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path, uninter
 def float_one_device(request, tmp_path_factory):
   """(rule, workdir) of one epoch of the short float-weight digits run on one device."""
   workdir = str(tmp_path_factory.mktemp(f"float_one_device_{request.param}"))
-  result = run(workdir, *SHORT, "--config.epochs=1", f"--config.mode={request.param}",
-               devices=1, config=DIGITS + ":float")
+  result = run(workdir, *ONE_EPOCH, f"--config.mode={request.param}", devices=1,
+               config=DIGITS + ":float")
   assert result.returncode == 0, result.stderr[-3000:]
   return request.param, workdir
 
@@ -190,8 +190,7 @@ def test_two_devices_train_like_one_with_every_default(tmp_path, float_one_devic
   """
   mode, single = float_one_device
   workdir = str(tmp_path)
-  result = run(workdir, *SHORT, "--config.epochs=1", f"--config.mode={mode}", devices=2,
-               config=DIGITS + ":float")
+  result = run(workdir, *ONE_EPOCH, f"--config.mode={mode}", devices=2, config=DIGITS + ":float")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "re-estimated from 22 batches" in result.stdout, result.stdout[-2000:]
   assert checkpoint_steps(workdir) == [35, 40, 44]  # two in the middle of the epoch
