@@ -25,6 +25,11 @@ Errors are one line on stderr starting with ``error:``, without a traceback. Exi
   time step 1 of 4: NaN first in gradient of unit2/conv/kernel; the last good checkpoint, step 4,
   is kept in DIR/checkpoints; ...``). Only finite states are ever checkpointed; rerunning resumes
   from the last good one and meets the same fault, so change the config first.
+* 4: a multi-process run lost one of its processes (it died, or gave no sign of life for
+  --lost_process_timeout seconds); the line names it (``error: process 1 of 2 lost (...); ...
+  restart all 2 processes with the same --workdir=DIR ...``). Restarting them all resumes from
+  the newest checkpoint. When the lost process is process 0, which hosts JAX's coordination
+  service, JAX aborts the others within a second with its own message ("... another task died").
 * 128 + signal (143 for SIGTERM, 130 for SIGINT): stopped by the signal after checkpointing the
   batch in flight; stdout says ``stopped by signal 15 at step N; checkpoint saved, rerun with the
   same --workdir to resume``.
@@ -35,12 +40,14 @@ falling back to checkpoint M`` line on stderr, and training resumes from the old
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import peers
 from experiments.cli import EXIT_NUMERICAL, EXIT_USAGE, cluster_launcher, fail, one_line
 
 # Unknown keys are accepted here and rejected by train.validate_config, whose message names them.
@@ -61,6 +68,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Multi-process start: auto joins the other processes when launched by srun (SLURM) or "
     "mpirun (Open MPI) with more than one task, or with --coordinator_address; on always calls "
     "jax.distributed.initialize() (TPU pods, other clusters JAX reads); off never does.")
+_LOST_AFTER = flags.DEFINE_integer(
+    "lost_process_timeout", 30,
+    "Multi-process runs: seconds without a sign of life from another process (a frozen or "
+    "unreachable machine) after which the others end the run with exit code 4. A process that "
+    "dies outright is noticed at the next collective, within seconds.", lower_bound=1)
 
 
 def start_distributed(jax) -> str | None:
@@ -81,10 +93,15 @@ def start_distributed(jax) -> str | None:
     # first run wrote; without the cache the same run resumes and finishes; 0.10.2 is not
     # affected): multi-process CPU runs compile their programs.
     jax.config.update("jax_enable_compilation_cache", False)
+  # JAX's own heartbeat timeout (default 100 s) aborts without saying what to do: it is kept
+  # above --lost_process_timeout, so that experiments.peers reports a silent process first.
+  heartbeat = max(100, _LOST_AFTER.value + 40)
   if explicit:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_seconds=heartbeat)
   else:  # the explicit flags that are set win over what JAX reads from the environment
-    jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               heartbeat_timeout_seconds=heartbeat)
   print(f"process {jax.process_index()} of {jax.process_count()} (started by {how})", flush=True)
   return how
 
@@ -121,13 +138,25 @@ def main(argv):
   from experiments import train
   from experiments.checkpoint import CheckpointError
   from experiments.input.base import DataError
-  try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, eval_only=_EVAL_ONLY.value,
-                                       allow_config_change=_ALLOW.value)
-  except (train.ConfigError, DataError, CheckpointError) as error:
-    fail(one_line(str(error)), EXIT_USAGE)
-  except train.NumericalError as error:
-    fail(str(error), EXIT_NUMERICAL)
+  client = peers.distributed_client() if jax.process_count() > 1 else None
+  watch = (peers.PeerWatch(client, jax.process_index(), jax.process_count(), _LOST_AFTER.value,
+                           _WORKDIR.value) if client is not None else contextlib.nullcontext())
+  with watch:
+    try:
+      summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                         eval_only=_EVAL_ONLY.value,
+                                         allow_config_change=_ALLOW.value)
+    except (train.ConfigError, DataError, CheckpointError) as error:
+      fail(one_line(str(error)), EXIT_USAGE)
+    except train.NumericalError as error:
+      fail(str(error), EXIT_NUMERICAL)
+    except Exception as error:
+      # In a multi-process run a failure is first checked against the other processes' beats:
+      # a collective with a dead peer fails at once, and the exit would then wait for it.
+      lost = watch.lost() if client is not None else []
+      if lost:
+        watch.give_up(lost, f"a collective failed: {one_line(str(error))[:300]}", report=True)
+      raise
   return train.exit_code(summary)
 
 

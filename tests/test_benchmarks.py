@@ -133,6 +133,7 @@ def _run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 def test_throughput_smoke_runs_both_frameworks_on_one_core(tmp_path):
+  pytest.importorskip("torch")  # the PyTorch peer (no CPU build of torch for every Python)
   # The Fashion-MNIST network: a third of ResNet-18's compile time; the cross-check pins both
   # networks' PyTorch twins.
   out = tmp_path / "throughput.json"

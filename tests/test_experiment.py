@@ -275,6 +275,37 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, four_d
   assert_same_epoch(multi, four_devices)
 
 
+@pytest.mark.timeout(600)
+def test_kill_9_of_one_process_ends_the_other_then_both_resume(tmp_path, four_devices, spawn):
+  """A process killed outright: the survivor exits 4 within the lost-process timeout with the
+  line that names the lost process and what to do; restarting both resumes from the newest
+  checkpoint and ends with the parameters of an uninterrupted run."""
+  multi = str(tmp_path / "multi")
+  lost = ["--lost_process_timeout=10"]
+  processes = two_processes(spawn, multi, ONE_EPOCH + lost, free_port())
+  deadline = time.time() + 300
+  while time.time() < deadline and not any(s >= 10 for s in checkpoint_steps(multi)):
+    time.sleep(0.05)
+  processes[1].kill()
+  killed = time.time()
+  output = processes[0].communicate(timeout=120)[0]
+  seconds = time.time() - killed
+  assert processes[0].returncode == 4, output[-3000:]
+  errors = [line for line in output.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "process 1 of 2 lost" in errors[0], output[-3000:]
+  assert f"restart all 2 processes with the same --workdir={multi}" in errors[0]
+  assert "Traceback" not in output, output[-3000:]
+  assert seconds < 10 + 20, f"the survivor took {seconds:.1f} s"
+  newest = max(checkpoint_steps(multi))
+  assert newest < 44, "the kill must land before the end of the epoch"
+  processes = two_processes(spawn, multi, ONE_EPOCH + lost, free_port())
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, output in zip(processes, outputs):
+    assert p.returncode == 0, output[-3000:]
+    assert "resuming from step" in output, output[-3000:]
+  assert_same_epoch(multi, four_devices)
+
+
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
          "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
 
