@@ -16,7 +16,7 @@ Modules:
               learning-rate schedule.
   accounting  model size by the paper's rule (param_megabytes) and packed (packed_megabytes).
   deploy      fold a trained network into a packed inference model and run it (schema, fold,
-              runtime).
+              runtime); export it to ONNX (export).
   bundle      versioned, checksummed byte format for deployed models.
   efficiency  firing rates, synaptic/neuron operations and 45 nm energy.
   convert     load PyTorch state dicts (reference and HD_LIF layouts).

@@ -3,6 +3,7 @@
     python -m experiments.deploy --workdir=DIR --out=FILE [--report_dir=DIR] [--report_batches=N]
     python -m experiments.deploy --bundle=FILE --evaluate [--dataset=NAME] [--data_dir=DIR]
         [--batch_size=N] [--report_dir=DIR] [--exit=RULE:THRESHOLD] [--exit_sweep]
+    python -m experiments.deploy --bundle=FILE --onnx=OUT.onnx [--input_shape=H,W,C]
 
 Export reads ``DIR/config.json``, rebuilds the network, restores the newest readable checkpoint of
 ``DIR/checkpoints``, folds it (:func:`empf_jax.deploy.deploy`: BatchNorm and Mem-BN folded, binary
@@ -29,6 +30,12 @@ stop with: later steps change none of them) and writes ``exit_sweep.md``, ``.jso
 (:func:`experiments.report.write_exit_report`): accuracy against mean steps and against energy,
 with the all-steps point.
 
+ONNX: ``--onnx=OUT.onnx`` writes the bundle's network as an ONNX graph
+(:func:`empf_jax.deploy.export.to_onnx`: input [T, B, H, W, C], outputs the cumulative output
+c_t at every step and the prediction), for one example's step input of ``--input_shape`` (default:
+that of the dataset in ``FILE.json``). The command then runs the file in onnxruntime on random
+input and checks its outputs against :func:`empf_jax.deploy.run` (rtol 1e-4, atol 1e-5).
+
 Errors are one line on stderr starting with ``error:``; the exit code is 2 for a missing workdir,
 config or checkpoint, an unreadable or corrupted bundle (the :class:`empf_jax.bundle.BundleError`
 message), an unknown dataset or one that does not fit the bundle, and bad flags (an ``--exit``
@@ -53,7 +60,7 @@ from empf_jax import accounting, bundle, deploy, efficiency, models, training
 from experiments import input as data_input
 from experiments import report, train
 from experiments.checkpoint import CheckpointError, Checkpoints
-from experiments.cli import fail
+from experiments.cli import fail, one_line
 from experiments.files import atomic_write
 
 SIDECAR_SUFFIX = ".json"
@@ -86,6 +93,10 @@ _EXIT = flags.DEFINE_string(
 _EXIT_SWEEP = flags.DEFINE_bool(
     "exit_sweep", False, "With --evaluate: accuracy, steps and energy of the exit rules of "
     "SWEEP, written as exit_sweep.md/.json/.png into the report folder.")
+_ONNX = flags.DEFINE_string("onnx", None, "ONNX file to write from --bundle.")
+_INPUT_SHAPE = flags.DEFINE_list(
+    "input_shape", None, "With --onnx: one example's input at one step, H,W,C (or F); default: "
+    "the shape of the dataset named in the bundle's FILE.json.")
 _REPORT_BATCHES = flags.DEFINE_integer(
     "report_batches", 4, "Test batches the efficiency report measures.", lower_bound=1)
 
@@ -353,6 +364,60 @@ def evaluate(path: str, *, dataset: str | None, data_dir: str | None, batch_size
   return result
 
 
+def _input_shape(sidecar: dict[str, Any], path: str) -> tuple[int, ...]:
+  """--input_shape, else the step shape of the dataset the bundle's sidecar names."""
+  if _INPUT_SHAPE.value is not None:
+    text = ",".join(_INPUT_SHAPE.value)
+    try:
+      shape = tuple(int(v) for v in _INPUT_SHAPE.value)
+    except ValueError:
+      shape = ()
+    if len(shape) not in (1, 3) or min(shape) < 1:
+      raise UsageError(f"--input_shape={text} is not H,W,C or F (positive integers)")
+    return shape
+  dataset = sidecar.get("dataset")
+  if not dataset:
+    raise UsageError(f"{path + SIDECAR_SUFFIX} does not name the dataset: pass --input_shape=H,W,C")
+  test = _test_split(dataset, batch_size=1, data_dir=sidecar.get("data_dir"))
+  return train.step_shape(test)
+
+
+def export_onnx(path: str, out: str) -> dict[str, Any]:
+  """Writes the network of the bundle file ``path`` as the ONNX file ``out`` and checks it in
+  onnxruntime against :func:`empf_jax.deploy.run`; returns what it printed, as a dict."""
+  from empf_jax.deploy import export as onnx_export  # pylint: disable=import-outside-toplevel
+  deployed, sidecar = read_bundle(path)
+  shape = _input_shape(sidecar, path)
+  try:
+    proto = onnx_export.to_onnx(deployed, shape)
+  except ImportError as error:
+    raise UsageError(str(error)) from None
+  except ValueError as error:  # a shape the network cannot take
+    raise UsageError(f"--input_shape={','.join(map(str, shape))}: {one_line(str(error))}"
+                     ) from None
+  data = proto.SerializeToString()
+  atomic_write(out, data)
+  steps = deployed.arch.time_steps
+  x = np.random.default_rng(0).normal(size=(steps, 2, *shape)).astype(np.float32)
+  expected = np.cumsum(np.asarray(deploy.run(deployed, x)), axis=0)
+  import onnxruntime  # pylint: disable=import-outside-toplevel
+  got = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"]).run(
+      ["cumulative"], {"x": x})[0]
+  difference = float(np.max(np.abs(got - expected)))
+  if not np.allclose(got, expected, rtol=1e-4, atol=1e-5):
+    raise UsageError(f"{out}: onnxruntime's outputs differ from deploy.run's by up to "
+                     f"{difference:.3g} on random input (allowed: rtol 1e-4, atol 1e-5); the file "
+                     "is written, but do not use it")
+  result = {"onnx": os.path.abspath(out), "bytes": len(data),
+            "bundle_bytes": os.path.getsize(path), "opset": onnx_export.OPSET,
+            "input": [steps, "batch", *shape], "max_abs_difference": difference}
+  print(f"wrote {out}: {deployed.arch.name}, input [T={steps}, batch, "
+        f"{', '.join(map(str, shape))}], opset {onnx_export.OPSET}, {len(data)} bytes "
+        f"({len(data) / result['bundle_bytes']:.1f}x the bundle's {result['bundle_bytes']})")
+  print(f"onnxruntime equals deploy.run on random input (largest difference {difference:.2g})")
+  return result
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a flag error as one ``error:`` line and exit code 2."""
   try:
@@ -370,11 +435,15 @@ def main(argv: list[str]) -> int:
   exporting = _WORKDIR.value is not None or _OUT.value is not None
   evaluating = _EVALUATE.value or _BUNDLE.value is not None
   if exporting == evaluating:
-    fail("give either --workdir=DIR --out=FILE (export) or --bundle=FILE --evaluate "
-          "(evaluate)")
+    fail("give either --workdir=DIR --out=FILE (export), --bundle=FILE --evaluate (evaluate) "
+         "or --bundle=FILE --onnx=OUT.onnx (ONNX)")
   try:
     exit_rule = parse_exit(_EXIT.value)
-    if exporting:
+    if _ONNX.value is not None:
+      if exporting or _EVALUATE.value or exit_rule is not None or _EXIT_SWEEP.value:
+        raise UsageError("--onnx=OUT.onnx goes with --bundle=FILE alone (and --input_shape)")
+      export_onnx(_BUNDLE.value, _ONNX.value)
+    elif exporting:
       if _WORKDIR.value is None or _OUT.value is None:
         raise UsageError("export needs both --workdir=DIR and --out=FILE")
       if exit_rule is not None or _EXIT_SWEEP.value:

@@ -298,3 +298,57 @@ def test_config_of_a_workdir_written_with_the_old_sentinels_reads_as_none_and_re
   read, fingerprint = deploy_cli.read_run_config(str(tmp_path))
   assert read.model.spike_bits is None and read.model.stem is None
   assert driver.fingerprint(read) == fingerprint == old_fingerprint
+
+
+# -----------------------------------------------------------------------------------------------
+# ONNX export of a bundle.
+
+
+@pytest.mark.timeout(300)
+def test_onnx_of_the_trained_digits_bundle_predicts_like_the_runtime(exported, tmp_path,
+                                                                     deploy_main):
+  """The command writes a file that passes ONNX's full check; onnxruntime's predictions on the
+  whole digits test set equal deploy.run's at every step."""
+  onnx = pytest.importorskip("onnx")
+  ort = pytest.importorskip("onnxruntime")
+  _, out, _ = exported
+  path = tmp_path / "digits.onnx"
+  result = deploy_main(f"--bundle={out}", f"--onnx={path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "onnxruntime equals deploy.run" in result.stdout and "opset 17" in result.stdout
+  model = onnx.load(str(path))
+  onnx.checker.check_model(model, full_check=True)
+  session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  deployed = bundle.from_bytes(out.read_bytes())
+  test = data_input.load("digits", "test", batch_size=120, train=False, seed=0)
+  for x, _ in test.epoch(0):
+    x_seq = np.asarray(training.time_major(jnp.asarray(x), 4, static=True), np.float32)
+    cumulative, prediction = session.run(None, {"x": x_seq})
+    expected = np.cumsum(np.asarray(deploy.run(deployed, x_seq)), axis=0)
+    np.testing.assert_array_equal(np.argmax(cumulative, -1), np.argmax(expected, -1))
+    np.testing.assert_array_equal(prediction, np.argmax(expected[-1], -1))
+    np.testing.assert_allclose(cumulative, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_refuses_bad_files_and_shapes(random_bundle, tmp_path, deploy_main):
+  damaged = tmp_path / "damaged.empf"
+  data = bytearray(random_bundle.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  damaged.write_bytes(bytes(data))
+  foreign = tmp_path / "foreign.onnx"
+  foreign.write_bytes(b"\x08\x07" + bytes(100))  # not a bundle (an ONNX-like protobuf)
+  out = tmp_path / "out.onnx"
+  assert_one_line_error(deploy_main(f"--bundle={damaged}", f"--onnx={out}"),
+                        "not a valid bundle")
+  assert_one_line_error(deploy_main(f"--bundle={foreign}", f"--onnx={out}"),
+                        "not a valid bundle")
+  assert_one_line_error(deploy_main(f"--bundle={random_bundle}", f"--onnx={out}"),
+                        "does not name the dataset", "--input_shape")
+  assert_one_line_error(deploy_main(f"--bundle={random_bundle}", f"--onnx={out}",
+                                    "--input_shape=8,x,1"), "--input_shape=8,x,1")
+  assert_one_line_error(deploy_main(f"--bundle={random_bundle}", f"--onnx={out}", "--evaluate"),
+                        "--onnx=OUT.onnx goes with --bundle=FILE alone")
+  assert not out.exists()
+  result = deploy_main(f"--bundle={random_bundle}", f"--onnx={out}", "--input_shape=8,8,1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert out.exists()

@@ -10,6 +10,8 @@ layout, :mod:`empf_jax.layout`) and a flat dict of NumPy arrays. The parts:
   sign bits packed;
 * :mod:`empf_jax.deploy.runtime`: :func:`run`, an inference implementation of its own that reads
   only the arrays, and anytime inference with :func:`run_early_exit`.
+* :mod:`empf_jax.deploy.export`: the same network as an ONNX graph (``to_onnx``; needs the
+  optional ``onnx`` package, so it is imported on its own, not here).
 
 The deployed model is a pytree (arrays as leaves, the architecture as static metadata), so it can be
 passed to :func:`jax.jit` directly.

@@ -1,0 +1,257 @@
+"""A deployed network as an ONNX graph, for runtimes outside JAX (onnxruntime, OpenVINO, TensorRT).
+
+:func:`to_onnx` writes the layers of :func:`empf_jax.layout.walk`, the description
+:func:`empf_jax.deploy.run` executes, as ONNX operators, one copy per time step (T is small and
+static, so the steps are unrolled rather than an ONNX ``Loop``): each method of :class:`_Graph`
+emits what the runtime's method of the same name computes, in the same order of operations.
+
+* Input ``x``: [T, B, H, W, C] float32 (or [T, B, F] for the fully connected network), the
+  runtime's time-major NHWC layout; B is symbolic (``batch``). Inside, maps are NCHW, ONNX's
+  layout for ``Conv``.
+* Outputs ``cumulative``: c_t = sum_{tau <= t} f_tau for t = 1..T, [T, B, K], so a runtime can read
+  the prediction at any step; ``prediction``: argmax c_T, [B] int64.
+* Weights: ONNX has no 1-bit type, so binary and ternary kernels are stored as float32 codes
+  (+-1, or -1/0/+1) and their per-channel scale is applied after the convolution, as in the
+  runtime; the file is about 32x the bundle's packed bits.
+* Opset :data:`OPSET` (17): ``ReduceMean`` still takes its axes as an attribute there, and
+  onnxruntime, OpenVINO and TensorRT 8.6+ accept it.
+
+The ``onnx`` package is an optional dependency (``pip install 'empf_jax[onnx]'``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from empf_jax.deploy.fold import unpack_binary, unpack_ternary
+from empf_jax.deploy.schema import Deployed
+from empf_jax.layout import ConvSpec, DenseSpec, NeuronSpec, walk
+from empf_jax.quantize import SPIKE_LEVELS, SPIKE_MAX_CODE
+
+OPSET = 17
+
+
+def _onnx():
+  try:
+    import onnx  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError("ONNX export needs the onnx package: pip install 'empf_jax[onnx]'"
+                      ) from error
+  return onnx
+
+
+class _Graph:
+  """Nodes and initializers of one graph; registers hold value names, with their rank."""
+
+  def __init__(self, deployed: Deployed):
+    self.onnx = _onnx()
+    self.arch, self.params = deployed.arch, {k: np.asarray(v) for k, v in
+                                             deployed.params.items()}
+    self.nodes: list[Any] = []
+    self.initializers: list[Any] = []
+    self._count = 0
+    self._constants: dict[str, str] = {}
+    self.kernels = self._kernels()
+
+  # -- building blocks ------------------------------------------------------------------------
+  def _name(self, hint: str) -> str:
+    self._count += 1
+    return f"{hint}_{self._count}"
+
+  def node(self, op: str, inputs: list[str], hint: str = "", **attributes) -> str:
+    out = self._name(hint or op.lower())
+    self.nodes.append(self.onnx.helper.make_node(op, inputs, [out], **attributes))
+    return out
+
+  def constant(self, name: str, value: Any, dtype=np.float32) -> str:
+    """An initializer (made once per name)."""
+    if name not in self._constants:
+      array = np.asarray(value, dtype=dtype)
+      self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
+      self._constants[name] = name
+    return self._constants[name]
+
+  def per_feature(self, name: str, value: np.ndarray, rank: int) -> str:
+    """A [F] vector broadcast against [B, F] (rank 2) or NCHW maps [B, F, H, W] (rank 4)."""
+    value = np.asarray(value, np.float32)
+    if value.ndim == 0:
+      return self.constant(name, value)
+    shape = (1, value.shape[-1]) + (1, 1) * (rank == 4)
+    return self.constant(name, value.reshape(shape))
+
+  def _kernels(self) -> dict[str, np.ndarray]:
+    """Every convolution's kernel as OIHW float32 codes (binary, ternary) or floats."""
+    out = {}
+    for layer in walk(self.arch.layout):
+      if layer.kind != "conv":
+        continue
+      spec = layer.spec
+      if spec.weights == "binary":
+        kernel = unpack_binary(self.params[f"{spec.name}.bits"], spec.kernel_shape)
+      elif spec.weights == "ternary":
+        kernel = unpack_ternary(self.params[f"{spec.name}.bits"], spec.kernel_shape)
+      else:
+        kernel = self.params[f"{spec.name}.kernel"]
+      out[spec.name] = np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1))
+    return out
+
+  # -- the runtime's layers -------------------------------------------------------------------
+  def conv(self, spec: ConvSpec, x: str, t: int) -> str:
+    """y = s * conv(x, W_q) + C, or conv(x, W') + C (see the runtime's ``conv``)."""
+    kernel = self.constant(f"{spec.name}.kernel", self.kernels[spec.name])
+    p, s = spec.padding, spec.stride
+    y = self.node("Conv", [x, kernel], spec.name, pads=[p, p, p, p], strides=[s, s],
+                  kernel_shape=[spec.kernel_size, spec.kernel_size])
+    scale, bias = self.params.get(f"{spec.name}.scale"), self.params[f"{spec.name}.bias"]
+    suffix = ""
+    if spec.per_step:
+      scale, bias, suffix = scale[t], bias[t], f"@{t}"
+    if scale is not None:
+      y = self.node("Mul", [y, self.per_feature(f"{spec.name}.scale{suffix}", scale, 4)])
+    return self.node("Add", [y, self.per_feature(f"{spec.name}.bias{suffix}", bias, 4)])
+
+  def dense(self, spec: DenseSpec, x: str) -> str:
+    y = self.node("MatMul", [x, self.constant(f"{spec.name}.kernel",
+                                              self.params[f"{spec.name}.kernel"])], spec.name)
+    return self.node("Add", [y, self.constant(f"{spec.name}.bias",
+                                              self.params[f"{spec.name}.bias"])])
+
+  def seca(self, name: str, x: str) -> str:
+    """x * sigmoid(conv1d_5(mean_{h,w} x) + bias), the 1-D convolution over channels."""
+    pooled = self.node("ReduceMean", [x], name, axes=[2, 3], keepdims=0)  # [B, C]
+    taps = self.params[f"{name}.kernel"]
+    half = taps.shape[0] // 2
+    line = self.node("Unsqueeze", [pooled, self.constant("axes_1", [1], np.int64)])  # [B, 1, C]
+    mixed = self.node("Conv", [line, self.constant(f"{name}.kernel", taps.reshape(1, 1, -1))],
+                      pads=[half, half], kernel_shape=[taps.shape[0]])
+    mixed = self.node("Squeeze", [mixed, self.constant("axes_1", [1], np.int64)])
+    gate = self.node("Sigmoid", [self.node("Add", [mixed, self.constant(
+        f"{name}.bias", self.params[f"{name}.bias"])])])
+    gate = self.node("Unsqueeze", [gate, self.constant("axes_23", [2, 3], np.int64)])
+    return self.node("Mul", [x, gate])
+
+  def neuron(self, spec: NeuronSpec, current: str, rank: int, t: int,
+             state: dict[str, str]) -> str:
+    """One neuron step from the folded parameters (see the runtime's ``neuron``)."""
+    p = spec.name
+    threshold = self.constant(f"{p}.threshold@{t}", self.params[f"{p}.threshold"][t])
+    if spec.kind == "parallel":
+      membrane = current
+      spike = self.node("Relu", [self.node("Sub", [membrane, threshold])], p)
+    else:
+      decay = self.params[f"{p}.decay"][t]
+      if spec.mem_bn:
+        drive = self.node("Add", [
+            self.node("Mul", [current, self.per_feature(f"{p}.gain@{t}",
+                                                        self.params[f"{p}.gain"][t], rank)]),
+            self.per_feature(f"{p}.offset@{t}", self.params[f"{p}.offset"][t], rank)])
+      else:
+        drive = current
+      if p in state:  # the runtime's zero state adds decay * 0 = 0 at the first step
+        leak = self.node("Mul", [state[p], self.per_feature(f"{p}.decay@{t}", decay, rank)])
+        membrane = self.node("Add", [leak, drive], p)
+      else:
+        membrane = drive
+      if spec.kind == "lif":
+        fired = self.node("GreaterOrEqual", [membrane, threshold])
+        spike = self.node("Where", [fired, threshold, self.constant("zero", 0.0)])
+      else:
+        spike = self.node("Relu", [self.node("Sub", [membrane, threshold])], p)
+      state[p] = self.node("Sub", [membrane, spike], f"{p}.u")
+    if spec.spike_bits is not None:  # Q(s) = clip(round(4 s), 0, 15) / 4, half to even
+      code = self.node("Round", [self.node("Mul", [spike, self.constant("levels", SPIKE_LEVELS)])])
+      code = self.node("Clip", [code, self.constant("zero", 0.0),
+                                self.constant("max_code", SPIKE_MAX_CODE)])
+      spike = self.node("Div", [code, self.constant("levels", SPIKE_LEVELS)])
+    return spike
+
+  def flatten(self, h: str, rank: int) -> str:
+    """[B, F] from a map, in the runtime's NHWC order."""
+    if rank == 2:
+      return h
+    return self.node("Flatten", [self.node("Transpose", [h], perm=[0, 2, 3, 1])], axis=1)
+
+  def step(self, x_t: str, rank: int, t: int, state: dict[str, str]) -> str:
+    """Step t's logits [B, K]: every layer of the walk in order, on named registers."""
+    if rank == 4:  # NHWC -> NCHW
+      x_t = self.node("Transpose", [x_t], "nchw", perm=[0, 3, 1, 2])
+    registers = {"x": (x_t, rank)}
+    for layer in walk(self.arch.layout):
+      h, rank = registers[layer.source]
+      if layer.kind == "conv":
+        h = self.conv(layer.spec, h, t)
+      elif layer.kind == "dense":
+        h = self.dense(layer.spec, h)
+      elif layer.kind == "neuron":
+        h = self.neuron(layer.spec, h, rank, t, state)
+      elif layer.kind == "seca":
+        if layer.other is not None:
+          h = self.node("Add", [h, registers[layer.other][0]])
+        h = self.seca(layer.name, h)
+      elif layer.kind == "add":
+        h = self.node("Add", [h, registers[layer.other][0]])
+      elif layer.kind == "max_pool":
+        h = self.node("MaxPool", [h], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+      elif layer.kind == "avg_pool":
+        h = self.node("AveragePool", [h], kernel_shape=[2, 2], strides=[2, 2])
+      elif layer.kind == "mean":
+        if rank == 4:
+          h, rank = self.node("ReduceMean", [h], axes=[2, 3], keepdims=0), 2
+      elif layer.kind == "flatten":
+        h, rank = self.flatten(h, rank), 2
+      elif layer.kind == "to_map":  # the flattened step -> [B, F, 1, 1]
+        h = self.node("Unsqueeze", [self.flatten(h, rank),
+                                    self.constant("axes_23", [2, 3], np.int64)])
+        rank = 4
+      else:
+        raise ValueError(f"no ONNX form for layer kind {layer.kind!r}")
+      registers[layer.target] = (h, rank)
+    return registers["logits"][0]
+
+
+def to_onnx(deployed: Deployed, input_shape: tuple[int, ...]):
+  """The deployed network as an ONNX model (see the module docstring).
+
+  Args:
+    deployed: the deployed network.
+    input_shape: one example's input at one step: (H, W, C), or (F,) for the fully connected
+      network.
+
+  Returns:
+    An ``onnx.ModelProto`` that passes ``onnx.checker.check_model(full_check=True)``.
+  """
+  graph = _Graph(deployed)
+  onnx = graph.onnx
+  steps = deployed.arch.time_steps
+  rank = len(input_shape) + 1
+  if rank not in (2, 4):
+    raise ValueError(f"input_shape {input_shape} is neither (H, W, C) nor (F,)")
+  state: dict[str, str] = {}
+  cumulative = []
+  for t in range(steps):
+    index = graph.constant(f"t@{t}", t, np.int64)
+    x_t = graph.node("Gather", ["x", index], f"x@{t}", axis=0)
+    logits = graph.step(x_t, rank, t, state)
+    total = logits if not cumulative else graph.node("Add", [cumulative[-1], logits], "c")
+    cumulative.append(total)
+  stacked = graph.node("Concat", [graph.node("Unsqueeze", [c, graph.constant(
+      "axes_0", [0], np.int64)]) for c in cumulative], "cumulative_all", axis=0)
+  graph.nodes.append(onnx.helper.make_node("Identity", [stacked], ["cumulative"]))
+  graph.nodes.append(onnx.helper.make_node("ArgMax", [cumulative[-1]], ["prediction"], axis=1,
+                                           keepdims=0))
+  classes = next(layer.spec.out_features for layer in walk(deployed.arch.layout)
+                 if layer.target == "logits")
+  inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                               [steps, "batch", *input_shape])]
+  outputs = [onnx.helper.make_tensor_value_info("cumulative", onnx.TensorProto.FLOAT,
+                                                [steps, "batch", classes]),
+             onnx.helper.make_tensor_value_info("prediction", onnx.TensorProto.INT64, ["batch"])]
+  body = onnx.helper.make_graph(graph.nodes, deployed.arch.name, inputs, outputs,
+                                graph.initializers)
+  model = onnx.helper.make_model(body, producer_name="empf_jax",
+                                 opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+  model.ir_version = 8  # opset 17's IR version, for runtimes older than the onnx package
+  onnx.checker.check_model(model, full_check=True)
+  return model

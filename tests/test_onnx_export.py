@@ -1,0 +1,54 @@
+"""ONNX export: onnxruntime's cumulative outputs equal deploy.run's at every step, for every
+network kind and option the library ships (random weights, small inputs)."""
+
+import numpy as np
+import pytest
+
+from empf_jax import deploy
+from empf_jax.deploy import export
+from tests.test_deploy import CASES, INPUTS, _build, _case_id
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+# float32, as deploy.run; the graph applies the same operations in the same order, so the
+# differences are those of two convolution implementations.
+RTOL, ATOL = 1e-4, 1e-5
+
+# The kinds the library ships, each once by default: ResNet-18 with Mem-BN, parallel neurons
+# and SECA-II; ternary with 4-bit spikes; LIF with SECA-I; VGG-SNN's event stem; the mlp with
+# per-step statistics; per-step statistics in a conv net. The rest of CASES in the slow suite.
+DEFAULT = {0, 1, 3, 4, 6, 11, 14, 16}
+
+
+def _session(model_proto):
+  options = ort.SessionOptions()
+  options.intra_op_num_threads = 1
+  return ort.InferenceSession(model_proto.SerializeToString(), options,
+                              providers=["CPUExecutionProvider"])
+
+
+def _check(deployed, x, input_shape):
+  proto = export.to_onnx(deployed, input_shape)
+  cumulative, prediction = _session(proto).run(None, {"x": np.asarray(x, np.float32)})
+  expected = np.cumsum(np.asarray(deploy.run(deployed, x)), axis=0)
+  np.testing.assert_allclose(cumulative, expected, rtol=RTOL, atol=ATOL)
+  np.testing.assert_array_equal(prediction, np.argmax(expected[-1], axis=-1))
+  return proto
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(case, id=_case_id(case), marks=() if i in DEFAULT else pytest.mark.slow)
+    for i, case in enumerate(CASES)])
+def test_onnxruntime_equals_the_runtime_at_every_step(case):
+  name, options = case
+  model, full, x = _build(name, options)
+  deployed = deploy.deploy(model, name, **full)
+  proto = _check(deployed, x, INPUTS[name])
+  assert proto.opset_import[0].version == export.OPSET
+  # The batch is symbolic: another batch size runs the same file.
+  session = _session(proto)
+  wider = np.concatenate([np.asarray(x)] * 3, axis=1)
+  np.testing.assert_allclose(session.run(["cumulative"], {"x": wider})[0][:, :2],
+                             np.cumsum(np.asarray(deploy.run(deployed, x)), axis=0),
+                             rtol=RTOL, atol=ATOL)
