@@ -4,6 +4,7 @@
     python -m experiments.deploy --bundle=FILE --evaluate [--dataset=NAME] [--data_dir=DIR]
         [--batch_size=N] [--report_dir=DIR] [--exit=RULE:THRESHOLD] [--exit_sweep]
     python -m experiments.deploy --bundle=FILE --onnx=OUT.onnx [--input_shape=H,W,C]
+        [--exit=RULE:THRESHOLD]
 
 Export reads ``DIR/config.json``, rebuilds the network, restores the newest readable checkpoint of
 ``DIR/checkpoints``, folds it (:func:`empf_jax.deploy.deploy`: BatchNorm and Mem-BN folded, binary
@@ -33,8 +34,10 @@ with the all-steps point.
 ONNX: ``--onnx=OUT.onnx`` writes the bundle's network as an ONNX graph
 (:func:`empf_jax.deploy.export.to_onnx`: input [T, B, H, W, C], outputs the cumulative output
 c_t at every step and the prediction), for one example's step input of ``--input_shape`` (default:
-that of the dataset in ``FILE.json``). The command then runs the file in onnxruntime on random
-input and checks its outputs against :func:`empf_jax.deploy.run` (rtol 1e-4, atol 1e-5).
+that of the dataset in ``FILE.json``); with ``--exit``, the early-exit graph (outputs the
+prediction, the steps each example ran and c_t at its exit step). The command then runs the file
+in onnxruntime on random input and checks its outputs against :func:`empf_jax.deploy.run` or
+:func:`empf_jax.deploy.run_early_exit` (rtol 1e-4, atol 1e-5; the same exit steps).
 
 Errors are one line on stderr starting with ``error:``; the exit code is 2 for a missing workdir,
 config or checkpoint, an unreadable or corrupted bundle (the :class:`empf_jax.bundle.BundleError`
@@ -87,7 +90,7 @@ _REPORT_DIR = flags.DEFINE_string(
     "report_dir", None, "Folder for the efficiency report (export) or evaluation.json "
     "(evaluate); default: the bundle's folder.")
 _EXIT = flags.DEFINE_string(
-    "exit", None, "Early exit with --evaluate: softmax:P (stop once the top softmax "
+    "exit", None, "Early exit with --evaluate (or the early-exit graph with --onnx): softmax:P (stop once the top softmax "
     "probability of the mean output reaches P, 0 < P <= 1) or margin:M (top-1 minus top-2 of "
     "the mean output >= M >= 0).")
 _EXIT_SWEEP = flags.DEFINE_bool(
@@ -382,14 +385,16 @@ def _input_shape(sidecar: dict[str, Any], path: str) -> tuple[int, ...]:
   return train.step_shape(test)
 
 
-def export_onnx(path: str, out: str) -> dict[str, Any]:
-  """Writes the network of the bundle file ``path`` as the ONNX file ``out`` and checks it in
-  onnxruntime against :func:`empf_jax.deploy.run`; returns what it printed, as a dict."""
+def export_onnx(path: str, out: str, exit_rule: deploy.ExitRule | None = None
+                ) -> dict[str, Any]:
+  """Writes the network of the bundle file ``path`` as the ONNX file ``out`` (with ``exit_rule``,
+  the early-exit graph) and checks it in onnxruntime against :func:`empf_jax.deploy.run` (or
+  :func:`empf_jax.deploy.run_early_exit`); returns what it printed, as a dict."""
   from empf_jax.deploy import export as onnx_export  # pylint: disable=import-outside-toplevel
   deployed, sidecar = read_bundle(path)
   shape = _input_shape(sidecar, path)
   try:
-    proto = onnx_export.to_onnx(deployed, shape)
+    proto = onnx_export.to_onnx(deployed, shape, exit_rule)
   except ImportError as error:
     raise UsageError(str(error)) from None
   except ValueError as error:  # a shape the network cannot take
@@ -398,23 +403,31 @@ def export_onnx(path: str, out: str) -> dict[str, Any]:
   data = proto.SerializeToString()
   atomic_write(out, data)
   steps = deployed.arch.time_steps
-  x = np.random.default_rng(0).normal(size=(steps, 2, *shape)).astype(np.float32)
-  expected = np.cumsum(np.asarray(deploy.run(deployed, x)), axis=0)
+  x = np.random.default_rng(0).normal(size=(steps, 8, *shape)).astype(np.float32)
   import onnxruntime  # pylint: disable=import-outside-toplevel
-  got = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"]).run(
-      ["cumulative"], {"x": x})[0]
+  session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+  got = session.run(["cumulative"], {"x": x})[0]
+  if exit_rule is None:
+    expected = np.cumsum(np.asarray(deploy.run(deployed, x)), axis=0)
+    same_steps = True
+  else:
+    early = deploy.run_early_exit(deployed, x, exit_rule)
+    expected = np.asarray(early.cumulative)
+    same_steps = np.array_equal(session.run(["steps"], {"x": x})[0], np.asarray(early.steps))
   difference = float(np.max(np.abs(got - expected)))
-  if not np.allclose(got, expected, rtol=1e-4, atol=1e-5):
+  if not (same_steps and np.allclose(got, expected, rtol=1e-4, atol=1e-5)):
     raise UsageError(f"{out}: onnxruntime's outputs differ from deploy.run's by up to "
                      f"{difference:.3g} on random input (allowed: rtol 1e-4, atol 1e-5); the file "
                      "is written, but do not use it")
   result = {"onnx": os.path.abspath(out), "bytes": len(data),
             "bundle_bytes": os.path.getsize(path), "opset": onnx_export.OPSET,
             "input": [steps, "batch", *shape], "max_abs_difference": difference}
-  print(f"wrote {out}: {deployed.arch.name}, input [T={steps}, batch, "
+  what = "" if exit_rule is None else f" with early exit {exit_rule}"
+  print(f"wrote {out}: {deployed.arch.name}{what}, input [T={steps}, batch, "
         f"{', '.join(map(str, shape))}], opset {onnx_export.OPSET}, {len(data)} bytes "
         f"({len(data) / result['bundle_bytes']:.1f}x the bundle's {result['bundle_bytes']})")
-  print(f"onnxruntime equals deploy.run on random input (largest difference {difference:.2g})")
+  runtime = "deploy.run" if exit_rule is None else "deploy.run_early_exit (exit steps too)"
+  print(f"onnxruntime equals {runtime} on random input (largest difference {difference:.2g})")
   return result
 
 
@@ -440,9 +453,10 @@ def main(argv: list[str]) -> int:
   try:
     exit_rule = parse_exit(_EXIT.value)
     if _ONNX.value is not None:
-      if exporting or _EVALUATE.value or exit_rule is not None or _EXIT_SWEEP.value:
-        raise UsageError("--onnx=OUT.onnx goes with --bundle=FILE alone (and --input_shape)")
-      export_onnx(_BUNDLE.value, _ONNX.value)
+      if exporting or _EVALUATE.value or _EXIT_SWEEP.value:
+        raise UsageError("--onnx=OUT.onnx goes with --bundle=FILE alone (and --input_shape, "
+                         "--exit)")
+      export_onnx(_BUNDLE.value, _ONNX.value, exit_rule)
     elif exporting:
       if _WORKDIR.value is None or _OUT.value is None:
         raise UsageError("export needs both --workdir=DIR and --out=FILE")

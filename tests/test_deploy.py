@@ -69,8 +69,8 @@ def _randomize_kernels(model: nnx.Module, key: jax.Array) -> None:
                                                                node.kernel.shape)
 
 
-def _build(name, options, seed=0):
-  full = dict(num_classes=5, time_steps=2, width=1 / 8, **options)
+def _build(name, options, seed=0, time_steps=2):
+  full = dict(num_classes=5, time_steps=time_steps, width=1 / 8, **options)
   if name == "convnet_small":
     full["in_channels"] = 1
   if name == "mlp":

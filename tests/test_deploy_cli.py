@@ -328,6 +328,20 @@ def test_onnx_of_the_trained_digits_bundle_predicts_like_the_runtime(exported, t
     np.testing.assert_array_equal(np.argmax(cumulative, -1), np.argmax(expected, -1))
     np.testing.assert_array_equal(prediction, np.argmax(expected[-1], -1))
     np.testing.assert_allclose(cumulative, expected, rtol=1e-4, atol=1e-5)
+  # The early-exit graph: the exit steps and predictions of run_early_exit on the test set.
+  path = tmp_path / "digits_exit.onnx"
+  result = deploy_main(f"--bundle={out}", f"--onnx={path}", "--exit=margin:1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  rule, stopped_early = deploy.ExitRule.parse("margin:1"), 0
+  for x, _ in test.epoch(0):
+    x_seq = np.asarray(training.time_major(jnp.asarray(x), 4, static=True), np.float32)
+    prediction, steps, _ = session.run(None, {"x": x_seq})
+    expected = deploy.run_early_exit(deployed, x_seq, rule)
+    np.testing.assert_array_equal(steps, expected.steps)
+    np.testing.assert_array_equal(prediction, expected.predictions)
+    stopped_early += int(np.sum(steps < 4))
+  assert stopped_early > 0
 
 
 def test_onnx_refuses_bad_files_and_shapes(random_bundle, tmp_path, deploy_main):

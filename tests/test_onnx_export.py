@@ -52,3 +52,46 @@ def test_onnxruntime_equals_the_runtime_at_every_step(case):
   np.testing.assert_allclose(session.run(["cumulative"], {"x": wider})[0][:, :2],
                              np.cumsum(np.asarray(deploy.run(deployed, x)), axis=0),
                              rtol=RTOL, atol=ATOL)
+
+
+def _median_statistic(deployed, x, kind):
+  """The median over examples and steps 1..T-1 of the rule's statistic: a threshold at which
+  examples stop at different steps."""
+  steps = x.shape[0]
+  mean = np.cumsum(np.asarray(deploy.run(deployed, x)), 0) / np.arange(1, steps + 1)[:, None, None]
+  if kind == "margin":
+    top = np.sort(mean, -1)
+    statistic = top[..., -1] - top[..., -2]
+  else:
+    e = np.exp(mean - mean.max(-1, keepdims=True))
+    statistic = (e / e.sum(-1, keepdims=True)).max(-1)
+  return float(np.median(statistic[:-1]))
+
+
+@pytest.mark.parametrize("kind", ["margin", "softmax", "softmax:1"])
+@pytest.mark.parametrize("case", [
+    pytest.param(CASES[i], id=_case_id(CASES[i]), marks=() if i != 1 else pytest.mark.slow)
+    for i in (1, 3, 14)])
+def test_early_exit_graph_equals_run_early_exit(case, kind):
+  """The exit variant: the same exit steps, predictions and c_t at exit as run_early_exit, on a
+  batch whose examples stop at different steps (T = 4 here)."""
+  name, options = case
+  model, full, _ = _build(name, options, time_steps=4)
+  deployed = deploy.deploy(model, name, **full)
+  x = np.random.default_rng(0).normal(size=(4, 16) + INPUTS[name]).astype(np.float32) * 2.0
+  rule = (deploy.ExitRule.parse(kind) if ":" in kind else
+          deploy.ExitRule(kind, _median_statistic(deployed, x, kind)))
+  expected = deploy.run_early_exit(deployed, x, rule)
+  proto = export.to_onnx(deployed, INPUTS[name], rule)
+  prediction, steps, cumulative = _session(proto).run(None, {"x": x})
+  np.testing.assert_array_equal(steps, expected.steps)
+  np.testing.assert_array_equal(prediction, expected.predictions)
+  np.testing.assert_allclose(cumulative, expected.cumulative, rtol=RTOL, atol=ATOL)
+  if rule.threshold < 1:
+    assert len(set(steps.tolist())) > 1, f"exit steps {steps.tolist()}"
+  else:
+    assert set(steps.tolist()) == {4}
+  # All stopped after step 1: the graph's later steps are skipped, and the answer is the same.
+  first = x[:, :1]
+  np.testing.assert_array_equal(_session(proto).run(["steps"], {"x": first})[0],
+                                deploy.run_early_exit(deployed, first, rule).steps)

@@ -13,6 +13,8 @@ emits what the runtime's method of the same name computes, in the same order of 
 * Weights: ONNX has no 1-bit type, so binary and ternary kernels are stored as float32 codes
   (+-1, or -1/0/+1) and their per-channel scale is applied after the convolution, as in the
   runtime; the file is about 32x the bundle's packed bits.
+* With an exit rule (:func:`to_onnx`'s ``rule``): :func:`empf_jax.deploy.run_early_exit`'s graph,
+  step t + 1 inside an ONNX ``If`` that runs only while an example of the batch is still running.
 * Opset :data:`OPSET` (17): ``ReduceMean`` still takes its axes as an attribute there, and
   onnxruntime, OpenVINO and TensorRT 8.6+ accept it.
 
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from empf_jax.deploy.fold import unpack_binary, unpack_ternary
+from empf_jax.deploy.runtime import ExitRule
 from empf_jax.deploy.schema import Deployed
 from empf_jax.layout import ConvSpec, DenseSpec, NeuronSpec, walk
 from empf_jax.quantize import SPIKE_LEVELS, SPIKE_MAX_CODE
@@ -211,13 +214,89 @@ class _Graph:
     return registers["logits"][0]
 
 
-def to_onnx(deployed: Deployed, input_shape: tuple[int, ...]):
+def _fires(graph: _Graph, rule: ExitRule, cumulative: str, t: int) -> str | None:
+  """[B] bool: whether ``rule`` fires on c_t after t steps (see :meth:`ExitRule.fires`); None
+  where it never fires."""
+  mean = graph.node("Div", [cumulative, graph.constant(f"steps@{t}", float(t))], "mean")
+  if rule.kind == "softmax":
+    if rule.threshold >= 1.0:
+      return None
+    top = graph.node("ReduceMax", [graph.node("Softmax", [mean], axis=1)], axes=[1], keepdims=0)
+  else:  # top-1 minus top-2 (TopK keeps ties, as the two maxima of the runtime do)
+    values = graph._name("top2")
+    graph.nodes.append(graph.onnx.helper.make_node(
+        "TopK", [mean, graph.constant("two", [2], np.int64)], [values, graph._name("top2_at")],
+        axis=1))
+    top = graph.node("Sub", [
+        graph.node("Gather", [values, graph.constant("index_0", 0, np.int64)], axis=1),
+        graph.node("Gather", [values, graph.constant("index_1", 1, np.int64)], axis=1)])
+  return graph.node("GreaterOrEqual", [top, graph.constant("exit_threshold", rule.threshold)])
+
+
+def _until_exit(graph: _Graph, rule: ExitRule, rank: int, t: int, state: dict[str, str],
+                carry: tuple[str, str, str] | None) -> tuple[str, str]:
+  """(c_t at each example's exit step [B, K], exit steps [B] int32) from step t on; the steps
+  after t run inside an ``If`` taken only while an example of the batch is still running, as
+  :func:`empf_jax.deploy.run_early_exit`'s loop ends when all have stopped."""
+  onnx = graph.onnx
+  last = graph.arch.time_steps
+  x_t = graph.node("Gather", ["x", graph.constant(f"t@{t}", t, np.int64)], f"x@{t}", axis=0)
+  logits = graph.step(x_t, rank, t, state)
+  if carry is None:  # every example runs step 1
+    cumulative = logits
+    steps = graph.node("ConstantOfShape", [graph.node("Shape", [logits], start=0, end=1)],
+                       value=onnx.numpy_helper.from_array(np.ones(1, np.int32)))
+    done = None
+  else:
+    cumulative, steps, done = carry
+    running = graph.node("Not", [done])
+    cumulative = graph.node("Where", [
+        graph.node("Unsqueeze", [running, graph.constant("axes_1", [1], np.int64)]),
+        graph.node("Add", [cumulative, logits]), cumulative], "c")
+    steps = graph.node("Where", [running, graph.constant(f"step@{t}", t + 1, np.int32), steps])
+  if t + 1 == last:
+    return cumulative, steps
+  fired = _fires(graph, rule, cumulative, t + 1)
+  if fired is None and done is None:
+    done = graph.node("Cast", [graph.node("Mul", [steps, graph.constant("int_zero", 0, np.int32)])],
+                      to=onnx.TensorProto.BOOL)
+  elif fired is not None:
+    done = fired if done is None else graph.node("Or", [done, fired])
+  any_running = graph.node("Cast", [graph.node("ReduceMax", [graph.node(
+      "Cast", [graph.node("Not", [done])], to=onnx.TensorProto.INT32)], keepdims=0)],
+                           to=onnx.TensorProto.BOOL)
+  outer = graph.nodes
+  graph.nodes = []
+  final = _until_exit(graph, rule, rank, t + 1, dict(state), (cumulative, steps, done))
+  then_nodes = graph.nodes
+  graph.nodes = []
+  kept = [graph.node("Identity", [cumulative]), graph.node("Identity", [steps])]
+  else_nodes = graph.nodes
+  graph.nodes = outer
+
+  def branch(name, nodes, results):
+    return onnx.helper.make_graph(nodes, name, [], [
+        onnx.helper.make_tensor_value_info(results[0], onnx.TensorProto.FLOAT, None),
+        onnx.helper.make_tensor_value_info(results[1], onnx.TensorProto.INT32, None)])
+
+  outputs = [graph._name(f"c_final@{t}"), graph._name(f"steps_final@{t}")]
+  graph.nodes.append(onnx.helper.make_node(
+      "If", [any_running], outputs, then_branch=branch(f"step{t + 2}_on", then_nodes, final),
+      else_branch=branch(f"stopped_after_{t + 1}", else_nodes, kept)))
+  return outputs[0], outputs[1]
+
+
+def to_onnx(deployed: Deployed, input_shape: tuple[int, ...], rule: ExitRule | None = None):
   """The deployed network as an ONNX model (see the module docstring).
 
   Args:
     deployed: the deployed network.
     input_shape: one example's input at one step: (H, W, C), or (F,) for the fully connected
       network.
+    rule: an exit rule: then the graph is :func:`empf_jax.deploy.run_early_exit`'s, with outputs
+      ``prediction`` [B] int64, ``steps`` [B] int32 (the steps each example ran) and
+      ``cumulative`` [B, K] (c_t at its exit step); each later step runs only while an example
+      of the batch is still running.
 
   Returns:
     An ``onnx.ModelProto`` that passes ``onnx.checker.check_model(full_check=True)``.
@@ -228,6 +307,22 @@ def to_onnx(deployed: Deployed, input_shape: tuple[int, ...]):
   rank = len(input_shape) + 1
   if rank not in (2, 4):
     raise ValueError(f"input_shape {input_shape} is neither (H, W, C) nor (F,)")
+  classes = next(layer.spec.out_features for layer in walk(deployed.arch.layout)
+                 if layer.target == "logits")
+  inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                               [steps, "batch", *input_shape])]
+  if rule is not None:
+    cumulative, ran = _until_exit(graph, rule, rank, 0, {}, None)
+    graph.nodes += [onnx.helper.make_node("Identity", [cumulative], ["cumulative"]),
+                    onnx.helper.make_node("Identity", [ran], ["steps"]),
+                    onnx.helper.make_node("ArgMax", [cumulative], ["prediction"], axis=1,
+                                          keepdims=0)]
+    outputs = [onnx.helper.make_tensor_value_info("prediction", onnx.TensorProto.INT64,
+                                                  ["batch"]),
+               onnx.helper.make_tensor_value_info("steps", onnx.TensorProto.INT32, ["batch"]),
+               onnx.helper.make_tensor_value_info("cumulative", onnx.TensorProto.FLOAT,
+                                                  ["batch", classes])]
+    return _model(graph, deployed, inputs, outputs)
   state: dict[str, str] = {}
   cumulative = []
   for t in range(steps):
@@ -241,13 +336,14 @@ def to_onnx(deployed: Deployed, input_shape: tuple[int, ...]):
   graph.nodes.append(onnx.helper.make_node("Identity", [stacked], ["cumulative"]))
   graph.nodes.append(onnx.helper.make_node("ArgMax", [cumulative[-1]], ["prediction"], axis=1,
                                            keepdims=0))
-  classes = next(layer.spec.out_features for layer in walk(deployed.arch.layout)
-                 if layer.target == "logits")
-  inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                               [steps, "batch", *input_shape])]
   outputs = [onnx.helper.make_tensor_value_info("cumulative", onnx.TensorProto.FLOAT,
                                                 [steps, "batch", classes]),
              onnx.helper.make_tensor_value_info("prediction", onnx.TensorProto.INT64, ["batch"])]
+  return _model(graph, deployed, inputs, outputs)
+
+
+def _model(graph: _Graph, deployed: Deployed, inputs: list[Any], outputs: list[Any]):
+  onnx = graph.onnx
   body = onnx.helper.make_graph(graph.nodes, deployed.arch.name, inputs, outputs,
                                 graph.initializers)
   model = onnx.helper.make_model(body, producer_name="empf_jax",
