@@ -418,3 +418,18 @@ def test_batch_last_forms_are_the_transpose_and_the_library_form_is_restored(tmp
   assert ops.batch_last is library
   assert record["forms"][batch_last_forms.LIBRARY]["speed_relative_to_library"] == 1.0
   assert set(record["forms"]) == set(batch_last_forms.forms())
+
+
+def test_inference_smoke_runs_three_runtimes_that_agree(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("onnxruntime")
+  out = tmp_path / "inference.json"
+  done = _run_script(["benchmarks.inference", "--smoke", f"--out={out}"], timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = json.loads(out.read_text())
+  entry = record["results"]["1_cores"]["convnet28"]["2"]
+  for runtime in ("onnxruntime", "jax", "torch"):
+    assert entry[runtime]["examples_per_second"] > 0
+    assert len(entry[runtime]["per_process"]) == 2  # the core count ran twice
+    assert entry[runtime]["predictions_equal_to_jax"] == 1.0  # the same weights, the same answer
+  assert entry["fastest"] in ("onnxruntime", "jax", "torch")
