@@ -165,7 +165,9 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path, uninter
   np.testing.assert_array_equal(final_params(uninterrupted)[1], final_params(workdir)[1])
 
 
-@pytest.fixture(scope="module", params=["online", "random_step", "bptt"])
+# random_step (the online rule's single-update variant) in the slow suite: the default suite's time.
+@pytest.fixture(scope="module", params=["online", pytest.param("random_step", marks=pytest.mark.slow),
+                                        "bptt"])
 def float_one_device(request, tmp_path_factory):
   """(rule, workdir) of one epoch of the short float-weight digits run on one device."""
   workdir = str(tmp_path_factory.mktemp(f"float_one_device_{request.param}"))

@@ -18,6 +18,13 @@ emits what the runtime's method of the same name computes, in the same order of 
 * Opset :data:`OPSET` (17): ``ReduceMean`` still takes its axes as an attribute there, and
   onnxruntime, OpenVINO and TensorRT 8.6+ accept it.
 
+Why a graph written from the walk rather than a converter run on :func:`empf_jax.deploy.run`
+(jax2onnx, the route of other JAX SNN libraries): the walk already is the network's one
+description, so the graph gets named per-layer initializers, ONNX's NCHW convolutions with the
+runtime's NHWC flatten order kept where it matters, and the early-exit variant as nested ``If``
+nodes, none of which a converter of ``lax.scan``/``lax.while_loop`` and the in-program bit
+unpacking would give without post-processing.
+
 The ``onnx`` package is an optional dependency (``pip install 'empf_jax[onnx]'``).
 """
 
