@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, cores: int) -> dict[str, Any]:
   """One process's figures, pinned to ``cores`` cores: {network: {batch: {runtime: rate}}}."""
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+  from benchmarks.throughput import pin_cores
+  pin_cores(cores)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import empf_jax  # noqa: F401  (its XLA CPU options, before the backend starts)
   import jax
@@ -115,7 +116,7 @@ def measure(args: argparse.Namespace, cores: int) -> dict[str, Any]:
                                   TIME_STEPS)
       calls = {
           "onnxruntime": lambda: session.run(["prediction"], {"x": x})[0],
-          "jax": lambda: np.asarray(jnp_argmax(run(deployed, x))),
+          "jax": lambda: np.asarray(run(deployed, x).sum(0).argmax(-1)),
           "torch": lambda: ref.run_eval(torch_model, x_torch).sum(0).argmax(-1).numpy(),
       }
       predictions = {runtime: call() for runtime, call in calls.items()}  # untimed first call
@@ -135,11 +136,6 @@ def measure(args: argparse.Namespace, cores: int) -> dict[str, Any]:
       rates = {r: round(v["examples_per_second"], 1) for r, v in out[name][str(batch)].items()}
       print(f"{cores} cores, {name}, batch {batch}: {rates} examples/s", flush=True)
   return out
-
-
-def jnp_argmax(logits):
-  """The prediction at T: argmax of the summed outputs (as the ONNX graph's ``prediction``)."""
-  return logits.sum(0).argmax(-1)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

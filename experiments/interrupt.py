@@ -47,9 +47,10 @@ def _take_c_handler(signum: int):
   libc.signal.restype = ctypes.c_void_p
   libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
   address = libc.signal(signum, ctypes.c_void_p(int(signal.SIG_IGN)))
-  if address in (None, int(signal.SIG_DFL), int(signal.SIG_IGN), ctypes.c_void_p(-1).value):
-    if address is not None and address != ctypes.c_void_p(-1).value:
-      libc.signal(signum, ctypes.c_void_p(address))
+  if address == ctypes.c_void_p(-1).value:  # SIG_ERR: nothing was changed
+    return None
+  if address in (None, int(signal.SIG_IGN)):  # SIG_DFL (NULL) or SIG_IGN: nothing to call
+    libc.signal(signum, ctypes.c_void_p(address))
     return None
   return libc, address
 
@@ -67,7 +68,6 @@ class Interrupt:
     self.signal: int | None = None
     self._previous: dict[int, object] = {}
     self._jax_sigterm = None  # (libc, address) of JAX's SIGTERM handler, while we own SIGTERM
-    self._received = 0
     self._pipe: tuple[int, int] | None = None
     self._previous_wakeup = -1
     self._thread: threading.Thread | None = None
@@ -101,8 +101,7 @@ class Interrupt:
           return
         if signum not in _SIGNALS:
           continue
-        self._received += 1
-        if self._received > 1:
+        if self.signal is not None:
           print(f"\nstopped by a second signal ({signum}): leaving now without a checkpoint; "
                 "rerun with the same --workdir to resume from the newest one", file=sys.stderr,
                 flush=True)

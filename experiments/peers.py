@@ -91,32 +91,26 @@ class PeerWatch:
     self._beats += 1
     self.client.key_value_set(_PREFIX + str(self.index), str(self._beats), allow_overwrite=True)
 
+  def _get(self, key: str) -> str | None:
+    """The store's value of ``key``; None while it is not set."""
+    try:
+      return self.client.key_value_try_get(key)
+    except Exception:  # pylint: disable=broad-except  # NOT_FOUND
+      return None
+
   def _read(self, others) -> dict[int, str | None]:
     """The beats of ``others`` (None: none yet)."""
-    beats = {}
-    for other in others:
-      try:
-        beats[other] = self.client.key_value_try_get(_PREFIX + str(other))
-      except Exception:  # pylint: disable=broad-except  # NOT_FOUND: not started yet
-        beats[other] = None
-    return beats
-
-  def _reported(self) -> str | None:
-    """What another process reported lost, if it did."""
-    try:
-      return self.client.key_value_try_get(_LOST)
-    except Exception:  # pylint: disable=broad-except  # NOT_FOUND: nothing reported
-      return None
+    return {other: self._get(_PREFIX + str(other)) for other in others}
 
   def _run(self) -> None:
     """Each process watches the next one (a ring: one read per beat and process, however many
     processes) and reads the key where a watcher reports a lost process."""
     watched = (self.index + 1) % self.count
-    seen, changed = self._read([watched])[watched], time.monotonic()
+    seen, changed = self._get(_PREFIX + str(watched)), time.monotonic()
     while not self._stop.wait(self.beat_s):
       try:
         self._beat()
-        now, beat, reported = time.monotonic(), self._read([watched])[watched], self._reported()
+        now, beat, reported = time.monotonic(), self._get(_PREFIX + str(watched)), self._get(_LOST)
       except Exception as error:  # pylint: disable=broad-except
         self.give_up([0], f"the distributed key-value store it hosts is unreachable ({error})")
       if reported is not None:

@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from empf_jax.deploy.fold import unpack_binary, unpack_ternary
-from empf_jax.deploy.runtime import ExitRule
+from empf_jax.deploy.runtime import ExitRule, unpack_kernels
 from empf_jax.deploy.schema import Deployed
 from empf_jax.layout import ConvSpec, DenseSpec, NeuronSpec, walk
 from empf_jax.quantize import SPIKE_LEVELS, SPIKE_MAX_CODE
@@ -62,8 +61,10 @@ class _Graph:
     self.nodes: list[Any] = []
     self.initializers: list[Any] = []
     self._count = 0
-    self._constants: dict[str, str] = {}
-    self.kernels = self._kernels()
+    self._constants: set[str] = set()
+    # OIHW, ONNX's layout, as float32 codes (binary, ternary) or floats.
+    self.kernels = {name: np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1))
+                    for name, kernel in unpack_kernels(self.arch, self.params).items()}
 
   # -- building blocks ------------------------------------------------------------------------
   def _name(self, hint: str) -> str:
@@ -80,8 +81,8 @@ class _Graph:
     if name not in self._constants:
       array = np.asarray(value, dtype=dtype)
       self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
-      self._constants[name] = name
-    return self._constants[name]
+      self._constants.add(name)
+    return name
 
   def per_feature(self, name: str, value: np.ndarray, rank: int) -> str:
     """A [F] vector broadcast against [B, F] (rank 2) or NCHW maps [B, F, H, W] (rank 4)."""
@@ -90,22 +91,6 @@ class _Graph:
       return self.constant(name, value)
     shape = (1, value.shape[-1]) + (1, 1) * (rank == 4)
     return self.constant(name, value.reshape(shape))
-
-  def _kernels(self) -> dict[str, np.ndarray]:
-    """Every convolution's kernel as OIHW float32 codes (binary, ternary) or floats."""
-    out = {}
-    for layer in walk(self.arch.layout):
-      if layer.kind != "conv":
-        continue
-      spec = layer.spec
-      if spec.weights == "binary":
-        kernel = unpack_binary(self.params[f"{spec.name}.bits"], spec.kernel_shape)
-      elif spec.weights == "ternary":
-        kernel = unpack_ternary(self.params[f"{spec.name}.bits"], spec.kernel_shape)
-      else:
-        kernel = self.params[f"{spec.name}.kernel"]
-      out[spec.name] = np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1))
-    return out
 
   # -- the runtime's layers -------------------------------------------------------------------
   def conv(self, spec: ConvSpec, x: str, t: int) -> str:
@@ -183,8 +168,9 @@ class _Graph:
       return h
     return self.node("Flatten", [self.node("Transpose", [h], perm=[0, 2, 3, 1])], axis=1)
 
-  def step(self, x_t: str, rank: int, t: int, state: dict[str, str]) -> str:
-    """Step t's logits [B, K]: every layer of the walk in order, on named registers."""
+  def step(self, rank: int, t: int, state: dict[str, str]) -> str:
+    """Step t's logits [B, K] from x[t]: every layer of the walk in order, on named registers."""
+    x_t = self.node("Gather", ["x", self.constant(f"t@{t}", t, np.int64)], f"x@{t}", axis=0)
     if rank == 4:  # NHWC -> NCHW
       x_t = self.node("Transpose", [x_t], "nchw", perm=[0, 3, 1, 2])
     registers = {"x": (x_t, rank)}
@@ -247,8 +233,7 @@ def _until_exit(graph: _Graph, rule: ExitRule, rank: int, t: int, state: dict[st
   :func:`empf_jax.deploy.run_early_exit`'s loop ends when all have stopped."""
   onnx = graph.onnx
   last = graph.arch.time_steps
-  x_t = graph.node("Gather", ["x", graph.constant(f"t@{t}", t, np.int64)], f"x@{t}", axis=0)
-  logits = graph.step(x_t, rank, t, state)
+  logits = graph.step(rank, t, state)
   if carry is None:  # every example runs step 1
     cumulative = logits
     steps = graph.node("ConstantOfShape", [graph.node("Shape", [logits], start=0, end=1)],
@@ -333,9 +318,7 @@ def to_onnx(deployed: Deployed, input_shape: tuple[int, ...], rule: ExitRule | N
   state: dict[str, str] = {}
   cumulative = []
   for t in range(steps):
-    index = graph.constant(f"t@{t}", t, np.int64)
-    x_t = graph.node("Gather", ["x", index], f"x@{t}", axis=0)
-    logits = graph.step(x_t, rank, t, state)
+    logits = graph.step(rank, t, state)
     total = logits if not cumulative else graph.node("Add", [cumulative[-1], logits], "c")
     cumulative.append(total)
   stacked = graph.node("Concat", [graph.node("Unsqueeze", [c, graph.constant(

@@ -29,8 +29,8 @@ from empf_jax.layout import ConvSpec, DenseSpec, NeuronSpec, walk
 from empf_jax.quantize import quantize_spike
 
 
-def _kernels(arch: Architecture, params: Params) -> dict[str, jax.Array]:
-  """Unpacks every convolution kernel once per run: +-1 signs, ternary codes or float."""
+def unpack_kernels(arch: Architecture, params: Params) -> dict[str, jax.Array]:
+  """Every convolution kernel, HWIO, unpacked once per run: +-1 signs, ternary codes or float."""
   out = {}
   for layer in walk(arch.layout):
     if layer.kind != "conv":
@@ -172,7 +172,7 @@ def _prepare(deployed: Deployed, x: jax.Array, quantize_spikes: bool
   if x.shape[0] > arch.time_steps:
     raise ValueError(f"input has {x.shape[0]} time steps; this network has T={arch.time_steps}")
   x = x.astype(jnp.float32)
-  kernels = _kernels(arch, params)
+  kernels = unpack_kernels(arch, params)
   record, state = jax.eval_shape(
       lambda: _step(arch, params, kernels, None, x[0], jnp.int32(0), quantize_spikes))
   return x, kernels, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state), record
