@@ -145,4 +145,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   main()

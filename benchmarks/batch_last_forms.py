@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if getattr(args, key) < 1:
       parser.error(f"--{key}={getattr(args, key)} is not allowed; allowed: an integer >= 1")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import empf_jax  # noqa: F401  (its XLA CPU options, before the backend starts)
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
   import numpy as np
   from flax import nnx

@@ -1,7 +1,7 @@
 """CPU speed of the convolution gradient: XLA's native transpose rules against the custom VJP.
 
 For a few layer shapes it times the forward pass, dL/dx, dL/dw and ``value_and_grad`` of
-<conv2d(x, w), g> under both backward rules of :func:`empf_jax.ops.set_conv_backward`, then the
+<conv2d(x, w), g> under both backward rules of :func:`empf_jax.ops.conv_backward_rule`, then the
 full loss gradient of a ResNet-18 (width 0.5, T = 1, input [1, 8, 32, 32, 3]). Every function is
 compiled and warmed up first; then the two rules alternate round by round (the order flips every
 round) so that load from other processes on a shared machine falls on both alike, and the median
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from empf_jax import models, ops, training
+from empf_jax import layers, models, ops, training
 
 MODES = ("native", "custom")
 DEFAULT_OUT = pathlib.Path("benchmarks/results/conv_cpu.json")
@@ -89,18 +89,9 @@ LAYERS = (
 OPERATIONS = {"forward": 1, "input_grad": 1, "kernel_grad": 1, "value_and_grad": 3}
 
 
-def _compile(mode: str, fn: Callable, *args) -> Callable:
-  """``fn`` jitted and compiled with ``mode``'s backward rule (the rule is read at trace time)."""
-  previous = ops.set_conv_backward(mode)
-  try:
-    return jax.jit(fn).lower(*args).compile()
-  finally:
-    ops.set_conv_backward(previous)
-
-
-def _layer_functions(layer: Layer) -> dict[str, Callable]:
+def _layer_functions(layer: Layer, mode: str = "auto") -> dict[str, Callable]:
   def conv(x, w):
-    return ops.conv2d(x, w, layer.stride, layer.padding)
+    return ops.conv2d(x, w, layer.stride, layer.padding, mode)
 
   def value_and_grad(x, w, g):
     return jax.value_and_grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1))(x, w)
@@ -152,8 +143,9 @@ def bench_layer(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> 
   """Times every operation of ``layer`` under both rules; GFLOP/s from the median time."""
   x, w, g = layer_arrays(layer, device)
   result = {"layer": layer._asdict(), "mflop_per_conv": layer.flops / 1e6, "operations": {}}
-  for op, fn in _layer_functions(layer).items():
-    compiled = {mode: _compile(mode, fn, x, w, g) for mode in MODES}
+  for op in OPERATIONS:
+    compiled = {mode: jax.jit(_layer_functions(layer, mode)[op]).lower(x, w, g).compile()
+                for mode in MODES}
     seconds = _interleaved_medians(compiled, (x, w, g), rounds, repeats)
     flops = OPERATIONS[op] * layer.flops
     entry = {mode: {"median_ms": 1e3 * seconds[mode], "gflops": flops / seconds[mode] / 1e9}
@@ -168,21 +160,26 @@ def bench_layer(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> 
 def bench_resnet18(rounds: int, repeats: int, device: jax.Device) -> dict:
   """Loss and gradient (parameters) of ResNet-18, width 0.5, T = 1, on [1, 8, 32, 32, 3]."""
   model = models.create("resnet18", num_classes=10, time_steps=1, width=0.5)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((1, 8, 32, 32, 3), np.float32)
   targets = training.smoothed_targets(jax.nn.one_hot(np.arange(8) % 10, 10), 10)
   params, rest, x, targets = jax.device_put((params, rest, x, targets), device)
 
-  def loss(params, rest, x, targets):
-    net = training.fresh_merge(graphdef, params, rest)
-    logits = net(x, train=True)
-    return (training.cross_entropy(jnp.sum(logits, axis=0), targets),
-            nnx.state(net, nnx.Not(nnx.Param)))
+  def grad_fn(mode):
+    layers.set_conv_backward(model, mode)
+    graphdef = nnx.graphdef(model)
 
-  grad_fn = jax.value_and_grad(loss, has_aux=True)
+    def loss(params, rest, x, targets):
+      net = training.fresh_merge(graphdef, params, rest)
+      logits = net(x, train=True)
+      return (training.cross_entropy(jnp.sum(logits, axis=0), targets),
+              nnx.state(net, nnx.Not(nnx.Param)))
+
+    return jax.value_and_grad(loss, has_aux=True)
+
   args = (params, rest, x, targets)
-  compiled = {mode: _compile(mode, grad_fn, *args) for mode in MODES}
+  compiled = {mode: jax.jit(grad_fn(mode)).lower(*args).compile() for mode in MODES}
   seconds = _interleaved_medians(compiled, args, rounds, repeats)
   return {
       "model": "resnet18 width=0.5 time_steps=1 input [1, 8, 32, 32, 3] float32",
@@ -319,8 +316,9 @@ def bench_padding_forms(rounds: int, repeats: int, device: jax.Device) -> dict:
   return {"rounds": rounds, "repeats": repeats, "layers": results}
 
 
-# XLA_FLAGS of each option and further environment; the library appends its own CPU defaults
-# (YNN fusion off) to XLA_FLAGS unless they name the same option or EMPF_JAX_XLA_DEFAULTS=0.
+# XLA_FLAGS of each option and further environment; the child program appends the library's CPU
+# defaults (YNN fusion off, `xla_defaults.apply_cpu_defaults`) unless XLA_FLAGS names the same
+# option or EMPF_JAX_XLA_DEFAULTS=0.
 XLA_OPTIONS = {
     "library defaults (YNN fusion off)": ("", {}),
     "XLA defaults (YNN fusion on)": ("", {"EMPF_JAX_XLA_DEFAULTS": "0"}),
@@ -479,4 +477,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   main()

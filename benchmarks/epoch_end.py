@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + f" --xla_force_host_platform_device_count={args.devices}").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import empf_jax  # noqa: F401  (its XLA CPU options, before the backend starts)
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
   from benchmarks.ablations import load_config
   from benchmarks.throughput import cpu_description, load_average, write_record

@@ -277,4 +277,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   main()

@@ -78,7 +78,8 @@ def measure(args: argparse.Namespace, cores: int) -> dict[str, Any]:
   from benchmarks.throughput import pin_cores
   pin_cores(cores)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import empf_jax  # noqa: F401  (its XLA CPU options, before the backend starts)
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
   import numpy as np
   import onnxruntime as ort

@@ -161,4 +161,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   app.run(main)

@@ -199,13 +199,6 @@ def plot(points: Sequence[dict[str, Any]], path: str, title: str) -> None:
   plt.close(fig)
 
 
-def conv_backward_mode() -> str:
-  """The mode of :func:`empf_jax.ops.set_conv_backward` in effect (read by setting it back)."""
-  mode = ops.set_conv_backward("auto")
-  ops.set_conv_backward(mode)
-  return mode
-
-
 def environment() -> dict[str, Any]:
   """Versions and machine of a measurement."""
   import flax
@@ -213,7 +206,7 @@ def environment() -> dict[str, Any]:
   return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "machine": platform.platform(), "cpus": os.cpu_count(),
-          "conv_backward": conv_backward_mode(),
+          "conv_backward": ops.conv_backward_rule(),
           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -256,4 +249,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   main()

@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   cores = throughput.pin_cores(args.threads)
-  import empf_jax  # noqa: F401  (its XLA CPU options, before the backend starts)
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
   import numpy as np
   from flax import nnx

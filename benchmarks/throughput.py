@@ -498,7 +498,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   else:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cores = pin_cores(args.threads)
-  import empf_jax  # noqa: F401  (its XLA CPU options, before the backend starts)
+  from empf_jax import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
   backend = jax.default_backend()
   if args.device == "gpu" and backend != "gpu":
@@ -507,8 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   import torch
   from flax import nnx
   from benchmarks import torch_reference as ref
-  from benchmarks.memory import conv_backward_mode
-  from empf_jax import convert, models
+  from empf_jax import convert, models, ops
 
   if args.device == "gpu" and "torch" in args.frameworks and not torch.cuda.is_available():
     raise SystemExit("--device=gpu: PyTorch sees no CUDA device")
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "machine": platform.platform(), **cpu_description(), "cpus_visible": os.cpu_count(),
       "cores_used": len(cores),
       "torch_num_threads": torch.get_num_threads(),
-      "conv_backward": conv_backward_mode(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "conv_backward": ops.conv_backward_rule(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
       "load_average_start": load_average(),
   }

@@ -22,16 +22,12 @@ Modules:
   convert     load PyTorch state dicts (reference and HD_LIF layouts).
   ops         convolution (with a fast CPU backward), pooling, BatchNorm statistics.
   testing     helpers for tests: randomize a network's hidden state.
-  xla_defaults  XLA CPU options set on import unless XLA_FLAGS names them (EMPF_JAX_XLA_DEFAULTS=0
-              turns this off).
+  xla_defaults  XLA CPU options for programs: ``xla_defaults.apply_cpu_defaults()``, called
+              before JAX starts its backend (importing the library changes no process state).
 """
 
-from empf_jax import xla_defaults
-
-xla_defaults.apply_cpu_defaults()  # before anything starts JAX's backend
-
-from empf_jax import (accounting, bundle, convert, deploy, efficiency, layers, layout, models,  # noqa: E402
-                      neurons, ops, quantize, testing, training)
+from empf_jax import (accounting, bundle, convert, deploy, efficiency, layers, layout, models,
+                      neurons, ops, quantize, testing, training, xla_defaults)
 from empf_jax.accounting import packed_megabytes, param_megabytes
 from empf_jax.models import ConfigError, NetOptions, create
 from empf_jax.neurons import empf_step, lif_step, parallel_step, run_steps
@@ -41,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "accounting", "bundle", "convert", "deploy", "efficiency", "layers", "layout", "models",
-    "neurons", "ops", "quantize", "testing", "training", "create", "ConfigError", "NetOptions",
+    "neurons", "ops", "quantize", "testing", "training", "xla_defaults", "create", "ConfigError", "NetOptions",
     "empf_step", "lif_step",
     "parallel_step", "run_steps", "binarize_ste", "ternarize_ste", "quantize_spike_ste",
     "param_megabytes", "packed_megabytes",

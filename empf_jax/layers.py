@@ -76,6 +76,16 @@ def set_recording(model: nnx.Module, on: bool) -> None:
       node.record = on
 
 
+def set_conv_backward(model: nnx.Module, backward: str) -> None:
+  """Sets how every convolution of ``model`` is differentiated (``auto``, ``custom`` or
+  ``native``: :func:`~empf_jax.ops.conv_backward_rule`); the model's next jitted step is traced
+  with the new rule."""
+  ops.conv_backward_rule(backward)  # checks the value
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, QConv):
+      node.conv_backward = backward
+
+
 def _recording(module: nnx.Module) -> bool:
   return getattr(module, "record", False)
 
@@ -92,15 +102,20 @@ class QConv(nnx.Module):
   with zero padding ``kernel_size // 2`` by default. Binary/ternary latent weights start uniform in
   [0, latent_init) with latent_init = 1e-3 (the authors' initialisation), or in
   [-latent_init, latent_init) with ``symmetric_init``; full-precision kernels are Kaiming-normal
-  with fan_out.
+  with fan_out. ``conv_backward`` chooses how the convolution is differentiated
+  (:func:`~empf_jax.ops.conv_backward_rule`); it is part of the module, so a jitted step is traced
+  again when it changes.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
                padding: int | None = None, weights: str = "binary", symmetric_init: bool = False,
-               latent_init: float = LATENT_INIT_MAX, rngs: nnx.Rngs):
+               latent_init: float = LATENT_INIT_MAX, conv_backward: str = "auto",
+               rngs: nnx.Rngs):
+    ops.conv_backward_rule(conv_backward)  # checks the value
     self.in_features = in_features
     self.out_features = out_features
     self.kernel_size = kernel_size
+    self.conv_backward = conv_backward
     self.stride = stride
     self.padding = kernel_size // 2 if padding is None else padding
     self.weights = weights
@@ -128,7 +143,8 @@ class QConv(nnx.Module):
     if _recording(self):
       self.sow(nnx.Intermediate, "inputs", x)
     kernel = self.effective_kernel().astype(x.dtype)
-    return ops.fold_time(x, lambda y: ops.conv2d(y, kernel, self.stride, self.padding))
+    return ops.fold_time(x, lambda y: ops.conv2d(y, kernel, self.stride, self.padding,
+                                                      self.conv_backward))
 
 
 class Dense(nnx.Module):

@@ -12,58 +12,47 @@ import jax.numpy as jnp
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 CONV_BACKWARDS = ("auto", "custom", "native")
-_conv_backward = "auto"
 
 
-def set_conv_backward(mode: str) -> str:
-  """Chooses how :func:`conv2d` is differentiated; returns the previous mode.
+def conv_backward_rule(backward: str = "auto") -> str:
+  """The rule a :func:`conv2d` with ``backward`` differentiates by: ``"custom"`` or ``"native"``.
 
   ``"native"`` differentiates ``lax.conv_general_dilated`` with JAX's own transpose rules,
-  ``"custom"`` uses :func:`conv2d_custom_vjp`, and ``"auto"`` (the default) uses the custom rule
-  where ``jax.default_backend()`` is the CPU and the native one elsewhere. The rule is read when a
-  function is traced, and JAX reuses a function's trace for every ``jax.jit`` of it, so changing
-  the mode clears JAX's caches (``jax.clear_caches()``): every function is traced and compiled
-  again, under the new rule, at its next call.
+  ``"custom"`` uses :func:`conv2d_custom_vjp`, and ``"auto"`` (the default) the custom rule where
+  ``jax.default_backend()`` is the CPU and the native one elsewhere.
 
-  Args:
-    mode: one of ``auto``, ``custom``, ``native``.
-
-  Returns:
-    The mode that was in effect before the call, so that a caller can restore it.
+  Raises:
+    ValueError: ``backward`` is not one of :data:`CONV_BACKWARDS`.
   """
-  global _conv_backward
-  if mode not in CONV_BACKWARDS:
-    raise ValueError(f"conv backward mode {mode!r} is not allowed; allowed: "
+  if backward not in CONV_BACKWARDS:
+    raise ValueError(f"conv backward {backward!r} is not allowed; allowed: "
                      f"{', '.join(CONV_BACKWARDS)}")
-  previous, _conv_backward = _conv_backward, mode
-  if mode != previous:
-    jax.clear_caches()
-  return previous
+  if backward == "auto":
+    return "custom" if jax.default_backend() == "cpu" else "native"
+  return backward
 
 
-def _uses_custom_backward() -> bool:
-  if _conv_backward == "auto":
-    return jax.default_backend() == "cpu"
-  return _conv_backward == "custom"
-
-
-def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
+def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0,
+           backward: str = "auto") -> jax.Array:
   """2-D cross-correlation, NHWC input, HWIO kernel, symmetric zero padding (PyTorch semantics).
 
   y[n, i, j, o] = sum_{a, b, c} x_pad[n, s*i + a, s*j + b, c] w[a, b, c, o], where x_pad is ``x``
   with ``padding`` zeros on every side, so H' = floor((H + 2p - KH) / s) + 1 (likewise W').
-  The gradient follows :func:`set_conv_backward` (the custom rule is reverse mode only).
+  The gradient follows ``backward`` (:func:`conv_backward_rule`; the custom rule is reverse mode
+  only). The choice is an argument, read when the function is traced, so each jitted function
+  keeps the rule it was traced with.
 
   Args:
     x: input [N, H, W, C_in].
     w: kernel [KH, KW, C_in, C_out].
     stride: stride in both spatial dimensions.
     padding: zero padding on every side.
+    backward: ``auto``, ``custom`` or ``native`` (:func:`conv_backward_rule`).
 
   Returns:
     Output [N, H', W', C_out].
   """
-  if _uses_custom_backward():
+  if conv_backward_rule(backward) == "custom":
     return conv2d_custom_vjp(x, w, stride, padding)
   return _conv_forward(x, w, stride, padding)
 

@@ -1,10 +1,15 @@
-"""XLA CPU options the library sets before JAX starts its backend.
+"""XLA CPU options for programs that run empf_jax networks, applied by one explicit call.
 
-Importing :mod:`empf_jax` appends each option of :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` unless
-``XLA_FLAGS`` already names it or ``EMPF_JAX_XLA_DEFAULTS=0``. XLA reads ``XLA_FLAGS`` once, when
-the first computation starts the backend, so the options apply when ``empf_jax`` is imported
-before anything runs on JAX (importing ``jax`` alone does not start the backend); later they
-change nothing.
+Importing :mod:`empf_jax` changes no process state. A program (the training and deployment
+programs in ``experiments/``, the benchmarks, the quickstart notebook) calls
+:func:`apply_cpu_defaults` before anything runs on JAX; it appends each option of
+:data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` unless ``XLA_FLAGS`` already names it or
+``EMPF_JAX_XLA_DEFAULTS=0``. XLA reads ``XLA_FLAGS`` once, when the first computation starts the
+backend (importing ``jax`` alone does not), so a later call changes nothing::
+
+    from empf_jax import xla_defaults
+    xla_defaults.apply_cpu_defaults()   # first, before any JAX computation
+    import jax
 
 * ``--xla_cpu_experimental_ynn_fusion_type=`` (empty): XLA's YNN fusion, the CPU default, ran
   some convolutions of these networks on one thread; without it XLA splits them over the cores.

@@ -132,8 +132,9 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  import empf_jax  # noqa: F401  (its XLA CPU options, before JAX starts; after flag parsing,
-  import jax  # so that --help is fast)
+  from empf_jax import xla_defaults  # after flag parsing, so that --help is fast
+  xla_defaults.apply_cpu_defaults()  # before JAX starts its backend
+  import jax
   start_distributed(jax)
   from experiments import train
   from experiments.checkpoint import CheckpointError

@@ -59,7 +59,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from empf_jax import accounting, bundle, deploy, efficiency, models, training
+from empf_jax import accounting, bundle, deploy, efficiency, models, training, xla_defaults
 from experiments import input as data_input
 from experiments import report, train
 from experiments.checkpoint import CheckpointError, Checkpoints
@@ -441,6 +441,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+  xla_defaults.apply_cpu_defaults()  # before JAX starts its backend
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:

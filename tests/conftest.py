@@ -6,6 +6,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from empf_jax import xla_defaults
+
+xla_defaults.apply_cpu_defaults()  # what the programs do before JAX starts
+
 import pytest
 
 

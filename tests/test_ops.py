@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from empf_jax import ops
+from flax import nnx
+
+from empf_jax import layers, ops
 
 # Every (kernel, stride, padding) the networks use, plus the other combinations of those values.
 KERNELS = (1, 3, 7)
@@ -19,13 +21,6 @@ SIZES = ((9, 7), (8, 6))
 CASES = [pytest.param(k, s, p, hw, id=f"k{k}-s{s}-p{p}-{hw[0]}x{hw[1]}")
          for k, s, p, hw in itertools.product(KERNELS, STRIDES, PADDINGS, SIZES)
          if min(hw) + 2 * p >= k]
-
-
-@pytest.fixture(autouse=True)
-def _restore_conv_backward():
-  previous = ops.set_conv_backward("auto")
-  yield
-  ops.set_conv_backward(previous)
 
 
 def _reference_conv(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
@@ -54,10 +49,8 @@ def _inputs(kernel, hw, seed=0, dtype=jnp.float32):
 
 def _conv_and_grads(mode, x, w, g, stride, padding):
   """(y, dL/dx, dL/dw) for cotangent g, traced afresh under backward ``mode`` and jitted whole."""
-  ops.set_conv_backward(mode)
-
   def conv_and_grads(x, w, g):
-    y, vjp = jax.vjp(lambda x, w: ops.conv2d(x, w, stride, padding), x, w)
+    y, vjp = jax.vjp(lambda x, w: ops.conv2d(x, w, stride, padding, mode), x, w)
     return (y, *vjp(g))
 
   return jax.jit(conv_and_grads)(x, w, g)
@@ -116,51 +109,60 @@ def test_custom_backward_bfloat16(kernel, stride, padding):
 
 def test_custom_backward_under_jit_traces_once():
   x, w = _inputs(3, (8, 8), seed=7)
-  ops.set_conv_backward("custom")
 
   @jax.jit
   @chex.assert_max_traces(n=1)
   def loss_and_grads(x, w):
-    return jax.value_and_grad(lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1) ** 2), (0, 1))(x, w)
+    return jax.value_and_grad(lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1, "custom") ** 2),
+                              (0, 1))(x, w)
 
   loss, (dx, dw) = loss_and_grads(x, w)
   loss_and_grads(x + 1.0, w)
-  ops.set_conv_backward("native")
   loss_ref, (dx_ref, dw_ref) = jax.value_and_grad(
-      lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1) ** 2), (0, 1))(x, w)
+      lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1, "native") ** 2), (0, 1))(x, w)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
   _assert_close_scaled(dx, dx_ref, rtol=1e-5)
   _assert_close_scaled(dw, dw_ref, rtol=1e-5)
 
 
-def _uses_custom_vjp(mode):
-  ops.set_conv_backward(mode)
-  x, w = _inputs(3, (8, 8))
-  jaxpr = jax.make_jaxpr(lambda x, w: ops.conv2d(x, w, 1, 1))(x, w)
+def _uses_custom_vjp(fn, *args):
+  jaxpr = jax.make_jaxpr(fn)(*args)
   return any("custom_vjp" in eqn.primitive.name for eqn in jaxpr.jaxpr.eqns)
 
 
-def test_set_conv_backward_selects_the_rule():
-  assert _uses_custom_vjp("custom")
-  assert not _uses_custom_vjp("native")
-  assert _uses_custom_vjp("auto") == (jax.default_backend() == "cpu")
-
-
-def test_switching_the_rule_retraces_jitted_functions():
+def test_the_backward_argument_selects_the_rule():
   x, w = _inputs(3, (8, 8))
-  jitted = jax.jit(lambda x, w: ops.conv2d(x, w, 1, 1))
-  ops.set_conv_backward("native")
-  assert "custom_vjp" not in str(jitted.trace(x, w).jaxpr)
-  ops.set_conv_backward("custom")
-  assert "custom_vjp" in str(jitted.trace(x, w).jaxpr)
+  assert _uses_custom_vjp(lambda x, w: ops.conv2d(x, w, 1, 1, "custom"), x, w)
+  assert not _uses_custom_vjp(lambda x, w: ops.conv2d(x, w, 1, 1, "native"), x, w)
+  on_cpu = jax.default_backend() == "cpu"
+  assert _uses_custom_vjp(lambda x, w: ops.conv2d(x, w, 1, 1), x, w) == on_cpu
+  assert ops.conv_backward_rule() == ("custom" if on_cpu else "native")
 
 
-def test_set_conv_backward_returns_previous_and_rejects_unknown_modes():
-  assert ops.set_conv_backward("native") == "auto"
-  assert ops.set_conv_backward("custom") == "native"
+def test_a_layer_keeps_its_rule_and_a_change_retraces():
+  layer = layers.QConv(3, 4, 3, weights="float", rngs=nnx.Rngs(0))
+  x = _normal(0, (1, 2, 8, 8, 3))
+  traced = []
+
+  @nnx.jit
+  def kernel_grad(layer, x):
+    traced.append(layer.conv_backward)
+    assert _uses_custom_vjp(lambda x: layer(x), x) == (layer.conv_backward == "custom")
+    return nnx.grad(lambda layer: jnp.sum(layer(x) ** 2))(layer).kernel[...]
+
+  grads = {}
+  for rule in ("native", "custom", "native"):
+    layer.conv_backward = rule
+    grads[rule] = kernel_grad(layer, x)
+  assert traced == ["native", "custom"]  # the second "native" call reuses its trace
+  _assert_close_scaled(grads["custom"], grads["native"], rtol=1e-5)
+
+
+def test_unknown_backward_rules_are_rejected_with_the_allowed_ones():
   with pytest.raises(ValueError, match="'xla'.*auto, custom, native"):
-    ops.set_conv_backward("xla")
-  assert ops.set_conv_backward("auto") == "custom"
+    ops.conv_backward_rule("xla")
+  with pytest.raises(ValueError, match="'xla'.*auto, custom, native"):
+    layers.QConv(3, 4, 3, conv_backward="xla", rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 5, 5, 3), (3, 4, 7), (2, 8, 3, 3, 4)])

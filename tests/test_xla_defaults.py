@@ -1,6 +1,11 @@
-"""The XLA CPU options empf_jax sets on import: appended when missing, never over the user's."""
+"""The XLA CPU options of empf_jax: appended by the programs' one call when missing, never over
+the user's; importing the library changes nothing."""
 
 import os
+import subprocess
+import sys
+
+import pytest
 
 from empf_jax import xla_defaults
 
@@ -26,3 +31,27 @@ def test_opt_out_leaves_xla_flags_alone(monkeypatch):
   assert xla_defaults.apply_cpu_defaults() == ""
   assert "XLA_FLAGS" not in os.environ
 
+
+
+def test_importing_the_library_leaves_xla_flags_alone():
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_defaults.OPT_OUT)}
+  code = ("import os, empf_jax, experiments, experiments.train, experiments.cifar; "
+          "print(os.environ.get('XLA_FLAGS'))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True).stdout
+  assert out.strip().splitlines()[-1] == "None"
+
+
+def test_the_training_program_applies_the_options_before_jax_starts(monkeypatch):
+  from experiments import cifar
+  calls = []
+
+  def start_distributed(jax):
+    calls.append("jax")
+    raise SystemExit(9)
+
+  monkeypatch.setattr(xla_defaults, "apply_cpu_defaults", lambda: calls.append("options"))
+  monkeypatch.setattr(cifar, "start_distributed", start_distributed)
+  with pytest.raises(SystemExit):
+    cifar.main([])
+  assert calls == ["options", "jax"]
