@@ -12,7 +12,7 @@ CONSTRAINTS ?= constraints.txt
 # One stamp per Python environment, so that another interpreter or virtual environment installs.
 ENV_ID := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])')
 
-.PHONY: install install-test data-test train digits test test-all test-latest
+.PHONY: install install-test data-test lint train digits test test-all test-latest
 
 install: build/install-$(ENV_ID).stamp
 
@@ -40,10 +40,15 @@ train: install
 digits: install
 	$(PYTHON) -m experiments.cifar --workdir=runs/digits --config=experiments/configs/digits.py
 
-test: install-test data-test
+# Lint and format check (ruff) and type check (mypy on empf_jax/); settings in pyproject.toml.
+lint: install-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: install-test data-test lint
 	$(PYTHON) -m pytest -q -m "not slow"
 
-test-all: install-test data-test
+test-all: install-test data-test lint
 	$(PYTHON) -m pytest -q
 
 # The newest releases of every dependency, then the default suite: shows whether the code still
@@ -53,4 +58,5 @@ test-all: install-test data-test
 test-latest: data-test
 	$(PYTHON) -m pip install -q -U --upgrade-strategy eager -e '.[test]'
 	@rm -f build/install-*.stamp  # the environment no longer holds the constrained versions
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -23,7 +23,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from benchmarks import throughput
 
@@ -33,18 +34,23 @@ LIBRARY = "x I (the library's)"
 def forms() -> dict[str, Callable]:
   import jax
   import jax.numpy as jnp
+
   from empf_jax import ops
 
   def identity_first(x):
     n, h, w, c = x.shape
     if c > 64:
       return x.transpose(3, 1, 2, 0)
-    product = jax.lax.dot_general(jnp.eye(c, dtype=x.dtype), x.reshape(n, h * w, c),
-                                  (((1,), (2,)), ((), ())))  # [C, N, HW]
+    product = jax.lax.dot_general(
+      jnp.eye(c, dtype=x.dtype), x.reshape(n, h * w, c), (((1,), (2,)), ((), ()))
+    )  # [C, N, HW]
     return product.reshape(c, n, h, w).transpose(0, 2, 3, 1)
 
-  return {LIBRARY: ops.batch_last, "I x, up to 64 channels": identity_first,
-          "plain transpose": lambda x: x.transpose(3, 1, 2, 0)}
+  return {
+    LIBRARY: ops.batch_last,
+    "I x, up to 64 channels": identity_first,
+    "plain transpose": lambda x: x.transpose(3, 1, 2, 0),
+  }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -60,17 +66,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       parser.error(f"--{key}={getattr(args, key)} is not allowed; allowed: an integer >= 1")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
   import numpy as np
   from flax import nnx
+
   from empf_jax import models, ops
 
-  step_args = throughput.parse_args([f"--network={args.network}", f"--batch={args.batch}",
-                                     f"--width={args.width}"])
+  step_args = throughput.parse_args(
+    [f"--network={args.network}", f"--batch={args.batch}", f"--width={args.width}"]
+  )
   channels = throughput.NETWORKS[args.network]["channels"]
-  model = models.create(args.network, num_classes=throughput.NUM_CLASSES, time_steps=4,
-                        width=args.width, in_channels=channels, rngs=nnx.Rngs(0))
+  model = models.create(
+    args.network,
+    num_classes=throughput.NUM_CLASSES,
+    time_steps=4,
+    width=args.width,
+    in_channels=channels,
+    rngs=nnx.Rngs(0),
+  )
   rng = np.random.default_rng(0)
   batch = throughput.random_batch(rng, args.batch, step_args.size, channels)
   library, runners = ops.batch_last, {}
@@ -92,17 +107,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   results = {}
   for name, values in seconds.items():
     median = statistics.median(values)
-    results[name] = {"median_seconds_per_batch": median, "images_per_second": args.batch / median,
-                     "speed_relative_to_library": base / median, "seconds": values}
-    print(f"  {name:24s} {1e3 * median:7.0f} ms per batch  {args.batch / median:6.2f} img/s  "
-          f"{base / median:.3f}x the library's speed", flush=True)
-  record = {"meta": {"command": "python -m benchmarks.batch_last_forms "
-                     + " ".join(argv if argv is not None else sys.argv[1:]),
-                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "jax": jax.__version__, **throughput.cpu_description(),
-                     "load_average": throughput.load_average(), "batch": args.batch,
-                     "rounds": args.rounds, "network": args.network},
-            "forms": results}
+    results[name] = {
+      "median_seconds_per_batch": median,
+      "images_per_second": args.batch / median,
+      "speed_relative_to_library": base / median,
+      "seconds": values,
+    }
+    print(
+      f"  {name:24s} {1e3 * median:7.0f} ms per batch  {args.batch / median:6.2f} img/s  "
+      f"{base / median:.3f}x the library's speed",
+      flush=True,
+    )
+  record = {
+    "meta": {
+      "command": "python -m benchmarks.batch_last_forms "
+      + " ".join(argv if argv is not None else sys.argv[1:]),
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+      "jax": jax.__version__,
+      **throughput.cpu_description(),
+      "load_average": throughput.load_average(),
+      "batch": args.batch,
+      "rounds": args.rounds,
+      "network": args.network,
+    },
+    "forms": results,
+  }
   throughput.write_record(args.out, record)
   return record
 

@@ -28,18 +28,24 @@ from benchmarks import compare_modes
 
 # The setting where the running averages of training collapsed: the previous Fashion-MNIST network
 # (convnet_small, global average pooling after one pooling) at width 0.5, batch 64, SGD 0.05.
-BASELINE = ["--config.model.name=convnet_small", "--config.model.width=0.5",
-            "--config.batch_size=64", "--config.learning_rate=0.05"]
+BASELINE = [
+  "--config.model.name=convnet_small",
+  "--config.model.width=0.5",
+  "--config.batch_size=64",
+  "--config.learning_rate=0.05",
+]
 CANDIDATES = {
-    "baseline": [],
-    "lr_0.01": ["--config.learning_rate=0.01"],
-    "lr_0.1": ["--config.learning_rate=0.1"],
-    "no_latent_decay": ["--config.decay_latent_weights=False"],
-    "symmetric_init_0.05": ["--config.model.latent_init=0.05",
-                            "--config.model.symmetric_init=True"],
-    "one_update_per_batch": ["--config.mode=random_step"],
-    "convnet28": ["--config.model.name=convnet28", "--config.model.width=1.0",
-                  "--config.batch_size=128"],
+  "baseline": [],
+  "lr_0.01": ["--config.learning_rate=0.01"],
+  "lr_0.1": ["--config.learning_rate=0.1"],
+  "no_latent_decay": ["--config.decay_latent_weights=False"],
+  "symmetric_init_0.05": ["--config.model.latent_init=0.05", "--config.model.symmetric_init=True"],
+  "one_update_per_batch": ["--config.mode=random_step"],
+  "convnet28": [
+    "--config.model.name=convnet28",
+    "--config.model.width=1.0",
+    "--config.batch_size=128",
+  ],
 }
 
 
@@ -48,10 +54,17 @@ def parse_args(argv=None):
   parser.add_argument("--config", default="experiments/configs/fashion_mnist.py")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--epochs", type=int, default=1)
-  parser.add_argument("--candidates", default=",".join(CANDIDATES),
-                      type=compare_modes.names_in(CANDIDATES, "candidate(s)"))
-  parser.add_argument("--extra", action="append", default=[],
-                      help="further --config.key=value flags for every candidate")
+  parser.add_argument(
+    "--candidates",
+    default=",".join(CANDIDATES),
+    type=compare_modes.names_in(CANDIDATES, "candidate(s)"),
+  )
+  parser.add_argument(
+    "--extra",
+    action="append",
+    default=[],
+    help="further --config.key=value flags for every candidate",
+  )
   return parser.parse_args(argv)
 
 
@@ -65,19 +78,34 @@ def read_records(workdir: str) -> dict:
         evals[record["epoch"]] = record
       elif record["kind"] == "weights":
         weights[record["epoch"]] = record
-  return {"eval": [evals[e] for e in sorted(evals)], "weights": [weights[e] for e in sorted(weights)]}
+  return {
+    "eval": [evals[e] for e in sorted(evals)],
+    "weights": [weights[e] for e in sorted(weights)],
+  }
 
 
 def run_candidate(args, name: str) -> dict:
   workdir = os.path.join(args.workdir, name)
-  flags = [f"--workdir={workdir}", f"--config={args.config}", "--config.progress=False",
-           f"--config.epochs={args.epochs}", "--config.warmup_epochs=0",
-           "--config.bn_recalibration_batches=0", *BASELINE, *CANDIDATES[name], *args.extra]
+  flags = [
+    f"--workdir={workdir}",
+    f"--config={args.config}",
+    "--config.progress=False",
+    f"--config.epochs={args.epochs}",
+    "--config.warmup_epochs=0",
+    "--config.bn_recalibration_batches=0",
+    *BASELINE,
+    *CANDIDATES[name],
+    *args.extra,
+  ]
   print(f"== {name}: python -m experiments.cifar {' '.join(flags)}", flush=True)
   start = time.perf_counter()
   subprocess.run([sys.executable, "-m", "experiments.cifar", *flags], check=True)
-  return {"name": name, "flags": flags, "wall_seconds_this_call": time.perf_counter() - start,
-          **read_records(workdir)}
+  return {
+    "name": name,
+    "flags": flags,
+    "wall_seconds_this_call": time.perf_counter() - start,
+    **read_records(workdir),
+  }
 
 
 def _mean_over_kernels(record: dict, prefix: str) -> float:
@@ -86,22 +114,26 @@ def _mean_over_kernels(record: dict, prefix: str) -> float:
 
 
 def table(results: list[dict]) -> str:
-  lines = ["| candidate | epoch | stored averages | re-estimated | gap (points) | "
-           "codes changed per update | relative update size | median latent abs |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| candidate | epoch | stored averages | re-estimated | gap (points) | "
+    "codes changed per update | relative update size | median latent abs |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in results:
     for ev, w in zip(r["eval"], r["weights"]):
       lines.append(
-          f"| {r['name']} | {ev['epoch'] + 1} | {100 * ev['accuracy']:.2f} % | "
-          f"{100 * ev['accuracy_reestimated']:.2f} % | {100 * ev['bn_gap']:.2f} | "
-          f"{100 * _mean_over_kernels(w, 'code_change'):.3f} % | "
-          f"{_mean_over_kernels(w, 'update_ratio'):.4f} | "
-          f"{_mean_over_kernels(w, 'latent_abs_p50'):.2e} |")
+        f"| {r['name']} | {ev['epoch'] + 1} | {100 * ev['accuracy']:.2f} % | "
+        f"{100 * ev['accuracy_reestimated']:.2f} % | {100 * ev['bn_gap']:.2f} | "
+        f"{100 * _mean_over_kernels(w, 'code_change'):.3f} % | "
+        f"{_mean_over_kernels(w, 'update_ratio'):.4f} | "
+        f"{_mean_over_kernels(w, 'latent_abs_p50'):.2e} |"
+      )
   return "\n".join(lines)
 
 
 def plot(results: list[dict], path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -110,9 +142,15 @@ def plot(results: list[dict], path: str) -> None:
   gap = [100 * r["eval"][-1]["bn_gap"] for r in results]
   flips = [100 * _mean_over_kernels(r["weights"][-1], "code_change") for r in results]
   ratio = [_mean_over_kernels(r["weights"][-1], "update_ratio") for r in results]
-  for ax, values, title in zip(axes, (gap, flips, ratio), (
-      "re-estimated minus stored accuracy (points)", "weight signs changed per update (%)",
-      "||dW|| / ||W|| per update")):
+  for ax, values, title in zip(
+    axes,
+    (gap, flips, ratio),
+    (
+      "re-estimated minus stored accuracy (points)",
+      "weight signs changed per update (%)",
+      "||dW|| / ||W|| per update",
+    ),
+  ):
     ax.barh(names, values, color="tab:blue")
     ax.set_title(title, fontsize=10)
     ax.invert_yaxis()
@@ -126,8 +164,14 @@ def plot(results: list[dict], path: str) -> None:
 def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
-  meta = {"config": args.config, "epochs": args.epochs, "baseline": BASELINE,
-          "extra": args.extra, "date": time.strftime("%Y-%m-%d"), "load_start": os.getloadavg()}
+  meta = {
+    "config": args.config,
+    "epochs": args.epochs,
+    "baseline": BASELINE,
+    "extra": args.extra,
+    "date": time.strftime("%Y-%m-%d"),
+    "load_start": os.getloadavg(),
+  }
   results = []
   for name in args.candidates.split(","):
     results.append(run_candidate(args, name))
@@ -144,5 +188,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   main()

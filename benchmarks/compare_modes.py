@@ -36,22 +36,24 @@ import time
 import jax
 
 MODES = {
-    "online": [],
-    "random_step": ["--config.mode=random_step"],
-    "bptt_lif": ["--config.mode=bptt", "--config.model.neuron=lif"],
-    "online_lif": ["--config.model.neuron=lif"],
-    "bptt": ["--config.mode=bptt"],
-    "online_float": ["--config.model.weights=float"],
+  "online": [],
+  "random_step": ["--config.mode=random_step"],
+  "bptt_lif": ["--config.mode=bptt", "--config.model.neuron=lif"],
+  "online_lif": ["--config.model.neuron=lif"],
+  "bptt": ["--config.mode=bptt"],
+  "online_float": ["--config.model.weights=float"],
 }
 
 
 def names_in(allowed, what: str):
   """An argparse ``type``: a comma-separated list of names, each one of ``allowed``."""
+
   def parse(value: str) -> str:
     unknown = [name for name in value.split(",") if name not in allowed]
     if unknown:
       raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; allowed: {', '.join(allowed)}")
     return value
+
   return parse
 
 
@@ -61,22 +63,35 @@ def parse_args(argv=None):
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--epochs", type=int, default=None, help="override config.epochs")
   parser.add_argument("--width", type=float, default=None, help="override config.model.width")
-  parser.add_argument("--modes", default="online,random_step,bptt_lif",
-                      type=names_in(MODES, "mode(s)"))
-  parser.add_argument("--extra", action="append", default=[],
-                      help="further --config.key=value flags for every mode")
-  parser.add_argument("--results", default=None,
-                      help="JSON results file to write or update (default WORKDIR/results.json)")
-  parser.add_argument("--collect", action="store_true",
-                      help="train nothing: tabulate and plot what each mode's workdir holds, "
-                           "unfinished runs included (their last evaluated epoch)")
+  parser.add_argument(
+    "--modes", default="online,random_step,bptt_lif", type=names_in(MODES, "mode(s)")
+  )
+  parser.add_argument(
+    "--extra", action="append", default=[], help="further --config.key=value flags for every mode"
+  )
+  parser.add_argument(
+    "--results",
+    default=None,
+    help="JSON results file to write or update (default WORKDIR/results.json)",
+  )
+  parser.add_argument(
+    "--collect",
+    action="store_true",
+    help="train nothing: tabulate and plot what each mode's workdir holds, "
+    "unfinished runs included (their last evaluated epoch)",
+  )
   return parser.parse_args(argv)
 
 
 def run_mode(args, mode: str) -> dict:
   workdir = os.path.join(args.workdir, mode)
-  flags = [f"--workdir={workdir}", f"--config={args.config}", "--config.progress=False",
-           *MODES[mode], *args.extra]
+  flags = [
+    f"--workdir={workdir}",
+    f"--config={args.config}",
+    "--config.progress=False",
+    *MODES[mode],
+    *args.extra,
+  ]
   if args.epochs is not None:
     flags.append(f"--config.epochs={args.epochs}")
   if args.width is not None:
@@ -95,12 +110,19 @@ def collect(workdir: str) -> dict:
   epoch; every epoch's test accuracy; the median training image rate."""
   records = []
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "metrics.jsonl")) as lines:
+      records = [json.loads(line) for line in lines]
   evals = {r["epoch"]: r for r in records if r["kind"] == "eval"}
-  epochs = [{"epoch": e + 1, "accuracy": evals[e]["accuracy"],
-             "accuracy_per_step": evals[e]["accuracy_per_step"],
-             "accuracy_reestimated": evals[e].get("accuracy_reestimated"),
-             "train_seconds": evals[e].get("train_seconds")} for e in sorted(evals)]
+  epochs = [
+    {
+      "epoch": e + 1,
+      "accuracy": evals[e]["accuracy"],
+      "accuracy_per_step": evals[e]["accuracy_per_step"],
+      "accuracy_reestimated": evals[e].get("accuracy_reestimated"),
+      "train_seconds": evals[e].get("train_seconds"),
+    }
+    for e in sorted(evals)
+  ]
   rates = sorted(r["images_per_second"] for r in records if r["kind"] == "train")
   summary_path = os.path.join(workdir, "summary.json")
   if os.path.exists(summary_path):
@@ -108,9 +130,13 @@ def collect(workdir: str) -> dict:
       last = json.load(f)
   else:
     last = epochs[-1] if epochs else {"accuracy": None, "accuracy_per_step": []}
-  return {"finished": os.path.exists(summary_path), "accuracy": last["accuracy"],
-          "accuracy_per_step": last["accuracy_per_step"], "epochs": epochs,
-          "median_train_images_per_second": rates[len(rates) // 2] if rates else None}
+  return {
+    "finished": os.path.exists(summary_path),
+    "accuracy": last["accuracy"],
+    "accuracy_per_step": last["accuracy_per_step"],
+    "epochs": epochs,
+    "median_train_images_per_second": rates[len(rates) // 2] if rates else None,
+  }
 
 
 def step_memory(flags: list[str]) -> int | None:
@@ -118,6 +144,7 @@ def step_memory(flags: list[str]) -> int | None:
   ``experiments.cifar`` flags: ``--config=PATH`` and ``--config.KEY=VALUE`` overrides)
   describe, as ``benchmarks.ablations`` measures it."""
   from benchmarks import ablations
+
   path = next(f.split("=", 1)[1] for f in flags if f.startswith("--config="))
   overrides = [f for f in flags if f.startswith("--config.")]
   return ablations.mode_memory(ablations.load_config(path, overrides))["bytes"]["total"]
@@ -153,8 +180,11 @@ def merged(path: str, results: list[dict]) -> list[dict]:
 
 def table(results: list[dict]) -> str:
   """The Markdown table of :func:`main`: one row per mode."""
-  lines = ["| mode | test accuracy (t = T) | accuracy at t = 1..T | training time | "
-           "train img/s | train-step memory |", "|---|---|---|---|---|---|"]
+  lines = [
+    "| mode | test accuracy (t = T) | accuracy at t = 1..T | training time | "
+    "train img/s | train-step memory |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in results:
     if r["accuracy"] is None:
       continue
@@ -163,24 +193,31 @@ def table(results: list[dict]) -> str:
     seconds = r.get("train_seconds")
     mem = r.get("train_step_memory_bytes")
     name = r["mode"] if r["finished"] else f"{r['mode']} (epoch {r['epochs'][-1]['epoch']})"
-    lines.append(f"| {name} | {100 * r['accuracy']:.2f} % | {per_step} | "
-                 + (f"{seconds / 60:.0f} min | " if seconds else "- | ")
-                 + (f"{rate:.0f} | " if rate else "- | ")
-                 + (f"{mem / 2 ** 20:.0f} MiB |" if mem else "- |"))
+    lines.append(
+      f"| {name} | {100 * r['accuracy']:.2f} % | {per_step} | "
+      + (f"{seconds / 60:.0f} min | " if seconds else "- | ")
+      + (f"{rate:.0f} | " if rate else "- | ")
+      + (f"{mem / 2**20:.0f} MiB |" if mem else "- |")
+    )
   return "\n".join(lines)
 
 
 def plot(results: list[dict], path: str) -> None:
   """Test accuracy (t = T) against epoch, one line per mode."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in results:
     if r["epochs"]:
-      ax.plot([e["epoch"] for e in r["epochs"]], [100 * e["accuracy"] for e in r["epochs"]],
-              marker="o", label=r["mode"] + ("" if r["finished"] else " (unfinished)"))
+      ax.plot(
+        [e["epoch"] for e in r["epochs"]],
+        [100 * e["accuracy"] for e in r["epochs"]],
+        marker="o",
+        label=r["mode"] + ("" if r["finished"] else " (unfinished)"),
+      )
   ax.set_xlabel("epoch")
   ax.set_ylabel("test accuracy at t = T (%)")
   ax.grid(alpha=0.3)
@@ -193,10 +230,17 @@ def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
   results = [run_mode(args, mode) for mode in args.modes.split(",")]
-  meta = {"config": args.config, "epochs": args.epochs, "width": args.width,
-          "extra": args.extra, "machine": platform.platform(), "cpus": os.cpu_count(),
-          "jax": jax.__version__, "backend": jax.default_backend(),
-          "date": time.strftime("%Y-%m-%d")}
+  meta = {
+    "config": args.config,
+    "epochs": args.epochs,
+    "width": args.width,
+    "extra": args.extra,
+    "machine": platform.platform(),
+    "cpus": os.cpu_count(),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "date": time.strftime("%Y-%m-%d"),
+  }
   for r in results:
     r["date"] = meta["date"]
   path = args.results or os.path.join(args.workdir, "results.json")
@@ -214,5 +258,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   main()

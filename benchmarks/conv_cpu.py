@@ -45,7 +45,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,15 +77,15 @@ class Layer(NamedTuple):
 
   @property
   def flops(self) -> int:
-    return (2 * self.batch * self.out_size ** 2 * self.kernel ** 2 * self.c_in * self.c_out)
+    return 2 * self.batch * self.out_size**2 * self.kernel**2 * self.c_in * self.c_out
 
 
 LAYERS = (
-    Layer("3x3 s1, 64x28x28x32 -> 64", 64, 28, 32, 64, 3, 1, 1),
-    Layer("ResNet-18 3x3 s1, 16x32x32x64 -> 64", 16, 32, 64, 64, 3, 1, 1),
-    Layer("ResNet-18 3x3 s2, 16x32x32x64 -> 128", 16, 32, 64, 128, 3, 2, 1),
-    Layer("ResNet-18 shortcut 1x1 s2, 16x32x32x64 -> 128", 16, 32, 64, 128, 1, 2, 0),
-    Layer("ImageNet stem 7x7 s2 (odd size), 16x63x63x3 -> 64", 16, 63, 3, 64, 7, 2, 3),
+  Layer("3x3 s1, 64x28x28x32 -> 64", 64, 28, 32, 64, 3, 1, 1),
+  Layer("ResNet-18 3x3 s1, 16x32x32x64 -> 64", 16, 32, 64, 64, 3, 1, 1),
+  Layer("ResNet-18 3x3 s2, 16x32x32x64 -> 128", 16, 32, 64, 128, 3, 2, 1),
+  Layer("ResNet-18 shortcut 1x1 s2, 16x32x32x64 -> 128", 16, 32, 64, 128, 1, 2, 0),
+  Layer("ImageNet stem 7x7 s2 (odd size), 16x63x63x3 -> 64", 16, 63, 3, 64, 7, 2, 3),
 )
 OPERATIONS = {"forward": 1, "input_grad": 1, "kernel_grad": 1, "value_and_grad": 3}
 
@@ -97,15 +98,16 @@ def _layer_functions(layer: Layer, mode: str = "auto") -> dict[str, Callable]:
     return jax.value_and_grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1))(x, w)
 
   return {
-      "forward": lambda x, w, g: conv(x, w),
-      "input_grad": lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
-      "kernel_grad": lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
-      "value_and_grad": value_and_grad,
+    "forward": lambda x, w, g: conv(x, w),
+    "input_grad": lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
+    "kernel_grad": lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
+    "value_and_grad": value_and_grad,
   }
 
 
-def _interleaved_medians(compiled: dict[str, Callable], args: tuple, rounds: int,
-                         repeats: int) -> dict[str, float]:
+def _interleaved_medians(
+  compiled: dict[str, Callable], args: tuple, rounds: int, repeats: int
+) -> dict[str, float]:
   """Median seconds per call of each function, the functions alternating round by round."""
   for fn in compiled.values():
     jax.block_until_ready(fn(*args))
@@ -123,19 +125,26 @@ def _interleaved_medians(compiled: dict[str, Callable], args: tuple, rounds: int
 
 def _relative_difference(a, b) -> float:
   """max |a - b| / max |b| over a pytree's leaves (the largest per leaf)."""
-  return max(float(jnp.max(jnp.abs(u - v)) / jnp.maximum(jnp.max(jnp.abs(v)), 1e-30))
-             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(jnp.max(jnp.abs(u - v)) / jnp.maximum(jnp.max(jnp.abs(v)), 1e-30))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def layer_arrays(layer: Layer, device: jax.Device) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Random input, kernel and output gradient of ``layer`` (seed 0) on ``device``."""
   rng = np.random.default_rng(0)
-  x = jax.device_put(rng.standard_normal((layer.batch, layer.size, layer.size, layer.c_in),
-                                         np.float32), device)
-  w = jax.device_put(0.1 * rng.standard_normal(
-      (layer.kernel, layer.kernel, layer.c_in, layer.c_out), np.float32), device)
-  g = jax.device_put(rng.standard_normal(
-      (layer.batch, layer.out_size, layer.out_size, layer.c_out), np.float32), device)
+  x = jax.device_put(
+    rng.standard_normal((layer.batch, layer.size, layer.size, layer.c_in), np.float32), device
+  )
+  w = jax.device_put(
+    0.1 * rng.standard_normal((layer.kernel, layer.kernel, layer.c_in, layer.c_out), np.float32),
+    device,
+  )
+  g = jax.device_put(
+    rng.standard_normal((layer.batch, layer.out_size, layer.out_size, layer.c_out), np.float32),
+    device,
+  )
   return x, w, g
 
 
@@ -144,15 +153,19 @@ def bench_layer(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> 
   x, w, g = layer_arrays(layer, device)
   result = {"layer": layer._asdict(), "mflop_per_conv": layer.flops / 1e6, "operations": {}}
   for op in OPERATIONS:
-    compiled = {mode: jax.jit(_layer_functions(layer, mode)[op]).lower(x, w, g).compile()
-                for mode in MODES}
+    compiled = {
+      mode: jax.jit(_layer_functions(layer, mode)[op]).lower(x, w, g).compile() for mode in MODES
+    }
     seconds = _interleaved_medians(compiled, (x, w, g), rounds, repeats)
     flops = OPERATIONS[op] * layer.flops
-    entry = {mode: {"median_ms": 1e3 * seconds[mode], "gflops": flops / seconds[mode] / 1e9}
-             for mode in MODES}
+    entry = {
+      mode: {"median_ms": 1e3 * seconds[mode], "gflops": flops / seconds[mode] / 1e9}
+      for mode in MODES
+    }
     entry["speedup"] = seconds["native"] / seconds["custom"]
     entry["max_relative_difference"] = _relative_difference(
-        compiled["custom"](x, w, g), compiled["native"](x, w, g))
+      compiled["custom"](x, w, g), compiled["native"](x, w, g)
+    )
     result["operations"][op] = entry
   return result
 
@@ -173,8 +186,10 @@ def bench_resnet18(rounds: int, repeats: int, device: jax.Device) -> dict:
     def loss(params, rest, x, targets):
       net = training.fresh_merge(graphdef, params, rest)
       logits = net(x, train=True)
-      return (training.cross_entropy(jnp.sum(logits, axis=0), targets),
-              nnx.state(net, nnx.Not(nnx.Param)))
+      return (
+        training.cross_entropy(jnp.sum(logits, axis=0), targets),
+        nnx.state(net, nnx.Not(nnx.Param)),
+      )
 
     return jax.value_and_grad(loss, has_aux=True)
 
@@ -182,12 +197,13 @@ def bench_resnet18(rounds: int, repeats: int, device: jax.Device) -> dict:
   compiled = {mode: jax.jit(grad_fn(mode)).lower(*args).compile() for mode in MODES}
   seconds = _interleaved_medians(compiled, args, rounds, repeats)
   return {
-      "model": "resnet18 width=0.5 time_steps=1 input [1, 8, 32, 32, 3] float32",
-      "native_ms": 1e3 * seconds["native"],
-      "custom_ms": 1e3 * seconds["custom"],
-      "speedup": seconds["native"] / seconds["custom"],
-      "max_relative_gradient_difference": _relative_difference(
-          compiled["custom"](*args)[1], compiled["native"](*args)[1]),
+    "model": "resnet18 width=0.5 time_steps=1 input [1, 8, 32, 32, 3] float32",
+    "native_ms": 1e3 * seconds["native"],
+    "custom_ms": 1e3 * seconds["custom"],
+    "speedup": seconds["native"] / seconds["custom"],
+    "max_relative_gradient_difference": _relative_difference(
+      compiled["custom"](*args)[1], compiled["native"](*args)[1]
+    ),
   }
 
 
@@ -199,7 +215,7 @@ def _shifted(x: jax.Array, layer: Layer) -> list[jax.Array]:
   pad = layer.padding
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   out = layer.out_size
-  return [xp[:, a:a + out, b:b + out] for a in range(layer.kernel) for b in range(layer.kernel)]
+  return [xp[:, a : a + out, b : b + out] for a in range(layer.kernel) for b in range(layer.kernel)]
 
 
 def kernel_grad_forms(layer: Layer) -> dict[str, Callable]:
@@ -216,19 +232,21 @@ def kernel_grad_forms(layer: Layer) -> dict[str, Callable]:
     return jnp.stack(taps).reshape(w.shape)
 
   return {
-      "forward (reference)": lambda x, w, g: ops.conv2d(x, w, layer.stride, layer.padding),
-      "one convolution (the library's rule)": lambda x, w, g: ops.conv2d_kernel_grad(
-          x, g, w.shape, layer.stride, layer.padding),
-      "patches and one matrix product": im2col,
-      "one matrix product per tap": per_tap,
+    "forward (reference)": lambda x, w, g: ops.conv2d(x, w, layer.stride, layer.padding),
+    "one convolution (the library's rule)": lambda x, w, g: ops.conv2d_kernel_grad(
+      x, g, w.shape, layer.stride, layer.padding
+    ),
+    "patches and one matrix product": im2col,
+    "one matrix product per tap": per_tap,
   }
 
 
 def bench_kernel_grad_forms(layer: Layer, rounds: int, repeats: int, device: jax.Device) -> dict:
   """Median time and GFLOP/s of each form of :func:`kernel_grad_forms`, interleaved."""
   x, w, g = layer_arrays(layer, device)
-  compiled = {name: jax.jit(fn).lower(x, w, g).compile()
-              for name, fn in kernel_grad_forms(layer).items()}
+  compiled = {
+    name: jax.jit(fn).lower(x, w, g).compile() for name, fn in kernel_grad_forms(layer).items()
+  }
   seconds = _interleaved_medians(compiled, (x, w, g), rounds, repeats)
   library = compiled["one convolution (the library's rule)"](x, w, g)
   forms = {}
@@ -240,11 +258,12 @@ def bench_kernel_grad_forms(layer: Layer, rounds: int, repeats: int, device: jax
 
 
 PADDING_LAYERS = tuple(
-    Layer(f"ResNet-18 3x3 s1, 64x{size}x{size}x{c} -> {c}", 64, size, c, c, 3, 1, 1)
-    for size, c in ((32, 64), (16, 128), (8, 256), (4, 512)))
+  Layer(f"ResNet-18 3x3 s1, 64x{size}x{size}x{c} -> {c}", 64, size, c, c, 3, 1, 1)
+  for size, c in ((32, 64), (16, 128), (8, 256), (4, 512))
+)
 # Winograd F(2x2, 3x3): Y = A^T [(G w G^T) * (B^T d B)] A per 4x4 input tile d.
 _WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
-_WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 _WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 
 
@@ -260,7 +279,7 @@ def valid_taps_conv(layer: Layer) -> Callable:
         da, db = a - pad, b - pad  # output (i, j) reads input (i + da, j + db)
         i0, i1 = max(0, -da), min(size, size - da)
         j0, j1 = max(0, -db), min(size, size - db)
-        part = jnp.einsum("nhwc,co->nhwo", x[:, i0 + da:i1 + da, j0 + db:j1 + db], w[a, b])
+        part = jnp.einsum("nhwc,co->nhwo", x[:, i0 + da : i1 + da, j0 + db : j1 + db], w[a, b])
         parts.append(jnp.pad(part, ((0, 0), (i0, size - i1), (j0, size - j1), (0, 0))))
     return sum(parts)
 
@@ -273,8 +292,8 @@ def winograd_conv(layer: Layer) -> Callable:
 
   def conv(x, w):
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    rows = jnp.stack([xp[:, i:i + 2 * tiles:2] for i in range(4)], axis=2)
-    d = jnp.stack([rows[:, :, :, j:j + 2 * tiles:2] for j in range(4)], axis=4)
+    rows = jnp.stack([xp[:, i : i + 2 * tiles : 2] for i in range(4)], axis=2)
+    d = jnp.stack([rows[:, :, :, j : j + 2 * tiles : 2] for j in range(4)], axis=4)
     v = jnp.einsum("ai,ntiwjc,bj->abntwc", _WINOGRAD_BT, d, _WINOGRAD_BT)
     u = jnp.einsum("ai,ijco,bj->abco", _WINOGRAD_G, w, _WINOGRAD_G)
     m = jnp.einsum("abntwc,abco->abntwo", v, u)
@@ -287,32 +306,52 @@ def winograd_conv(layer: Layer) -> Callable:
 def bench_padding_forms(rounds: int, repeats: int, device: jax.Device) -> dict:
   """Forward and ``value_and_grad`` of each layer of :data:`PADDING_LAYERS` in the three forms."""
   from benchmarks.throughput import valid_tap_fraction
+
   results = {}
   for layer in PADDING_LAYERS:
     x, w, g = layer_arrays(layer, device)
-    forms = {"one XLA convolution (the library's)":
-             lambda x, w, l=layer: ops.conv2d(x, w, l.stride, l.padding),
-             "one product per tap, padding skipped": valid_taps_conv(layer),
-             "Winograd F(2x2, 3x3)": winograd_conv(layer)}
+    forms = {
+      "one XLA convolution (the library's)": lambda x, w, layer=layer: ops.conv2d(
+        x, w, layer.stride, layer.padding
+      ),
+      "one product per tap, padding skipped": valid_taps_conv(layer),
+      "Winograd F(2x2, 3x3)": winograd_conv(layer),
+    }
     compiled = {}
     for name, conv in forms.items():
-      compiled[f"{name}: forward"] = jax.jit(lambda x, w, g, c=conv: c(x, w)).lower(
-          x, w, g).compile()
-      compiled[f"{name}: value_and_grad"] = jax.jit(
-          lambda x, w, g, c=conv: jax.value_and_grad(lambda x, w: jnp.vdot(c(x, w), g),
-                                                     (0, 1))(x, w)).lower(x, w, g).compile()
+      compiled[f"{name}: forward"] = (
+        jax.jit(lambda x, w, g, c=conv: c(x, w)).lower(x, w, g).compile()
+      )
+      compiled[f"{name}: value_and_grad"] = (
+        jax.jit(
+          lambda x, w, g, c=conv: jax.value_and_grad(lambda x, w: jnp.vdot(c(x, w), g), (0, 1))(
+            x, w
+          )
+        )
+        .lower(x, w, g)
+        .compile()
+      )
     seconds = _interleaved_medians(compiled, (x, w, g), rounds, repeats)
-    reference = {op: compiled[f"one XLA convolution (the library's): {op}"](x, w, g)
-                 for op in ("forward", "value_and_grad")}
+    reference = {
+      op: compiled[f"one XLA convolution (the library's): {op}"](x, w, g)
+      for op in ("forward", "value_and_grad")
+    }
     entry = {}
     for name, fn in compiled.items():
       op = name.rsplit(": ", 1)[1]
       flops = layer.flops * OPERATIONS[op]
-      entry[name] = {"median_ms": 1e3 * seconds[name], "gflops": flops / seconds[name] / 1e9,
-                     "max_relative_difference": _relative_difference(fn(x, w, g),
-                                                                     reference[op])}
-    results[layer.name] = {"layer": layer._asdict(), "valid_tap_fraction": valid_tap_fraction(
-        layer.size, layer.kernel, layer.stride, layer.padding), "forms": entry}
+      entry[name] = {
+        "median_ms": 1e3 * seconds[name],
+        "gflops": flops / seconds[name] / 1e9,
+        "max_relative_difference": _relative_difference(fn(x, w, g), reference[op]),
+      }
+    results[layer.name] = {
+      "layer": layer._asdict(),
+      "valid_tap_fraction": valid_tap_fraction(
+        layer.size, layer.kernel, layer.stride, layer.padding
+      ),
+      "forms": entry,
+    }
   return {"rounds": rounds, "repeats": repeats, "layers": results}
 
 
@@ -320,25 +359,28 @@ def bench_padding_forms(rounds: int, repeats: int, device: jax.Device) -> dict:
 # defaults (YNN fusion off, `xla_defaults.apply_cpu_defaults`) unless XLA_FLAGS names the same
 # option or EMPF_JAX_XLA_DEFAULTS=0.
 XLA_OPTIONS = {
-    "library defaults (YNN fusion off)": ("", {}),
-    "XLA defaults (YNN fusion on)": ("", {"EMPF_JAX_XLA_DEFAULTS": "0"}),
-    "YNNPACK for convolutions": (
-        "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", {}),
-    "oneDNN for convolutions": ("--xla_cpu_use_onednn=true "
-                                "--xla_cpu_experimental_onednn_fusion_type=individual_convolution",
-                                {}),
-    "XNNPACK for convolutions": ("--xla_cpu_use_xnnpack=true "
-                                 "--xla_cpu_experimental_xnn_fusion_type=individual_convolution",
-                                 {}),
+  "library defaults (YNN fusion off)": ("", {}),
+  "XLA defaults (YNN fusion on)": ("", {"EMPF_JAX_XLA_DEFAULTS": "0"}),
+  "YNNPACK for convolutions": ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution", {}),
+  "oneDNN for convolutions": (
+    "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=individual_convolution",
+    {},
+  ),
+  "XNNPACK for convolutions": (
+    "--xla_cpu_use_xnnpack=true --xla_cpu_experimental_xnn_fusion_type=individual_convolution",
+    {},
+  ),
 }
 SPLIT_PARTS = (2, 4, 8)
 
 
 def split_batch(layer: Layer, parts: int) -> Callable:
   """``value_and_grad`` of <conv2d(x, w), g> with the batch cut into ``parts`` convolutions."""
+
   def conv(x, w):
     pieces = jnp.split(x, parts)
     return jnp.concatenate([ops.conv2d(p, w, layer.stride, layer.padding) for p in pieces])
+
   return lambda x, w, g: jax.value_and_grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1))(x, w)
 
 
@@ -370,29 +412,57 @@ def bench_xla_options(rounds: int, repeats: int, device: jax.Device) -> dict:
         flags, extra = XLA_OPTIONS[name]
         env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
         child = subprocess.run(
-            [sys.executable, "-m", "benchmarks.conv_cpu", "--child_batch", str(batch),
-             "--repeats", str(repeats)], env=env, capture_output=True, text=True, check=True)
+          [
+            sys.executable,
+            "-m",
+            "benchmarks.conv_cpu",
+            "--child_batch",
+            str(batch),
+            "--repeats",
+            str(repeats),
+          ],
+          env=env,
+          capture_output=True,
+          text=True,
+          check=True,
+        )
         entry = json.loads(child.stdout.strip().splitlines()[-1])
         samples[name].append(entry["seconds"])
         fusions[name] = entry["library_fusions"]
       order.reverse()
     x, w, g = layer_arrays(layer, device)
-    split = {f"batch in {parts} parts": jax.jit(split_batch(layer, parts)).lower(x, w, g).compile()
-             for parts in SPLIT_PARTS}
-    split["one convolution"] = jax.jit(
-        _layer_functions(layer)["value_and_grad"]).lower(x, w, g).compile()
+    split = {
+      f"batch in {parts} parts": jax.jit(split_batch(layer, parts)).lower(x, w, g).compile()
+      for parts in SPLIT_PARTS
+    }
+    split["one convolution"] = (
+      jax.jit(_layer_functions(layer)["value_and_grad"]).lower(x, w, g).compile()
+    )
     split_seconds = _interleaved_medians(split, (x, w, g), rounds, repeats)
     flops = 3 * layer.flops
     medians = {name: statistics.median(times) for name, times in samples.items()}
     results[str(batch)] = {
-        "options": {name: {"xla_flags": XLA_OPTIONS[name][0], "env": XLA_OPTIONS[name][1],
-                           "median_ms": 1e3 * medians[name], "gflops": flops / medians[name] / 1e9,
-                           "library_fusions": fusions[name]} for name in XLA_OPTIONS},
-        "batch_split": {name: {"median_ms": 1e3 * t, "gflops": flops / t / 1e9}
-                        for name, t in split_seconds.items()},
+      "options": {
+        name: {
+          "xla_flags": XLA_OPTIONS[name][0],
+          "env": XLA_OPTIONS[name][1],
+          "median_ms": 1e3 * medians[name],
+          "gflops": flops / medians[name] / 1e9,
+          "library_fusions": fusions[name],
+        }
+        for name in XLA_OPTIONS
+      },
+      "batch_split": {
+        name: {"median_ms": 1e3 * t, "gflops": flops / t / 1e9} for name, t in split_seconds.items()
+      },
     }
-  return {"layer": KERNEL_GRAD_LAYER._asdict(), "operation": "value_and_grad", "rounds": rounds,
-          "repeats": repeats, "batches": results}
+  return {
+    "layer": KERNEL_GRAD_LAYER._asdict(),
+    "operation": "value_and_grad",
+    "rounds": rounds,
+    "repeats": repeats,
+    "batches": results,
+  }
 
 
 def _write(result: dict, out: pathlib.Path, load_before) -> None:
@@ -409,12 +479,21 @@ def main() -> None:
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON result file")
   parser.add_argument("--rounds", type=int, default=5, help="alternations of the two rules")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per rule per round")
-  parser.add_argument("--kernel_grad_forms", action="store_true",
-                      help="time only the forms of dL/dw of one layer (module docstring)")
-  parser.add_argument("--xla_options", action="store_true",
-                      help="time one layer under XLA CPU options and batch splits (docstring)")
-  parser.add_argument("--padding_forms", action="store_true",
-                      help="time 3x3 convolutions with and without the padding's work (docstring)")
+  parser.add_argument(
+    "--kernel_grad_forms",
+    action="store_true",
+    help="time only the forms of dL/dw of one layer (module docstring)",
+  )
+  parser.add_argument(
+    "--xla_options",
+    action="store_true",
+    help="time one layer under XLA CPU options and batch splits (docstring)",
+  )
+  parser.add_argument(
+    "--padding_forms",
+    action="store_true",
+    help="time 3x3 convolutions with and without the padding's work (docstring)",
+  )
   parser.add_argument("--child_batch", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   device = jax.devices("cpu")[0]
@@ -429,8 +508,10 @@ def main() -> None:
       print(f"batch {batch}, value_and_grad of {KERNEL_GRAD_LAYER.name.split(',')[0]}:")
       for name, e in {**entry["options"], **entry["batch_split"]}.items():
         fusions = e.get("library_fusions")
-        print(f"  {name:36s} {e['median_ms']:7.1f} ms {e['gflops']:6.1f} GFLOP/s"
-              + (f"  library fusions {fusions or 0}" if fusions is not None else ""))
+        print(
+          f"  {name:36s} {e['median_ms']:7.1f} ms {e['gflops']:6.1f} GFLOP/s"
+          + (f"  library fusions {fusions or 0}" if fusions is not None else "")
+        )
     _write(result, args.out, load_before)
     return
   if args.padding_forms:
@@ -454,22 +535,35 @@ def main() -> None:
     layers.append(result)
     print(f"{layer.name} ({layer.flops / 1e6:.0f} MFLOP per convolution), GFLOP/s:")
     for op, entry in result["operations"].items():
-      print(f"  {op:15s} native {entry['native']['gflops']:6.1f}   custom "
-            f"{entry['custom']['gflops']:6.1f}   speedup {entry['speedup']:.2f}x")
+      print(
+        f"  {op:15s} native {entry['native']['gflops']:6.1f}   custom "
+        f"{entry['custom']['gflops']:6.1f}   speedup {entry['speedup']:.2f}x"
+      )
   resnet = bench_resnet18(args.rounds, args.repeats, device)
-  print(f"{resnet['model']}, loss and gradient: native {resnet['native_ms']:.1f} ms, custom "
-        f"{resnet['custom_ms']:.1f} ms, speedup {resnet['speedup']:.2f}x")
+  print(
+    f"{resnet['model']}, loss and gradient: native {resnet['native_ms']:.1f} ms, custom "
+    f"{resnet['custom_ms']:.1f} ms, speedup {resnet['speedup']:.2f}x"
+  )
   load_after = os.getloadavg()
-  print(f"load average (1, 5, 15 min) before {load_before}, after {load_after} on "
-        f"{os.cpu_count()} CPUs")
+  print(
+    f"load average (1, 5, 15 min) before {load_before}, after {load_after} on {os.cpu_count()} CPUs"
+  )
   report = {
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                  "load_average_before": load_before, "load_average_after": load_after},
-      "method": {"rounds": args.rounds, "repeats": args.repeats,
-                 "statistic": "median over rounds * repeats calls, rules interleaved"},
-      "layers": layers,
-      "resnet18": resnet,
+    "machine": {
+      "platform": platform.platform(),
+      "processor": platform.processor(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "load_average_before": load_before,
+      "load_average_after": load_after,
+    },
+    "method": {
+      "rounds": args.rounds,
+      "repeats": args.repeats,
+      "statistic": "median over rounds * repeats calls, rules interleaved",
+    },
+    "layers": layers,
+    "resnet18": resnet,
   }
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -478,5 +572,6 @@ def main() -> None:
 
 if __name__ == "__main__":
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   main()

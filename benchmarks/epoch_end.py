@@ -13,7 +13,8 @@ medians with the load average before and after.
 
 Usage, from the repository root::
 
-  python -m benchmarks.epoch_end [--devices=2] [--repeats=5] [--config=experiments/configs/digits.py]
+  python -m benchmarks.epoch_end [--devices=2] [--repeats=5] \
+      [--config=experiments/configs/digits.py]
 
 Writes ``benchmarks/results/epoch_end.json`` (``--out``).
 """
@@ -35,8 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--devices", type=int, default=2, help="XLA host devices (>= 2)")
   parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each form")
-  parser.add_argument("--config", default="experiments/configs/digits.py",
-                      help="config file (FILE or FILE:variant)")
+  parser.add_argument(
+    "--config", default="experiments/configs/digits.py", help="config file (FILE or FILE:variant)"
+  )
   parser.add_argument("--out", default="benchmarks/results/epoch_end.json")
   args = parser.parse_args(argv)
   if args.devices < 2:
@@ -54,12 +56,15 @@ def _timed(fn) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={args.devices}").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+  ).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
+
   from benchmarks.ablations import load_config
   from benchmarks.throughput import cpu_description, load_average, write_record
   from experiments import train
@@ -68,11 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   config.progress = False
   trainer = train.Trainer(config, tempfile.mkdtemp(prefix="epoch_end_"))
   count = config.bn_recalibration_batches
-  split = (trainer._eval_step, trainer._recalibrate_step)  # pylint: disable=protected-access
+  split = (trainer._eval_step, trainer._recalibrate_step)
   gathered = (split[0].jitted, split[1].jitted)  # the same steps traced without the mesh
 
   def use(steps):
-    trainer._eval_step, trainer._recalibrate_step = steps  # pylint: disable=protected-access
+    trainer._eval_step, trainer._recalibrate_step = steps
 
   def evaluation():
     trainer.evaluate(details=False)
@@ -81,8 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jax.block_until_ready(trainer.reestimated(count))
 
   forms = {"split": split, "gathered": gathered}
-  times: dict[str, dict[str, list[float]]] = {name: {"evaluate": [], "reestimate": []}
-                                              for name in forms}
+  times: dict[str, dict[str, list[float]]] = {
+    name: {"evaluate": [], "reestimate": []} for name in forms
+  }
   for steps in forms.values():  # compile
     use(steps)
     evaluation()
@@ -94,27 +100,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       times[name]["evaluate"].append(_timed(evaluation))
       times[name]["reestimate"].append(_timed(reestimation))
   load_after = load_average()
-  medians = {name: {key: statistics.median(values) for key, values in entry.items()}
-             for name, entry in times.items()}
+  medians = {
+    name: {key: statistics.median(values) for key, values in entry.items()}
+    for name, entry in times.items()
+  }
   record = {
-      "question": "evaluation and re-estimation time at an epoch's end, batch split against "
-                  "gathered",
-      "command": "python -m benchmarks.epoch_end " + " ".join(sys.argv[1:] if argv is None
-                                                              else argv),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "config": args.config, "devices": args.devices, "batch_size": config.batch_size,
-      "reestimation_batches": count, "test_batches": trainer.test_data.batches_per_epoch,
-      "jax": jax.__version__, "python": platform.python_version(), **cpu_description(),
-      "load_before": load_before, "load_after": load_after,
-      "seconds": times, "median_seconds": medians,
-      "gathered_over_split": {key: medians["gathered"][key] / medians["split"][key]
-                              for key in ("evaluate", "reestimate")},
+    "question": "evaluation and re-estimation time at an epoch's end, batch split against gathered",
+    "command": "python -m benchmarks.epoch_end " + " ".join(sys.argv[1:] if argv is None else argv),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "config": args.config,
+    "devices": args.devices,
+    "batch_size": config.batch_size,
+    "reestimation_batches": count,
+    "test_batches": trainer.test_data.batches_per_epoch,
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    **cpu_description(),
+    "load_before": load_before,
+    "load_after": load_after,
+    "seconds": times,
+    "median_seconds": medians,
+    "gathered_over_split": {
+      key: medians["gathered"][key] / medians["split"][key] for key in ("evaluate", "reestimate")
+    },
   }
   for name, entry in medians.items():
-    print(f"{name:>8}: evaluate {entry['evaluate']:.3f} s, re-estimate ({count} batches) "
-          f"{entry['reestimate']:.3f} s")
-  print("gathered / split: " + ", ".join(f"{k} {v:.2f}x" for k, v in
-                                          record["gathered_over_split"].items()))
+    print(
+      f"{name:>8}: evaluate {entry['evaluate']:.3f} s, re-estimate ({count} batches) "
+      f"{entry['reestimate']:.3f} s"
+    )
+  print(
+    "gathered / split: "
+    + ", ".join(f"{k} {v:.2f}x" for k, v in record["gathered_over_split"].items())
+  )
   write_record(args.out, record)
   return record
 

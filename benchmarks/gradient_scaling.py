@@ -83,17 +83,25 @@ class Scenario(NamedTuple):
 
 
 SCENARIOS = (
-    Scenario("mixed firing (random decay/threshold logits, static input)"),
-    Scenario("mixed firing, a new input at every step", static=False),
-    Scenario("every neuron fires (strong positive drive)", drive=0.05, bias=3.0),
-    Scenario("weak decay (lambda = sigma(-6) = 0.0025)", decay_logit=-6.0),
-    Scenario("strong decay (lambda = sigma(4) = 0.98)", decay_logit=4.0),
-    Scenario("LIF neuron (soft reset, triangle surrogate)", neuron="lif"),
+  Scenario("mixed firing (random decay/threshold logits, static input)"),
+  Scenario("mixed firing, a new input at every step", static=False),
+  Scenario("every neuron fires (strong positive drive)", drive=0.05, bias=3.0),
+  Scenario("weak decay (lambda = sigma(-6) = 0.0025)", decay_logit=-6.0),
+  Scenario("strong decay (lambda = sigma(4) = 0.98)", decay_logit=4.0),
+  Scenario("LIF neuron (soft reset, triangle surrogate)", neuron="lif"),
 )
 
 
-def make_problem(key: jax.Array, scenario: Scenario, *, batch: int, inputs: int, neurons_: int,
-                 classes: int, time_steps: int) -> Problem:
+def make_problem(
+  key: jax.Array,
+  scenario: Scenario,
+  *,
+  batch: int,
+  inputs: int,
+  neurons_: int,
+  classes: int,
+  time_steps: int,
+) -> Problem:
   """Random inputs and weights; W is scaled so that roughly half the EM-PF neurons fire.
 
   ``drive`` multiplies W and ``bias`` is added to every input current (through a constant input
@@ -116,12 +124,14 @@ def make_problem(key: jax.Array, scenario: Scenario, *, batch: int, inputs: int,
   return Problem(x, w, v, jnp.zeros((classes,)), neurons.EMPFParams(a, b), labels)
 
 
-def forward(problem: Problem, w: jax.Array, offsets: jax.Array, *, online: bool,
-             neuron: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+def forward(
+  problem: Problem, w: jax.Array, offsets: jax.Array, *, online: bool, neuron: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Logits [T, B, K], membranes m_t [T, B, N] and the indicator H_t [T, B, N] of the one-layer
   network; H_t = ds_t/dm_t for EM-PF (relu' = 1[m_t > theta_t]), 1[m_t >= theta'_t] for LIF."""
   if neuron not in NEURONS:
     raise ValueError(f"neuron={neuron!r} is not allowed; allowed: {', '.join(NEURONS)}")
+
   def step(state, current, t):
     membrane = neurons.empf_integrate(problem.params, state, current, t, online=online)
     membrane = membrane + offsets[t]
@@ -149,16 +159,17 @@ def loss_value(logits: jax.Array, labels: jax.Array, loss: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("online", "loss", "neuron"))
-def gradients(problem: Problem, *, online: bool, loss: str, neuron: str = "empf"
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def gradients(
+  problem: Problem, *, online: bool, loss: str, neuron: str = "empf"
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(dL/dm [T, B, N], dL/dW [D+1, N], H [T, B, N]) with or without the online cut."""
+
   def objective(offsets, w):
     logits, _, fires = forward(problem, w, offsets, online=online, neuron=neuron)
     return loss_value(logits, problem.labels, loss), fires
 
   offsets = jnp.zeros(problem.x.shape[:2] + (problem.w.shape[1],))
-  (d_membrane, d_w), fires = jax.grad(objective, argnums=(0, 1), has_aux=True)(offsets,
-                                                                              problem.w)
+  (d_membrane, d_w), fires = jax.grad(objective, argnums=(0, 1), has_aux=True)(offsets, problem.w)
   return d_membrane, d_w, fires
 
 
@@ -169,8 +180,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare(problem: Problem, *, loss: str, neuron: str = "empf") -> dict:
   """Per-step statistics of delta^online_t against delta^BPTT_t, and the weight gradients."""
-  online, w_online, fires = map(np.asarray, gradients(problem, online=True, loss=loss,
-                                                      neuron=neuron))
+  online, w_online, fires = map(
+    np.asarray, gradients(problem, online=True, loss=loss, neuron=neuron)
+  )
   bptt, w_bptt, _ = map(np.asarray, gradients(problem, online=False, loss=loss, neuron=neuron))
   steps = []
   for t in range(online.shape[0]):
@@ -181,7 +193,8 @@ def compare(problem: Problem, *, loss: str, neuron: str = "empf") -> dict:
     residual = float(np.linalg.norm(bp - (scale or 0.0) * on))
     both = (on != 0) & (bp != 0)
     ratios = bp[both] / on[both]
-    steps.append({
+    steps.append(
+      {
         "step": t + 1,
         "firing_fraction": float(np.mean(h)),
         "least_squares_scale": scale,
@@ -192,11 +205,17 @@ def compare(problem: Problem, *, loss: str, neuron: str = "empf") -> dict:
         "elementwise_ratio_max": float(ratios.max()) if ratios.size else None,
         "share_bptt_only": float(np.mean((bp != 0) & (on == 0))),
         "max_abs_difference_where_firing": float(np.max(np.where(h, np.abs(on - bp), 0.0))),
-    })
-  return {"loss": loss, "neuron": neuron, "steps": steps,
-          "weight_gradient_cosine": _cosine(w_online, w_bptt),
-          "weight_gradient_norm_ratio_bptt_over_online":
-              float(np.linalg.norm(w_bptt) / np.linalg.norm(w_online))}
+      }
+    )
+  return {
+    "loss": loss,
+    "neuron": neuron,
+    "steps": steps,
+    "weight_gradient_cosine": _cosine(w_online, w_bptt),
+    "weight_gradient_norm_ratio_bptt_over_online": float(
+      np.linalg.norm(w_bptt) / np.linalg.norm(w_online)
+    ),
+  }
 
 
 def pure_rescaling(result: dict, tolerance: float = 1e-6) -> list[bool]:
@@ -209,49 +228,85 @@ def verdict(results: list[dict], tolerance: float = 1e-6) -> str:
   lines = []
   for r in results:
     pure = pure_rescaling(r, tolerance)
-    steps = ", ".join(f"t={s['step']}: k={s['least_squares_scale']:.3g} "
-                      f"res={s['relative_residual']:.2g} fire={s['firing_fraction']:.2f}"
-                      if s["least_squares_scale"] is not None else
-                      f"t={s['step']}: online gradient 0" for s in r["steps"])
-    lines.append(f"- {r['scenario']} [{r['loss']} loss]: pure per-step rescaling at "
-                 f"{sum(pure)}/{len(pure)} steps; weight-gradient cosine "
-                 f"{r['weight_gradient_cosine']:.3f}. {steps}")
+    steps = ", ".join(
+      f"t={s['step']}: k={s['least_squares_scale']:.3g} "
+      f"res={s['relative_residual']:.2g} fire={s['firing_fraction']:.2f}"
+      if s["least_squares_scale"] is not None
+      else f"t={s['step']}: online gradient 0"
+      for s in r["steps"]
+    )
+    lines.append(
+      f"- {r['scenario']} [{r['loss']} loss]: pure per-step rescaling at "
+      f"{sum(pure)}/{len(pure)} steps; weight-gradient cosine "
+      f"{r['weight_gradient_cosine']:.3f}. {steps}"
+    )
   empf = [r for r in results if r["neuron"] == "empf"]
   exact = all(s["max_abs_difference_where_firing"] <= tolerance for r in empf for s in r["steps"])
   last = all(pure_rescaling(r, tolerance)[-1] for r in empf)
   holds = sorted({r["scenario"] for r in empf if all(pure_rescaling(r, tolerance))})
   fails = sorted({r["scenario"] for r in empf if not all(pure_rescaling(r, tolerance))})
-  worst = {name: max(s["relative_residual"] for r in empf if r["scenario"] == name
-                     for s in r["steps"]) for name in fails}
+  worst = {
+    name: max(s["relative_residual"] for r in empf if r["scenario"] == name for s in r["steps"])
+    for name in fails
+  }
   lines.append(
-      "Verdict (EM-PF): delta^online_t = H_t g_t and delta^BPTT_t = H_t g_t + lambda_{t+1} "
-      "(1 - H_t) delta^BPTT_{t+1}, so the two agree where the neuron fires (measured: "
-      f"{'equal' if exact else 'NOT equal'} to {tolerance:g} in every case) and at t = T "
-      f"({'equal' if last else 'NOT equal'}); a pure per-step rescaling (k_t = 1) needs every "
-      "silent neuron to stay without gradient from later steps. It held at every step in: "
-      + ("; ".join(holds) if holds else "none")
-      + ". It failed in: "
-      + ("; ".join(f"{name} (largest relative residual {worst[name]:.2g})" for name in fails)
-         if fails else "none") + ".")
+    "Verdict (EM-PF): delta^online_t = H_t g_t and delta^BPTT_t = H_t g_t + lambda_{t+1} "
+    "(1 - H_t) delta^BPTT_{t+1}, so the two agree where the neuron fires (measured: "
+    f"{'equal' if exact else 'NOT equal'} to {tolerance:g} in every case) and at t = T "
+    f"({'equal' if last else 'NOT equal'}); a pure per-step rescaling (k_t = 1) needs every "
+    "silent neuron to stay without gradient from later steps. It held at every step in: "
+    + ("; ".join(holds) if holds else "none")
+    + ". It failed in: "
+    + (
+      "; ".join(f"{name} (largest relative residual {worst[name]:.2g})" for name in fails)
+      if fails
+      else "none"
+    )
+    + "."
+  )
   return "\n".join(lines)
 
 
-def run(*, batch: int, inputs: int, neurons_: int, classes: int, time_steps: int, seed: int,
-        scenarios: tuple[Scenario, ...] = SCENARIOS) -> dict:
+def run(
+  *,
+  batch: int,
+  inputs: int,
+  neurons_: int,
+  classes: int,
+  time_steps: int,
+  seed: int,
+  scenarios: tuple[Scenario, ...] = SCENARIOS,
+) -> dict:
   """Measures every scenario with both losses; returns the JSON-ready record."""
   results = []
   for i, scenario in enumerate(scenarios):
-    problem = make_problem(jax.random.fold_in(jax.random.key(seed), i), scenario, batch=batch,
-                           inputs=inputs, neurons_=neurons_, classes=classes,
-                           time_steps=time_steps)
+    problem = make_problem(
+      jax.random.fold_in(jax.random.key(seed), i),
+      scenario,
+      batch=batch,
+      inputs=inputs,
+      neurons_=neurons_,
+      classes=classes,
+      time_steps=time_steps,
+    )
     for loss in LOSSES:
       record = compare(problem, loss=loss, neuron=scenario.neuron)
       record["scenario"] = scenario.name
       results.append(record)
-  return {"meta": {"batch": batch, "inputs": inputs, "neurons": neurons_, "classes": classes,
-                   "time_steps": time_steps, "seed": seed, "jax": jax.__version__,
-                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
-          "results": results, "verdict": verdict(results)}
+  return {
+    "meta": {
+      "batch": batch,
+      "inputs": inputs,
+      "neurons": neurons_,
+      "classes": classes,
+      "time_steps": time_steps,
+      "seed": seed,
+      "jax": jax.__version__,
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    },
+    "results": results,
+    "verdict": verdict(results),
+  }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -264,8 +319,14 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--time_steps", type=int, default=4)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  record = run(batch=args.batch, inputs=args.inputs, neurons_=args.neurons, classes=args.classes,
-               time_steps=args.time_steps, seed=args.seed)
+  record = run(
+    batch=args.batch,
+    inputs=args.inputs,
+    neurons_=args.neurons,
+    classes=args.classes,
+    time_steps=args.time_steps,
+    seed=args.seed,
+  )
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -278,5 +339,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   main()

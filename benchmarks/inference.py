@@ -25,6 +25,7 @@ median of its two processes' medians.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -49,8 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--networks", default="convnet28,resnet18")
   parser.add_argument("--batches", type=_ints, default=[1, 128])
-  parser.add_argument("--cores", type=_ints, default=None,
-                      help="core counts, each in its own process (default: all, then 1)")
+  parser.add_argument(
+    "--cores",
+    type=_ints,
+    default=None,
+    help="core counts, each in its own process (default: all, then 1)",
+  )
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--width", type=float, default=1.0)
   parser.add_argument("--out", default=None)
@@ -76,9 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, cores: int) -> dict[str, Any]:
   """One process's figures, pinned to ``cores`` cores: {network: {batch: {runtime: rate}}}."""
   from benchmarks.throughput import pin_cores
+
   pin_cores(cores)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
   import numpy as np
@@ -94,35 +101,51 @@ def measure(args: argparse.Namespace, cores: int) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for name in args.networks:
     size, channels = NETWORKS[name]
-    model = models.create(name, num_classes=NUM_CLASSES, time_steps=TIME_STEPS,
-                          width=args.width, in_channels=channels, rngs=nnx.Rngs(0))
-    torch_model = ref.create(name, num_classes=NUM_CLASSES, time_steps=TIME_STEPS,
-                             width=args.width, in_channels=channels)
-    torch_model.load_state_dict({k: torch.from_numpy(v)
-                                 for k, v in convert.to_torch_state_dict(model).items()})
+    model = models.create(
+      name,
+      num_classes=NUM_CLASSES,
+      time_steps=TIME_STEPS,
+      width=args.width,
+      in_channels=channels,
+      rngs=nnx.Rngs(0),
+    )
+    torch_model = ref.create(
+      name, num_classes=NUM_CLASSES, time_steps=TIME_STEPS, width=args.width, in_channels=channels
+    )
+    torch_model.load_state_dict(
+      {k: torch.from_numpy(v) for k, v in convert.to_torch_state_dict(model).items()}
+    )
     deployed = deploy.deploy(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = cores
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(
-        export.to_onnx(deployed, (size, size, channels)).SerializeToString(), options,
-        providers=["CPUExecutionProvider"])
+      export.to_onnx(deployed, (size, size, channels)).SerializeToString(),
+      options,
+      providers=["CPUExecutionProvider"],
+    )
     run = jax.jit(deploy.run)
     out[name] = {}
     for batch in args.batches:
       rng = np.random.default_rng(batch)
       images = rng.uniform(0, 1, (batch, size, size, channels)).astype(np.float32)
       x = np.broadcast_to(images, (TIME_STEPS, *images.shape)).copy()
-      x_torch = ref.repeat_static(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
-                                  TIME_STEPS)
+      x_torch = ref.repeat_static(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), TIME_STEPS)
       calls = {
-          "onnxruntime": lambda: session.run(["prediction"], {"x": x})[0],
-          "jax": lambda: np.asarray(run(deployed, x).sum(0).argmax(-1)),
-          "torch": lambda: ref.run_eval(torch_model, x_torch).sum(0).argmax(-1).numpy(),
+        "onnxruntime": functools.partial(
+          lambda s, x: s.run(["prediction"], {"x": x})[0], session, x
+        ),
+        "jax": functools.partial(
+          lambda r, d, x: np.asarray(r(d, x).sum(0).argmax(-1)), run, deployed, x
+        ),
+        "torch": functools.partial(
+          lambda m, x: ref.run_eval(m, x).sum(0).argmax(-1).numpy(), torch_model, x_torch
+        ),
       }
       predictions = {runtime: call() for runtime, call in calls.items()}  # untimed first call
-      agree = {runtime: float(np.mean(p == predictions["jax"]))
-               for runtime, p in predictions.items()}
+      agree = {
+        runtime: float(np.mean(p == predictions["jax"])) for runtime, p in predictions.items()
+      }
       seconds: dict[str, list[float]] = {runtime: [] for runtime in calls}
       for _ in range(args.repeats):
         for runtime, call in calls.items():
@@ -130,10 +153,13 @@ def measure(args: argparse.Namespace, cores: int) -> dict[str, Any]:
           call()
           seconds[runtime].append(time.perf_counter() - start)
       out[name][str(batch)] = {
-          runtime: {"examples_per_second": batch / statistics.median(s),
-                    "seconds": [round(v, 5) for v in s],
-                    "predictions_equal_to_jax": agree[runtime]}
-          for runtime, s in seconds.items()}
+        runtime: {
+          "examples_per_second": batch / statistics.median(s),
+          "seconds": [round(v, 5) for v in s],
+          "predictions_equal_to_jax": agree[runtime],
+        }
+        for runtime, s in seconds.items()
+      }
       rates = {r: round(v["examples_per_second"], 1) for r, v in out[name][str(batch)].items()}
       print(f"{cores} cores, {name}, batch {batch}: {rates} examples/s", flush=True)
   return out
@@ -144,17 +170,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.worker is not None:
     print(json.dumps(measure(args, args.worker)))
     return {}
-  from benchmarks.throughput import cpu_description, load_average
+  import jax
   import onnxruntime
   import torch
-  import jax
+
+  from benchmarks.throughput import cpu_description, load_average
+
   # Each core count twice, in alternating order (--smoke: once).
   order = args.cores if args.smoke else args.cores + args.cores[::-1]
   runs: dict[int, list[dict[str, Any]]] = {cores: [] for cores in args.cores}
   passed = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--out")]
   for cores in order:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.inference", *passed,
-                           f"--worker={cores}"], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.inference", *passed, f"--worker={cores}"],
+      capture_output=True,
+      text=True,
+      check=False,
+    )
     sys.stderr.write("".join(line + "\n" for line in done.stdout.splitlines()[:-1]))
     if done.returncode != 0:
       raise SystemExit(f"the {cores}-core process failed: {done.stderr[-2000:]}")
@@ -166,33 +198,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entry = {}
         for runtime in RUNTIMES:
           rates = [m[name][batch][runtime]["examples_per_second"] for m in measured]
-          entry[runtime] = {"examples_per_second": round(statistics.median(rates), 2),
-                            "per_process": [round(r, 2) for r in rates],
-                            "predictions_equal_to_jax": min(
-                                m[name][batch][runtime]["predictions_equal_to_jax"]
-                                for m in measured)}
+          entry[runtime] = {
+            "examples_per_second": round(statistics.median(rates), 2),
+            "per_process": [round(r, 2) for r in rates],
+            "predictions_equal_to_jax": min(
+              m[name][batch][runtime]["predictions_equal_to_jax"] for m in measured
+            ),
+          }
         fastest = max(RUNTIMES, key=lambda r: entry[r]["examples_per_second"])
         entry["fastest"] = fastest
         entry["onnxruntime_over_torch"] = round(
-            entry["onnxruntime"]["examples_per_second"] / entry["torch"]["examples_per_second"], 3)
+          entry["onnxruntime"]["examples_per_second"] / entry["torch"]["examples_per_second"], 3
+        )
         entry["jax_over_torch"] = round(
-            entry["jax"]["examples_per_second"] / entry["torch"]["examples_per_second"], 3)
+          entry["jax"]["examples_per_second"] / entry["torch"]["examples_per_second"], 3
+        )
         results.setdefault(f"{cores}_cores", {}).setdefault(name, {})[batch] = entry
-  record = {"meta": {
-      "command": "python -m benchmarks.inference " + " ".join(
-          argv if argv is not None else sys.argv[1:]),
-      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "time_steps": TIME_STEPS,
-      "width": args.width, "repeats": args.repeats, "weights": "binary",
-      "jax": jax.__version__, "onnxruntime": onnxruntime.__version__,
-      "torch": torch.__version__, "python": platform.python_version(),
-      **cpu_description(), "load_average_end": load_average()}, "results": results}
+  record = {
+    "meta": {
+      "command": "python -m benchmarks.inference "
+      + " ".join(argv if argv is not None else sys.argv[1:]),
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+      "time_steps": TIME_STEPS,
+      "width": args.width,
+      "repeats": args.repeats,
+      "weights": "binary",
+      "jax": jax.__version__,
+      "onnxruntime": onnxruntime.__version__,
+      "torch": torch.__version__,
+      "python": platform.python_version(),
+      **cpu_description(),
+      "load_average_end": load_average(),
+    },
+    "results": results,
+  }
   for cores, by_network in results.items():
     for name, by_batch in by_network.items():
       for batch, entry in by_batch.items():
-        print(f"{cores}, {name}, batch {batch}: " + ", ".join(
-            f"{r} {entry[r]['examples_per_second']:.1f}/s" for r in RUNTIMES)
-              + f"; onnxruntime/torch {entry['onnxruntime_over_torch']}, "
-              f"jax/torch {entry['jax_over_torch']}, fastest {entry['fastest']}")
+        print(
+          f"{cores}, {name}, batch {batch}: "
+          + ", ".join(f"{r} {entry[r]['examples_per_second']:.1f}/s" for r in RUNTIMES)
+          + f"; onnxruntime/torch {entry['onnxruntime_over_torch']}, "
+          f"jax/torch {entry['jax_over_torch']}, fastest {entry['fastest']}"
+        )
   if args.out:
     with open(args.out, "w") as f:
       json.dump(record, f, indent=2)

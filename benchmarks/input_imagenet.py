@@ -6,7 +6,8 @@ flip, normalisation) and, separately, the evaluation preprocessing, on JPEG byte
 synthetic images held in memory, pinned to ``--cores`` CPU cores, once for every number of grain
 worker processes in ``--workers``, and with 0 workers once for every number of threads of this
 process in ``--threads`` (grain's read threads, each making whole batches). The figure therefore
-measures decoding and augmentation, not storage. Other jobs may share the cores: the load average before
+measures decoding and augmentation, not storage. Other jobs may share the cores: the load average
+before
 and after the run is recorded with the figures, together with the CPU time per image of this
 process and its workers (nearly independent of that load).
 
@@ -26,25 +27,28 @@ import os
 import platform
 import time
 
-from absl import app
-from absl import flags
 import numpy as np
-from PIL import Image
 import psutil
+from absl import app, flags
+from PIL import Image
 
 from experiments.input import imagenet, pipeline
 
 _CORES = flags.DEFINE_integer("cores", 2, "CPU cores to pin the process and its workers to.")
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"],
-                             "Worker process counts to measure (0: threads of this process).")
-_THREADS = flags.DEFINE_list("threads", ["1", "2"],
-                             "Thread counts of this process measured with 0 workers.")
+_WORKERS = flags.DEFINE_list(
+  "workers", ["0", "1", "2"], "Worker process counts to measure (0: threads of this process)."
+)
+_THREADS = flags.DEFINE_list(
+  "threads", ["1", "2"], "Thread counts of this process measured with 0 workers."
+)
 _BATCHES = flags.DEFINE_integer("batches", 24, "Timed batches per preprocessing.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
 _DISTINCT = flags.DEFINE_integer("distinct_images", 64, "Distinct synthetic JPEGs cycled over.")
 _OUTPUT = flags.DEFINE_string(
-    "output", os.path.join(os.path.dirname(__file__), "results", "input_imagenet.json"),
-    "Where to write the JSON figures.")
+  "output",
+  os.path.join(os.path.dirname(__file__), "results", "input_imagenet.json"),
+  "Where to write the JSON figures.",
+)
 
 _WIDTH, _HEIGHT, _QUALITY = 500, 375, 90
 _WARMUP_BATCHES = 2
@@ -91,8 +95,9 @@ def _cpu_seconds(process: psutil.Process) -> float:
   return total
 
 
-def measure(jpegs: list[bytes], *, train: bool, workers: int, batch_size: int,
-            batches: int, threads: int = 1) -> tuple[float, float]:
+def measure(
+  jpegs: list[bytes], *, train: bool, workers: int, batch_size: int, batches: int, threads: int = 1
+) -> tuple[float, float]:
   """Times ``batches`` batches of the pipeline after a short warm-up (which starts the workers).
 
   Returns:
@@ -101,9 +106,16 @@ def measure(jpegs: list[bytes], *, train: bool, workers: int, batch_size: int,
   """
   num_examples = (batches + _WARMUP_BATCHES) * batch_size
   reader = pipeline.ExampleReader(SyntheticExamples(jpegs), num_examples, (224, 224, 3))
-  batched = pipeline.GrainBatches(reader, num_classes=1000, batch_size=batch_size, train=train,
-                                  seed=0, augment=train, num_workers=workers,
-                                  num_threads=threads)
+  batched = pipeline.GrainBatches(
+    reader,
+    num_classes=1000,
+    batch_size=batch_size,
+    train=train,
+    seed=0,
+    augment=train,
+    num_workers=workers,
+    num_threads=threads,
+  )
   iterator = batched.epoch(0)
   for _ in range(_WARMUP_BATCHES):
     next(iterator)
@@ -121,38 +133,51 @@ def main(argv):
   available = sorted(os.sched_getaffinity(0))
   if _CORES.value > len(available):
     raise app.UsageError(f"--cores={_CORES.value} but only {len(available)} cores are available")
-  os.sched_setaffinity(0, available[:_CORES.value])
+  os.sched_setaffinity(0, available[: _CORES.value])
   jpegs = synthetic_jpegs(_DISTINCT.value)
   load_before = os.getloadavg()
   result = {}
-  settings = [(workers, threads) for workers in map(int, _WORKERS.value)
-              for threads in (map(int, _THREADS.value) if workers == 0 else [1])]
+  settings = [
+    (workers, threads)
+    for workers in map(int, _WORKERS.value)
+    for threads in (map(int, _THREADS.value) if workers == 0 else [1])
+  ]
   for workers, threads in settings:
     # "0_workers" alone is one thread, as in earlier result files.
     suffix = f"{workers}_workers" + (f"_{threads}_threads" if threads > 1 else "")
     for name, train in (("train", True), ("eval", False)):
-      rate, cpu_ms = measure(jpegs, train=train, workers=workers, batch_size=_BATCH_SIZE.value,
-                             batches=_BATCHES.value, threads=threads)
+      rate, cpu_ms = measure(
+        jpegs,
+        train=train,
+        workers=workers,
+        batch_size=_BATCH_SIZE.value,
+        batches=_BATCHES.value,
+        threads=threads,
+      )
       result[f"{name}_images_per_second_{suffix}"] = round(rate, 1)
       result[f"{name}_cpu_ms_per_image_{suffix}"] = round(cpu_ms, 2)
   for name in ("train", "eval"):
     if {"1", "2"} <= set(_WORKERS.value):
       result[f"{name}_speedup_1_to_2_workers"] = round(
-          result[f"{name}_images_per_second_2_workers"]
-          / result[f"{name}_images_per_second_1_workers"], 2)
-  result.update({
+        result[f"{name}_images_per_second_2_workers"]
+        / result[f"{name}_images_per_second_1_workers"],
+        2,
+      )
+  result.update(
+    {
       "cores": _CORES.value,
       "batch_size": _BATCH_SIZE.value,
       "timed_images": _BATCHES.value * _BATCH_SIZE.value,
       "jpeg": f"{_WIDTH}x{_HEIGHT}, quality {_QUALITY}, mean "
-              f"{np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB",
+      f"{np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB",
       "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs in total",
       "pillow": Image.__version__,
       "note": "wall-clock rates are the share of the cores this process and its workers got; "
-              "with a 1-minute load average above the core count, other jobs were competing "
-              "for them",
-  })
+      "with a 1-minute load average above the core count, other jobs were competing "
+      "for them",
+    }
+  )
   print(json.dumps(result, indent=2))
   os.makedirs(os.path.dirname(_OUTPUT.value), exist_ok=True)
   with open(_OUTPUT.value, "w") as f:
@@ -162,5 +187,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   app.run(main)

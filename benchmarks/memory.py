@@ -30,7 +30,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +43,12 @@ RESNET18_CIFAR = dict(name="resnet18", num_classes=10, in_channels=3, weights="b
 FLAT_TOLERANCE = 0.05
 BPTT_MIN_GROWTH = 3.0
 ACCEPTANCE_RANGE = (4, 16)
-MIB = 2 ** 20
+MIB = 2**20
 
 
-def abstract_train_state(network: dict[str, Any], time_steps: int,
-                         optimizer) -> tuple[nnx.GraphDef, training.TrainState]:
+def abstract_train_state(
+  network: dict[str, Any], time_steps: int, optimizer
+) -> tuple[nnx.GraphDef, training.TrainState]:
   """The graph and a :class:`~empf_jax.training.TrainState` of ``jax.ShapeDtypeStruct`` leaves.
 
   Args:
@@ -58,13 +60,19 @@ def abstract_train_state(network: dict[str, Any], time_steps: int,
   model = nnx.eval_shape(lambda: models.create(options))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt_state = jax.eval_shape(optimizer.init, params)
-  return graphdef, training.TrainState(params, rest, opt_state,
-                                       jax.ShapeDtypeStruct((), jnp.int32))
+  return graphdef, training.TrainState(params, rest, opt_state, jax.ShapeDtypeStruct((), jnp.int32))
 
 
-def abstract_train_step(network: dict[str, Any], *, mode: str, time_steps: int, batch: int,
-                        image_shape: Sequence[int], unrolled: bool = False,
-                        static_input: bool = True) -> tuple[Callable, tuple]:
+def abstract_train_step(
+  network: dict[str, Any],
+  *,
+  mode: str,
+  time_steps: int,
+  batch: int,
+  image_shape: Sequence[int],
+  unrolled: bool = False,
+  static_input: bool = True,
+) -> tuple[Callable, tuple]:
   """The jitted train step (train state donated) of a network and its abstract arguments.
 
   Args: as :func:`train_step_memory`.
@@ -75,8 +83,9 @@ def abstract_train_step(network: dict[str, Any], *, mode: str, time_steps: int, 
   """
   optimizer = training.make_optimizer()
   graphdef, state = abstract_train_state(network, time_steps, optimizer)
-  config = training.StepConfig(mode=mode, time_steps=time_steps,
-                               num_classes=network["num_classes"], static_input=static_input)
+  config = training.StepConfig(
+    mode=mode, time_steps=time_steps, num_classes=network["num_classes"], static_input=static_input
+  )
   if unrolled:
     config = config._replace(time_unroll=True)
   x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
@@ -87,9 +96,16 @@ def abstract_train_step(network: dict[str, Any], *, mode: str, time_steps: int, 
   return step, (state, x, labels, learning_rate, seed_key)
 
 
-def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, batch: int,
-                      image_shape: Sequence[int], unrolled: bool = False,
-                      static_input: bool = True) -> dict[str, Any]:
+def train_step_memory(
+  network: dict[str, Any],
+  *,
+  mode: str,
+  time_steps: int,
+  batch: int,
+  image_shape: Sequence[int],
+  unrolled: bool = False,
+  static_input: bool = True,
+) -> dict[str, Any]:
   """Compiles one train step on abstract inputs and returns XLA's memory analysis in bytes.
 
   Args:
@@ -108,23 +124,43 @@ def train_step_memory(network: dict[str, Any], *, mode: str, time_steps: int, ba
     argument, ``peak`` = temp + argument + output - alias, and ``compile_seconds``.
   """
   start = time.perf_counter()
-  step, args = abstract_train_step(network, mode=mode, time_steps=time_steps, batch=batch,
-                                   image_shape=image_shape, unrolled=unrolled,
-                                   static_input=static_input)
+  step, args = abstract_train_step(
+    network,
+    mode=mode,
+    time_steps=time_steps,
+    batch=batch,
+    image_shape=image_shape,
+    unrolled=unrolled,
+    static_input=static_input,
+  )
   compiled = step.lower(*args).compile()
   seconds = time.perf_counter() - start
   analysis = compiled.memory_analysis()
-  sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes"))
-           for name in ("temp", "argument", "output", "alias", "generated_code")}
+  sizes = {
+    name: int(getattr(analysis, f"{name}_size_in_bytes"))
+    for name in ("temp", "argument", "output", "alias", "generated_code")
+  }
   sizes["total"] = sizes["temp"] + sizes["argument"]
   sizes["peak"] = sizes["total"] + sizes["output"] - sizes["alias"]
-  return {"mode": mode, "time_steps": time_steps, "unrolled": unrolled, "bytes": sizes,
-          "compile_seconds": round(seconds, 1)}
+  return {
+    "mode": mode,
+    "time_steps": time_steps,
+    "unrolled": unrolled,
+    "bytes": sizes,
+    "compile_seconds": round(seconds, 1),
+  }
 
 
-def sweep(network: dict[str, Any], *, modes: Sequence[str], time_steps: Sequence[int],
-          batch: int, image_shape: Sequence[int], unrolled: bool = False,
-          log: bool = False) -> list[dict[str, Any]]:
+def sweep(
+  network: dict[str, Any],
+  *,
+  modes: Sequence[str],
+  time_steps: Sequence[int],
+  batch: int,
+  image_shape: Sequence[int],
+  unrolled: bool = False,
+  log: bool = False,
+) -> list[dict[str, Any]]:
   """:func:`train_step_memory` for every mode and T (plus the unrolled online rule if asked)."""
   cases = [(mode, False) for mode in modes]
   if unrolled and "online" in modes:
@@ -132,21 +168,29 @@ def sweep(network: dict[str, Any], *, modes: Sequence[str], time_steps: Sequence
   points = []
   for mode, roll in cases:
     for steps in time_steps:
-      point = train_step_memory(network, mode=mode, time_steps=steps, batch=batch,
-                                image_shape=image_shape, unrolled=roll)
+      point = train_step_memory(
+        network, mode=mode, time_steps=steps, batch=batch, image_shape=image_shape, unrolled=roll
+      )
       points.append(point)
       if log:
-        print(f"{mode}{' (unrolled)' if roll else ''} T={steps}: "
-              f"{point['bytes']['total'] / MIB:.1f} MiB (temp {point['bytes']['temp'] / MIB:.1f},"
-              f" compile {point['compile_seconds']} s)", flush=True)
+        print(
+          f"{mode}{' (unrolled)' if roll else ''} T={steps}: "
+          f"{point['bytes']['total'] / MIB:.1f} MiB (temp {point['bytes']['temp'] / MIB:.1f},"
+          f" compile {point['compile_seconds']} s)",
+          flush=True,
+        )
   return points
 
 
-def series(points: Sequence[dict[str, Any]], mode: str, unrolled: bool = False,
-           key: str = "total") -> dict[int, int]:
+def series(
+  points: Sequence[dict[str, Any]], mode: str, unrolled: bool = False, key: str = "total"
+) -> dict[int, int]:
   """{T: bytes} of one mode."""
-  return {p["time_steps"]: p["bytes"][key] for p in points
-          if p["mode"] == mode and p["unrolled"] == unrolled}
+  return {
+    p["time_steps"]: p["bytes"][key]
+    for p in points
+    if p["mode"] == mode and p["unrolled"] == unrolled
+  }
 
 
 def relative_spread(values: dict[int, int], lo: int, hi: int) -> float:
@@ -155,8 +199,9 @@ def relative_spread(values: dict[int, int], lo: int, hi: int) -> float:
   return max(window) / min(window) - 1.0
 
 
-def acceptance(points: Sequence[dict[str, Any]], lo: int = ACCEPTANCE_RANGE[0],
-               hi: int = ACCEPTANCE_RANGE[1]) -> dict[str, dict[str, Any]]:
+def acceptance(
+  points: Sequence[dict[str, Any]], lo: int = ACCEPTANCE_RANGE[0], hi: int = ACCEPTANCE_RANGE[1]
+) -> dict[str, dict[str, Any]]:
   """PASS/FAIL per criterion: online and random-step flat within 5 %, BPTT growth >= 3x."""
   checks = {}
   for mode, unrolled in (("online", False), ("random_step", False), ("online", True)):
@@ -165,27 +210,39 @@ def acceptance(points: Sequence[dict[str, Any]], lo: int = ACCEPTANCE_RANGE[0],
       continue
     spread = relative_spread(values, lo, hi)
     checks[mode + (" (unrolled)" if unrolled else "")] = {
-        "criterion": f"(max/min - 1) over T={lo}..{hi} <= {FLAT_TOLERANCE:.0%}",
-        "value": round(spread, 4), "passed": spread <= FLAT_TOLERANCE}
+      "criterion": f"(max/min - 1) over T={lo}..{hi} <= {FLAT_TOLERANCE:.0%}",
+      "value": round(spread, 4),
+      "passed": spread <= FLAT_TOLERANCE,
+    }
   values = series(points, "bptt")
   if {lo, hi} <= values.keys():
     growth = values[hi] / values[lo]
-    checks["bptt"] = {"criterion": f"memory(T={hi}) / memory(T={lo}) >= {BPTT_MIN_GROWTH}",
-                      "value": round(growth, 3), "passed": growth >= BPTT_MIN_GROWTH}
+    checks["bptt"] = {
+      "criterion": f"memory(T={hi}) / memory(T={lo}) >= {BPTT_MIN_GROWTH}",
+      "value": round(growth, 3),
+      "passed": growth >= BPTT_MIN_GROWTH,
+    }
   return checks
 
 
 def plot(points: Sequence[dict[str, Any]], path: str, title: str) -> None:
   """Memory (temp + argument, MiB) against T, one line per mode."""
   import matplotlib
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
+
   fig, ax = plt.subplots(figsize=(6, 4))
   for mode, unrolled in sorted({(p["mode"], p["unrolled"]) for p in points}):
     values = series(points, mode, unrolled)
     ts = sorted(values)
-    ax.plot(ts, [values[t] / MIB for t in ts], marker="o", linestyle="--" if unrolled else "-",
-            label=mode + (" (time scan unrolled)" if unrolled else ""))
+    ax.plot(
+      ts,
+      [values[t] / MIB for t in ts],
+      marker="o",
+      linestyle="--" if unrolled else "-",
+      label=mode + (" (time scan unrolled)" if unrolled else ""),
+    )
   ax.set_xscale("log", base=2)
   ax.set_xticks(sorted({p["time_steps"] for p in points}))
   ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -203,11 +260,18 @@ def environment() -> dict[str, Any]:
   """Versions and machine of a measurement."""
   import flax
   import optax
-  return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-          "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-          "machine": platform.platform(), "cpus": os.cpu_count(),
-          "conv_backward": ops.conv_backward_rule(),
-          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+  return {
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "device": str(jax.devices()[0].device_kind),
+    "machine": platform.platform(),
+    "cpus": os.cpu_count(),
+    "conv_backward": ops.conv_backward_rule(),
+    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+  }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -217,8 +281,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--width", type=float, default=1.0)
   parser.add_argument("--size", type=int, default=32, help="image height and width")
-  parser.add_argument("--unrolled", action="store_true",
-                      help="also measure the online rule with its time scan fully unrolled")
+  parser.add_argument(
+    "--unrolled",
+    action="store_true",
+    help="also measure the online rule with its time scan fully unrolled",
+  )
   parser.add_argument("--out", default="benchmarks/results/memory.json")
   parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
   args = parser.parse_args(argv)
@@ -228,27 +295,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for mode in modes:
     if mode not in training.MODES:
       parser.error(f"mode {mode!r} is not allowed; allowed: {', '.join(training.MODES)}")
-  points = sweep(network, modes=modes, time_steps=time_steps, batch=args.batch,
-                 image_shape=(args.size, args.size, 3), unrolled=args.unrolled, log=True)
+  points = sweep(
+    network,
+    modes=modes,
+    time_steps=time_steps,
+    batch=args.batch,
+    image_shape=(args.size, args.size, 3),
+    unrolled=args.unrolled,
+    log=True,
+  )
   checks = acceptance(points)
   for name, check in checks.items():
-    print(f"{'PASS' if check['passed'] else 'FAIL'} {name}: {check['criterion']} "
-          f"(measured {check['value']})")
-  record = {"meta": {**environment(), "network": network, "batch": args.batch,
-                     "image_shape": [args.size, args.size, 3],
-                     "command": "python -m benchmarks.memory "
-                                + " ".join(argv if argv is not None else sys.argv[1:])},
-            "points": points, "acceptance": checks}
+    print(
+      f"{'PASS' if check['passed'] else 'FAIL'} {name}: {check['criterion']} "
+      f"(measured {check['value']})"
+    )
+  record = {
+    "meta": {
+      **environment(),
+      "network": network,
+      "batch": args.batch,
+      "image_shape": [args.size, args.size, 3],
+      "command": "python -m benchmarks.memory "
+      + " ".join(argv if argv is not None else sys.argv[1:]),
+    },
+    "points": points,
+    "acceptance": checks,
+  }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(record, f, indent=2)
-  plot(points, args.plot or os.path.splitext(args.out)[0] + ".png",
-       f"ResNet-18 (width {args.width:g}), {args.size}x{args.size}x3, batch {args.batch}, "
-       f"binary weights, {jax.default_backend()}")
+  plot(
+    points,
+    args.plot or os.path.splitext(args.out)[0] + ".png",
+    f"ResNet-18 (width {args.width:g}), {args.size}x{args.size}x3, batch {args.batch}, "
+    f"binary weights, {jax.default_backend()}",
+  )
   return record
 
 
 if __name__ == "__main__":
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   main()

@@ -50,12 +50,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--mode", default="online", choices=throughput.DEFAULT_MODES)
   parser.add_argument("--time_steps", type=int, default=4)
-  parser.add_argument("--size", type=int, default=None,
-                      help="image height and width (default: the network's, 32 or 28)")
+  parser.add_argument(
+    "--size",
+    type=int,
+    default=None,
+    help="image height and width (default: the network's, 32 or 28)",
+  )
   parser.add_argument("--width", type=float, default=1.0, help="channel multiplier")
   parser.add_argument("--steps", type=int, default=1, help="traced calls of the step")
-  parser.add_argument("--threads", type=int, default=None,
-                      help="CPU cores (default: all allowed cores)")
+  parser.add_argument(
+    "--threads", type=int, default=None, help="CPU cores (default: all allowed cores)"
+  )
   parser.add_argument("--top", type=int, default=30, help="instructions and lines listed")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="benchmarks/results/profile_cpu.json")
@@ -114,8 +119,12 @@ def _stack_tables(text: str) -> dict[int, str]:
       if location in locations:
         chain.append(locations[location])
       frame_id = parent
-    ours = [(p, n) for p, n in chain if os.path.abspath(p).startswith(REPO + os.sep)
-            or not os.path.isabs(p) and p.startswith(("empf_jax", "benchmarks", "experiments"))]
+    ours = [
+      (p, n)
+      for p, n in chain
+      if os.path.abspath(p).startswith(REPO + os.sep)
+      or (not os.path.isabs(p) and p.startswith(("empf_jax", "benchmarks", "experiments")))
+    ]
     path, number = (ours or chain or [("?", 0)])[0]
     return f"{os.path.relpath(path, REPO) if os.path.isabs(path) else path}:{number}"
 
@@ -146,10 +155,18 @@ def instructions(text: str) -> dict[str, dict[str, str]]:
     frame = re.search(r"stack_frame_id=(\d+)", rest)
     op_name = re.search(r'op_name="([^"]*)"', rest)
     source = re.search(r'source_file="([^"]*)"\s+source_line=(\d+)', rest)
-    where = (stacks.get(int(frame.group(1)), "?") if frame else
-             f"{os.path.relpath(source.group(1), REPO)}:{source.group(2)}" if source else "?")
-    entries[name] = {"opcode": opcode, "source": where,
-                     "op_name": op_name.group(1) if op_name else ""}
+    where = (
+      stacks.get(int(frame.group(1)), "?")
+      if frame
+      else f"{os.path.relpath(source.group(1), REPO)}:{source.group(2)}"
+      if source
+      else "?"
+    )
+    entries[name] = {
+      "opcode": opcode,
+      "source": where,
+      "op_name": op_name.group(1) if op_name else "",
+    }
   for name, entry in entries.items():
     ops = computations.get(calls.get(name, ""), {entry["opcode"]})
     if "convolution" in ops:
@@ -172,16 +189,19 @@ def trace_events(directory: str) -> list[dict[str, Any]]:
   """The complete events (with a duration) of the perfetto trace ``jax.profiler`` wrote."""
   paths = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
   if not paths:
-    raise SystemExit(f"no perfetto trace under {directory}: jax.profiler wrote "
-                     f"{sorted(glob.glob(os.path.join(directory, '**'), recursive=True))[:10]}")
+    raise SystemExit(
+      f"no perfetto trace under {directory}: jax.profiler wrote "
+      f"{sorted(glob.glob(os.path.join(directory, '**'), recursive=True))[:10]}"
+    )
   with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
     events = json.load(f)
   events = events.get("traceEvents", events) if isinstance(events, dict) else events
   return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
 
-def summarize(events: list[dict[str, Any]], table: dict[str, dict[str, str]], steps: int,
-              wall: float, top: int) -> dict[str, Any]:
+def summarize(
+  events: list[dict[str, Any]], table: dict[str, dict[str, str]], steps: int, wall: float, top: int
+) -> dict[str, Any]:
   per_instruction: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
   for event in events:
     args = event.get("args") or {}
@@ -192,8 +212,7 @@ def summarize(events: list[dict[str, Any]], table: dict[str, dict[str, str]], st
   if not per_instruction:
     names = collections.Counter(e.get("name") for e in events).most_common(8)
     raise SystemExit(f"no trace event names an instruction of the step; most frequent: {names}")
-  kinds: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"seconds": 0.0,
-                                                                        "calls": 0})
+  kinds: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"seconds": 0.0, "calls": 0})
   sources: dict[str, float] = collections.defaultdict(float)
   for name, (seconds, count) in per_instruction.items():
     entry = table[name]
@@ -202,13 +221,17 @@ def summarize(events: list[dict[str, Any]], table: dict[str, dict[str, str]], st
     sources[f"{entry['kind']} @ {entry['source']}"] += seconds
   ranked = sorted(per_instruction.items(), key=lambda kv: -kv[1][0])[:top]
   return {
-      "step_wall_seconds": wall,
-      "traced_seconds": sum(v[0] for v in per_instruction.values()),
-      "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["seconds"])),
-      "instructions": [{"name": name, "seconds": seconds, "calls": count / steps,
-                        **table[name]} for name, (seconds, count) in ranked],
-      "sources": [{"where": where, "seconds": seconds} for where, seconds in
-                  sorted(sources.items(), key=lambda kv: -kv[1])[:top]],
+    "step_wall_seconds": wall,
+    "traced_seconds": sum(v[0] for v in per_instruction.values()),
+    "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["seconds"])),
+    "instructions": [
+      {"name": name, "seconds": seconds, "calls": count / steps, **table[name]}
+      for name, (seconds, count) in ranked
+    ],
+    "sources": [
+      {"where": where, "seconds": seconds}
+      for where, seconds in sorted(sources.items(), key=lambda kv: -kv[1])[:top]
+    ],
   }
 
 
@@ -217,27 +240,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   cores = throughput.pin_cores(args.threads)
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
   import numpy as np
   from flax import nnx
+
   from empf_jax import models
 
   channels = throughput.NETWORKS[args.network]["channels"]
-  model = models.create(args.network, num_classes=throughput.NUM_CLASSES,
-                        time_steps=args.time_steps, width=args.width, in_channels=channels,
-                        rngs=nnx.Rngs(args.seed))
+  model = models.create(
+    args.network,
+    num_classes=throughput.NUM_CLASSES,
+    time_steps=args.time_steps,
+    width=args.width,
+    in_channels=channels,
+    rngs=nnx.Rngs(args.seed),
+  )
   rng = np.random.default_rng(args.seed)
   batch = throughput.random_batch(rng, args.batch, args.size, channels)
   runner = throughput.JaxRunner(model, args, args.mode, [batch])
   x, y = runner.batches[0]
-  call = ((runner.state, x, y, runner.mask) if args.mode == "eval" else
-          (runner.state, x, y, runner.lr, runner.seed_key))
+  call = (
+    (runner.state, x, y, runner.mask)
+    if args.mode == "eval"
+    else (runner.state, x, y, runner.lr, runner.seed_key)
+  )
   # The compiled step both names the instructions and runs (jit would compile it again).
   runner.step = runner.step.lower(*call).compile()
   table = instructions(runner.step.as_text())
-  print(f"{args.network}, {args.mode}, batch {args.batch}, T={args.time_steps}, "
-        f"{len(cores)} cores: {len(table)} instructions; warming up", flush=True)
+  print(
+    f"{args.network}, {args.mode}, batch {args.batch}, T={args.time_steps}, "
+    f"{len(cores)} cores: {len(table)} instructions; warming up",
+    flush=True,
+  )
   runner.run(1)
   runner.run(1)
   with tempfile.TemporaryDirectory() as directory:
@@ -245,17 +281,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       wall = runner.run(args.steps) / args.steps
     events = trace_events(directory)
   summary = summarize(events, table, args.steps, wall, args.top)
-  record = {"meta": {
+  record = {
+    "meta": {
       "command": "python -m benchmarks.profile_cpu "
-                 + " ".join(argv if argv is not None else sys.argv[1:]),
+      + " ".join(argv if argv is not None else sys.argv[1:]),
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-      "network": args.network, "mode": args.mode, "batch": args.batch,
-      "time_steps": args.time_steps, "width": args.width, "image_size": args.size,
-      "steps": args.steps, "cores_used": len(cores), "jax": jax.__version__,
-      **throughput.cpu_description(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "load_average": throughput.load_average()}, **summary}
-  print(f"step: {1e3 * wall:.0f} ms wall, {1e3 * summary['traced_seconds']:.0f} ms in traced "
-        "operations (they overlap; convolutions mostly untraced, see the module docstring)")
+      "network": args.network,
+      "mode": args.mode,
+      "batch": args.batch,
+      "time_steps": args.time_steps,
+      "width": args.width,
+      "image_size": args.size,
+      "steps": args.steps,
+      "cores_used": len(cores),
+      "jax": jax.__version__,
+      **throughput.cpu_description(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average": throughput.load_average(),
+    },
+    **summary,
+  }
+  print(
+    f"step: {1e3 * wall:.0f} ms wall, {1e3 * summary['traced_seconds']:.0f} ms in traced "
+    "operations (they overlap; convolutions mostly untraced, see the module docstring)"
+  )
   for kind, value in summary["kinds"].items():
     print(f"  {kind:<14} {1e3 * value['seconds']:9.1f} ms  {value['calls']:7.0f} calls")
   print("lines:")

@@ -1,6 +1,7 @@
 """Training and evaluation throughput of empf_jax against the PyTorch reference, in one run.
 
-    python -m benchmarks.throughput [--device=cpu|gpu] [--out=benchmarks/results/throughput_cpu.json]
+    python -m benchmarks.throughput [--device=cpu|gpu] \
+        [--out=benchmarks/results/throughput_cpu.json]
         [--network=resnet18|convnet28] [--batch=16,64,128] [--time_steps=4] [--size=32]
         [--width=1.0] [--dtype=float32|bfloat16]
         [--modes=online,random_step,bptt,eval] [--frameworks=jax,torch] [--repeats=5]
@@ -49,7 +50,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MODES = ("online", "random_step", "bptt", "eval", "online_unrolled")
 NETWORKS = {"resnet18": dict(size=32, channels=3), "convnet28": dict(size=28, channels=1)}
@@ -71,35 +73,51 @@ def batch_sizes(value: str) -> list[int]:
   except ValueError:
     sizes = []
   if not sizes or min(sizes) < 1:
-    raise argparse.ArgumentTypeError(f"{value!r} is not allowed; allowed: integers >= 1, "
-                                     "comma-separated")
+    raise argparse.ArgumentTypeError(
+      f"{value!r} is not allowed; allowed: integers >= 1, comma-separated"
+    )
   return sizes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-  parser.add_argument("--out", default=None,
-                      help="JSON path (default benchmarks/results/throughput_<device>.json)")
+  parser.add_argument(
+    "--out", default=None, help="JSON path (default benchmarks/results/throughput_<device>.json)"
+  )
   parser.add_argument("--network", default="resnet18", choices=tuple(NETWORKS))
-  parser.add_argument("--batch", default="16,64,128", type=batch_sizes,
-                      help="batch sizes, comma-separated; each is measured in turn")
+  parser.add_argument(
+    "--batch",
+    default="16,64,128",
+    type=batch_sizes,
+    help="batch sizes, comma-separated; each is measured in turn",
+  )
   parser.add_argument("--time_steps", type=int, default=4)
-  parser.add_argument("--size", type=int, default=None,
-                      help="image height and width (default: the network's, 32 or 28)")
+  parser.add_argument(
+    "--size",
+    type=int,
+    default=None,
+    help="image height and width (default: the network's, 32 or 28)",
+  )
   parser.add_argument("--width", type=float, default=1.0, help="channel multiplier")
-  parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                      help="JAX compute dtype; bfloat16 runs JAX only")
+  parser.add_argument(
+    "--dtype", default="float32", choices=DTYPES, help="JAX compute dtype; bfloat16 runs JAX only"
+  )
   parser.add_argument("--modes", default=",".join(DEFAULT_MODES))
   parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--iters", type=int, default=2, help="batches per repeat")
   parser.add_argument("--warmup", type=int, default=1, help="untimed batches per framework")
-  parser.add_argument("--threads", type=int, default=None,
-                      help="CPU cores for both frameworks (default: all allowed cores)")
+  parser.add_argument(
+    "--threads",
+    type=int,
+    default=None,
+    help="CPU cores for both frameworks (default: all allowed cores)",
+  )
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--breakdown", action="store_true",
-                      help="also time one step's forward and forward+backward")
+  parser.add_argument(
+    "--breakdown", action="store_true", help="also time one step's forward and forward+backward"
+  )
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
   args = parser.parse_args(argv)
   args.batches = args.batch
@@ -115,8 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       args.threads = SMOKE_CPU_THREADS
   args.modes = args.modes.split(",")
   args.frameworks = args.frameworks.split(",")
-  for name, values, allowed in (("mode", args.modes, MODES),
-                                ("framework", args.frameworks, FRAMEWORKS)):
+  for name, values, allowed in (
+    ("mode", args.modes, MODES),
+    ("framework", args.frameworks, FRAMEWORKS),
+  ):
     bad = [v for v in values if v not in allowed]
     if bad:
       parser.error(f"{name} {bad} is not allowed; allowed: {', '.join(allowed)}")
@@ -138,8 +158,10 @@ def pin_cores(threads: int | None) -> list[int]:
   cores = sorted(os.sched_getaffinity(0))
   if threads is not None:
     if not 1 <= threads <= len(cores):
-      raise ValueError(f"--threads={threads} is not allowed; allowed: 1..{len(cores)} "
-                       "(the cores this process may use)")
+      raise ValueError(
+        f"--threads={threads} is not allowed; allowed: 1..{len(cores)} "
+        "(the cores this process may use)"
+      )
     cores = cores[:threads]
     os.sched_setaffinity(0, cores)
   return cores
@@ -156,9 +178,12 @@ def cpu_description() -> dict[str, Any]:
   fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
   fields = {key.strip(): value.strip() for key, value in fields.items()}
   flags = set(fields.get("flags", "").split())
-  return {"cpu_model": fields.get("model name", ""),
-          "cpu_vector_extensions": sorted(flags & {"avx2", "avx512f", "avx512_bf16",
-                                                   "avx512_vnni", "amx_bf16", "amx_tile"})}
+  return {
+    "cpu_model": fields.get("model name", ""),
+    "cpu_vector_extensions": sorted(
+      flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"}
+    ),
+  }
 
 
 def median_rate(seconds: list[float], images: int) -> float:
@@ -172,15 +197,16 @@ class JaxRunner:
   def __init__(self, model, args, mode: str, batches):
     import jax
     import jax.numpy as jnp
+
     from empf_jax import training
 
     self.jax = jax
     self.mode = mode
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     rule = {"eval": "online", "online_unrolled": "online"}.get(mode, mode)
-    config = training.StepConfig(mode=rule,
-                                 time_steps=args.time_steps, num_classes=NUM_CLASSES,
-                                 compute_dtype=dtype)
+    config = training.StepConfig(
+      mode=rule, time_steps=args.time_steps, num_classes=NUM_CLASSES, compute_dtype=dtype
+    )
     if mode == "online_unrolled":
       config = config._replace(time_unroll=True)
     optimizer = training.make_optimizer()
@@ -195,8 +221,7 @@ class JaxRunner:
       self.mask = jax.device_put(jnp.ones((len(batches[0][1]),), jnp.float32), device)
       self.step = jax.jit(training.make_eval_step(graphdef, config))
     else:
-      self.step = jax.jit(training.make_train_step(graphdef, optimizer, config),
-                          donate_argnums=0)
+      self.step = jax.jit(training.make_train_step(graphdef, optimizer, config), donate_argnums=0)
     self.calls = 0
 
   def run(self, count: int) -> float:
@@ -222,6 +247,7 @@ class TorchRunner:
 
   def __init__(self, torch_model, args, mode: str, batches, device):
     import torch
+
     from benchmarks import torch_reference as ref
 
     self.torch = torch
@@ -234,10 +260,13 @@ class TorchRunner:
     self.batches = []
     for x, y in batches:
       nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
-      self.batches.append((ref.repeat_static(nchw, args.time_steps),
-                           torch.from_numpy(y.astype("int64")).to(device)))
+      self.batches.append(
+        (ref.repeat_static(nchw, args.time_steps), torch.from_numpy(y.astype("int64")).to(device))
+      )
     import jax
+
     from empf_jax import training
+
     key = jax.random.key(args.seed)
     self.t_star = lambda step: int(training.draw_time_step(key, step, args.time_steps))
     self.calls = 0
@@ -270,10 +299,14 @@ class TorchRunner:
     return time.perf_counter() - start
 
 
-def _interleaved(parts: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], repeats: int,
-                 sync: Callable[[], None]) -> dict[str, dict[str, float]]:
+def _interleaved(
+  parts: dict[str, tuple[Callable[[], Any], Callable[[], Any]]],
+  repeats: int,
+  sync: Callable[[], None],
+) -> dict[str, dict[str, float]]:
   """Median seconds of every (JAX, PyTorch) pair of callables, all timed in turn in each round
   after one untimed call each, so that every figure sees the same machine load."""
+
   def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -291,8 +324,11 @@ def _interleaved(parts: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], 
   out = {}
   for name, (jax_times, torch_times) in seconds.items():
     jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
-    out[name] = {"jax_seconds": jax_s, "torch_seconds": torch_s,
-                 "jax_over_torch_speed": round(torch_s / jax_s, 3)}
+    out[name] = {
+      "jax_seconds": jax_s,
+      "torch_seconds": torch_s,
+      "jax_over_torch_speed": round(torch_s / jax_s, 3),
+    }
   return out
 
 
@@ -312,6 +348,7 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
   import torch
   import torch.nn.functional as F
   from flax import nnx
+
   from benchmarks import torch_reference as ref
   from empf_jax import layers, ops, training
 
@@ -349,12 +386,18 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
 
   torch_forward_backward()  # gradients in place for the update part
   parts = {
-      "forward": (lambda: jax.block_until_ready(jax_forward(params, rest, x, targets)),
-                  torch_forward),
-      "forward_backward": (lambda: jax.block_until_ready(jax_grad(params, rest, x, targets)),
-                           torch_forward_backward),
-      "update": (lambda: jax.block_until_ready(jax_update(params, opt_state, grads)),
-                 torch_optimizer.step),
+    "forward": (
+      lambda: jax.block_until_ready(jax_forward(params, rest, x, targets)),
+      torch_forward,
+    ),
+    "forward_backward": (
+      lambda: jax.block_until_ready(jax_grad(params, rest, x, targets)),
+      torch_forward_backward,
+    ),
+    "update": (
+      lambda: jax.block_until_ready(jax_update(params, opt_state, grads)),
+      torch_optimizer.step,
+    ),
   }
 
   def sync():
@@ -368,11 +411,15 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
     net = training.fresh_merge(graphdef, params, rest)
     training.set_recording(net, True)
     net.step(x, None, 0, train=True)
-    return {path: variable.get_value() for path, variable in
-            nnx.to_flat_state(nnx.pop(net, nnx.Intermediate)) if path[-1] == "inputs"}
+    return {
+      path: variable.get_value()
+      for path, variable in nnx.to_flat_state(nnx.pop(net, nnx.Intermediate))
+      if path[-1] == "inputs"
+    }
 
-  convs = {path: module for path, module in nnx.iter_graph(model)
-           if isinstance(module, layers.QConv)}
+  convs = {
+    path: module for path, module in nnx.iter_graph(model) if isinstance(module, layers.QConv)
+  }
   shapes: dict[tuple, int] = {}
   for path, recorded in jax.eval_shape(conv_inputs, params, rest, x).items():
     module = convs.get(tuple(path[:-1]))
@@ -386,41 +433,46 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
   for (x_shape, w_shape, stride, padding), count in shapes.items():
     x_shape = (math.prod(x_shape[:-3]),) + x_shape[-3:]  # time and batch folded, as the layer
     kh, kw, cin, cout = w_shape
-    name = (f"{kh}x{kw} s{stride} {cin}->{cout} on {x_shape[0]}x{x_shape[1]}x{x_shape[2]}")
+    name = f"{kh}x{kw} s{stride} {cin}->{cout} on {x_shape[0]}x{x_shape[1]}x{x_shape[2]}"
     rng = np.random.default_rng(0)
     xj = jnp.asarray(rng.normal(size=x_shape).astype(np.float32))
     wj = jnp.asarray(rng.normal(size=w_shape).astype(np.float32))
     conv = jax.jit(lambda a, b, s=stride, p=padding: ops.conv2d(a, b, s, p))
     g = jnp.ones_like(conv(xj, wj))
-    input_grad = jax.jit(lambda a, b, g, s=stride, p=padding:
-                         jax.vjp(lambda a_: ops.conv2d(a_, b, s, p), a)[1](g)[0])
-    kernel_grad = jax.jit(lambda a, b, g, s=stride, p=padding:
-                          jax.vjp(lambda b_: ops.conv2d(a, b_, s, p), b)[1](g)[0])
+    input_grad = jax.jit(
+      lambda a, b, g, s=stride, p=padding: jax.vjp(lambda a_: ops.conv2d(a_, b, s, p), a)[1](g)[0]
+    )
+    kernel_grad = jax.jit(
+      lambda a, b, g, s=stride, p=padding: jax.vjp(lambda b_: ops.conv2d(a, b_, s, p), b)[1](g)[0]
+    )
     xt = torch.from_numpy(np.asarray(xj).transpose(0, 3, 1, 2).copy()).to(device)
     wt = torch.from_numpy(np.asarray(wj).transpose(3, 2, 0, 1).copy()).to(device)
     gt = torch.ones_like(F.conv2d(xt, wt, stride=stride, padding=padding))
 
     def torch_backward(mask, xt=xt, wt=wt, gt=gt, s=stride, p=padding):
       with torch.no_grad():
-        torch.ops.aten.convolution_backward(gt, xt, wt, None, [s, s], [p, p], [1, 1], False,
-                                            [0, 0], 1, mask)
+        torch.ops.aten.convolution_backward(
+          gt, xt, wt, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, mask
+        )
 
     conv_parts[f"{name}: forward"] = (
-        lambda c=conv, a=xj, b=wj: jax.block_until_ready(c(a, b)),
-        lambda xt=xt, wt=wt, s=stride, p=padding: F.conv2d(xt, wt, stride=s, padding=p))
+      lambda c=conv, a=xj, b=wj: jax.block_until_ready(c(a, b)),
+      lambda xt=xt, wt=wt, s=stride, p=padding: F.conv2d(xt, wt, stride=s, padding=p),
+    )
     conv_parts[f"{name}: input_grad"] = (
-        lambda f=input_grad, a=xj, b=wj, g=g: jax.block_until_ready(f(a, b, g)),
-        lambda f=torch_backward: f([True, False, False]))
+      lambda f=input_grad, a=xj, b=wj, g=g: jax.block_until_ready(f(a, b, g)),
+      lambda f=torch_backward: f([True, False, False]),
+    )
     conv_parts[f"{name}: kernel_grad"] = (
-        lambda f=kernel_grad, a=xj, b=wj, g=g: jax.block_until_ready(f(a, b, g)),
-        lambda f=torch_backward: f([False, True, False]))
+      lambda f=kernel_grad, a=xj, b=wj, g=g: jax.block_until_ready(f(a, b, g)),
+      lambda f=torch_backward: f([False, True, False]),
+    )
     out_h, out_w = g.shape[1], g.shape[2]
     gflop = 2 * x_shape[0] * out_h * out_w * kh * kw * cin * cout / 1e9
     taps = valid_tap_fraction(x_shape[1], kh, stride, padding)
     for op in ("forward", "input_grad", "kernel_grad"):
       counts[f"{name}: {op}"] = count
-      work[f"{name}: {op}"] = {"gflop": float(f"{gflop:.4g}"),
-                               "valid_tap_fraction": round(taps, 3)}
+      work[f"{name}: {op}"] = {"gflop": float(f"{gflop:.4g}"), "valid_tap_fraction": round(taps, 3)}
     if cin == image_channels:  # the network's input: no gradient is taken, none computed
       counts[f"{name}: input_grad"] = 0
   with torch.no_grad():
@@ -437,8 +489,11 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
     entries = [v for k, v in timings.items() if k.endswith(op)]
     jax_s = sum(v["jax_seconds"] * v["per_step_count"] for v in entries)
     torch_s = sum(v["torch_seconds"] * v["per_step_count"] for v in entries)
-    totals[op] = {"jax_seconds": jax_s, "torch_seconds": torch_s,
-                  "jax_over_torch_speed": round(torch_s / jax_s, 3)}
+    totals[op] = {
+      "jax_seconds": jax_s,
+      "torch_seconds": torch_s,
+      "jax_over_torch_speed": round(torch_s / jax_s, 3),
+    }
   result["convolutions_per_step_total"] = totals
   result["ceiling"] = convolution_ceiling(result)
   return result
@@ -452,8 +507,7 @@ def valid_tap_fraction(size: int, kernel: int, stride: int, padding: int) -> flo
   them (oneDNN's) does this fraction of the work, so at 4x4 inputs (0.69 for 3x3, padding 1)
   it has a third less to do."""
   out = (size + 2 * padding - kernel) // stride + 1
-  inside = sum(1 for i in range(out) for j in range(kernel)
-               if 0 <= i * stride - padding + j < size)
+  inside = sum(1 for i in range(out) for j in range(kernel) if 0 <= i * stride - padding + j < size)
   return (inside / (out * kernel)) ** 2
 
 
@@ -466,17 +520,25 @@ def convolution_ceiling(result: dict[str, Any]) -> dict[str, Any]:
   jax_step = step["forward_backward"]["jax_seconds"] + step["update"]["jax_seconds"]
   jax_convs = sum(v["jax_seconds"] for v in result["convolutions_per_step_total"].values())
   torch_convs = sum(v["torch_seconds"] for v in result["convolutions_per_step_total"].values())
-  return {"jax_time_step_seconds": jax_step, "torch_time_step_seconds": torch_step,
-          "jax_convolutions_seconds": jax_convs, "torch_convolutions_seconds": torch_convs,
-          "jax_rest_seconds": jax_step - jax_convs, "torch_rest_seconds": torch_step - torch_convs,
-          "jax_over_torch_at_most": round(torch_step / jax_convs, 3)}
+  return {
+    "jax_time_step_seconds": jax_step,
+    "torch_time_step_seconds": torch_step,
+    "jax_convolutions_seconds": jax_convs,
+    "torch_convolutions_seconds": torch_convs,
+    "jax_rest_seconds": jax_step - jax_convs,
+    "torch_rest_seconds": torch_step - torch_convs,
+    "jax_over_torch_at_most": round(torch_step / jax_convs, 3),
+  }
 
 
 def random_batch(rng, batch_size: int, size: int, channels: int) -> tuple[Any, Any]:
   """One batch of random images [B, size, size, channels] (float32) and labels [B] (int32)."""
   import numpy as np
-  return (rng.normal(size=(batch_size, size, size, channels)).astype(np.float32),
-          rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32))
+
+  return (
+    rng.normal(size=(batch_size, size, size, channels)).astype(np.float32),
+    rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
+  )
 
 
 def write_record(path: str, record: dict[str, Any]) -> None:
@@ -499,14 +561,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cores = pin_cores(args.threads)
   from empf_jax import xla_defaults
+
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
+
   backend = jax.default_backend()
   if args.device == "gpu" and backend != "gpu":
     raise SystemExit(f"--device=gpu: JAX runs on {backend!r}; no GPU is visible")
   import numpy as np
   import torch
   from flax import nnx
+
   from benchmarks import torch_reference as ref
   from empf_jax import convert, models, ops
 
@@ -519,30 +584,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.backends.cudnn.benchmark = True
 
   channels = NETWORKS[args.network]["channels"]
-  model = models.create(args.network, num_classes=NUM_CLASSES, time_steps=args.time_steps,
-                        width=args.width, in_channels=channels, rngs=nnx.Rngs(args.seed))
-  torch_model = ref.create(args.network, num_classes=NUM_CLASSES, time_steps=args.time_steps,
-                           width=args.width, in_channels=channels)
-  torch_model.load_state_dict({k: torch.from_numpy(v)
-                               for k, v in convert.to_torch_state_dict(model).items()})
+  model = models.create(
+    args.network,
+    num_classes=NUM_CLASSES,
+    time_steps=args.time_steps,
+    width=args.width,
+    in_channels=channels,
+    rngs=nnx.Rngs(args.seed),
+  )
+  torch_model = ref.create(
+    args.network,
+    num_classes=NUM_CLASSES,
+    time_steps=args.time_steps,
+    width=args.width,
+    in_channels=channels,
+  )
+  torch_model.load_state_dict(
+    {k: torch.from_numpy(v) for k, v in convert.to_torch_state_dict(model).items()}
+  )
 
   meta = {
-      "command": "python -m benchmarks.throughput "
-                 + " ".join(argv if argv is not None else sys.argv[1:]),
-      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-      "network": args.network, "weights": "binary", "width": args.width,
-      "time_steps": args.time_steps, "batches": args.batches,
-      "image_shape": [args.size, args.size, channels], "jax_dtype": args.dtype,
-      "torch_dtype": "float32", "repeats": args.repeats, "batches_per_repeat": args.iters,
-      "warmup_batches": args.warmup, "device": args.device, "jax_backend": backend,
-      "jax_device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-      "torch": torch.__version__, "python": platform.python_version(),
-      "machine": platform.platform(), **cpu_description(), "cpus_visible": os.cpu_count(),
-      "cores_used": len(cores),
-      "torch_num_threads": torch.get_num_threads(),
-      "conv_backward": ops.conv_backward_rule(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-      "load_average_start": load_average(),
+    "command": "python -m benchmarks.throughput "
+    + " ".join(argv if argv is not None else sys.argv[1:]),
+    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    "network": args.network,
+    "weights": "binary",
+    "width": args.width,
+    "time_steps": args.time_steps,
+    "batches": args.batches,
+    "image_shape": [args.size, args.size, channels],
+    "jax_dtype": args.dtype,
+    "torch_dtype": "float32",
+    "repeats": args.repeats,
+    "batches_per_repeat": args.iters,
+    "warmup_batches": args.warmup,
+    "device": args.device,
+    "jax_backend": backend,
+    "jax_device": str(jax.devices()[0].device_kind),
+    "jax": jax.__version__,
+    "torch": torch.__version__,
+    "python": platform.python_version(),
+    "machine": platform.platform(),
+    **cpu_description(),
+    "cpus_visible": os.cpu_count(),
+    "cores_used": len(cores),
+    "torch_num_threads": torch.get_num_threads(),
+    "conv_backward": ops.conv_backward_rule(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+    "load_average_start": load_average(),
   }
   if len(args.batches) == 1:
     meta["batch"] = args.batches[0]
@@ -550,9 +640,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta["torch_cuda_device"] = torch.cuda.get_device_name()
     meta["torch_cudnn_tf32"] = torch.backends.cudnn.allow_tf32
     meta["torch_matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
-  print(f"{args.network} width {args.width:g}, T={args.time_steps}, batches {args.batches}, "
-        f"{args.size}x{args.size}x{channels}, {args.device}, {len(cores)} cores, "
-        f"load {meta['load_average_start']}", flush=True)
+  print(
+    f"{args.network} width {args.width:g}, T={args.time_steps}, batches {args.batches}, "
+    f"{args.size}x{args.size}x{channels}, {args.device}, {len(cores)} cores, "
+    f"load {meta['load_average_start']}",
+    flush=True,
+  )
 
   record: dict[str, Any] = {"meta": meta, "batches": {}}
   for batch_size in args.batches:
@@ -581,14 +674,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, run in runners.items():
           seconds[name].append(run(args.iters))
       for name, times in seconds.items():
-        entry[name] = {"images_per_second": round(median_rate(times, images), 3),
-                       "repeat_seconds": [round(t, 6) for t in times]}
+        entry[name] = {
+          "images_per_second": round(median_rate(times, images), 3),
+          "repeat_seconds": [round(t, 6) for t in times],
+        }
       if set(seconds) == {"jax", "torch"}:
-        entry["jax_over_torch"] = round(entry["jax"]["images_per_second"]
-                                        / entry["torch"]["images_per_second"], 3)
+        entry["jax_over_torch"] = round(
+          entry["jax"]["images_per_second"] / entry["torch"]["images_per_second"], 3
+        )
         # Each JAX repeat against the PyTorch repeat right after it: less sensitive to load drift.
-        entry["jax_over_torch_paired_median"] = round(statistics.median(
-            t / j for j, t in zip(seconds["jax"], seconds["torch"])), 3)
+        entry["jax_over_torch_paired_median"] = round(
+          statistics.median(t / j for j, t in zip(seconds["jax"], seconds["torch"])), 3
+        )
       if args.device == "gpu":
         if "jax" in runners:
           entry["jax"]["process_peak_bytes_in_use"] = jax_runner.peak_bytes()
@@ -596,24 +693,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           entry["torch"]["max_memory_allocated"] = int(torch.cuda.max_memory_allocated())
       results[mode] = entry
       rates = ", ".join(f"{name} {entry[name]['images_per_second']:.1f} img/s" for name in seconds)
-      ratio = (f" (JAX/PyTorch {entry['jax_over_torch']:.2f}x, paired "
-               f"{entry['jax_over_torch_paired_median']:.2f}x)" if "jax_over_torch" in entry else "")
+      ratio = (
+        f" (JAX/PyTorch {entry['jax_over_torch']:.2f}x, paired "
+        f"{entry['jax_over_torch_paired_median']:.2f}x)"
+        if "jax_over_torch" in entry
+        else ""
+      )
       print(f"{mode}: {rates}{ratio}", flush=True)
 
     measured: dict[str, Any] = {"results": results, "load_average": load_average()}
     if args.breakdown and set(args.frameworks) == set(FRAMEWORKS):
-      measured["breakdown"] = breakdown(model, torch_model, args, batches[0], torch_device,
-                                        args.repeats)
+      measured["breakdown"] = breakdown(
+        model, torch_model, args, batches[0], torch_device, args.repeats
+      )
       for group in ("one_step", "convolutions_per_step_total"):
         for part, value in measured["breakdown"][group].items():
-          print(f"{group} {part}: JAX {1e3 * value['jax_seconds']:.1f} ms, PyTorch "
-                f"{1e3 * value['torch_seconds']:.1f} ms", flush=True)
+          print(
+            f"{group} {part}: JAX {1e3 * value['jax_seconds']:.1f} ms, PyTorch "
+            f"{1e3 * value['torch_seconds']:.1f} ms",
+            flush=True,
+          )
       ceiling = measured["breakdown"]["ceiling"]
-      print(f"one time step: JAX {1e3 * ceiling['jax_time_step_seconds']:.0f} ms (convolutions "
-            f"{1e3 * ceiling['jax_convolutions_seconds']:.0f}), PyTorch "
-            f"{1e3 * ceiling['torch_time_step_seconds']:.0f} ms (convolutions "
-            f"{1e3 * ceiling['torch_convolutions_seconds']:.0f}); with XLA's convolutions the "
-            f"ratio is at most {ceiling['jax_over_torch_at_most']:.2f}", flush=True)
+      print(
+        f"one time step: JAX {1e3 * ceiling['jax_time_step_seconds']:.0f} ms (convolutions "
+        f"{1e3 * ceiling['jax_convolutions_seconds']:.0f}), PyTorch "
+        f"{1e3 * ceiling['torch_time_step_seconds']:.0f} ms (convolutions "
+        f"{1e3 * ceiling['torch_convolutions_seconds']:.0f}); with XLA's convolutions the "
+        f"ratio is at most {ceiling['jax_over_torch_at_most']:.2f}",
+        flush=True,
+      )
     online = results.get("online", {}).get("jax_over_torch")
     if online is not None:
       measured["goals"] = {f"online JAX/PyTorch >= {goal}": online >= goal for goal in GOALS}

@@ -25,7 +25,7 @@ State-dict keys are empf_jax's module paths with PyTorch's leaf names (``stem.co
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,10 @@ SPIKE_MAX_CODE = 15.0
 SECA_TAPS = 5
 LABEL_SMOOTHING = 0.1
 RESNETS = {
-    # name: (blocks per stage, stage widths, stage strides, hidden FC width)
-    "resnet18": ((2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2), None),
-    "resnet34": ((3, 4, 6, 3), (64, 128, 256, 512), (1, 2, 2, 2), None),
-    "resnet19": ((3, 3, 2), (128, 256, 512), (1, 2, 2), 256),
+  # name: (blocks per stage, stage widths, stage strides, hidden FC width)
+  "resnet18": ((2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2), None),
+  "resnet34": ((3, 4, 6, 3), (64, 128, 256, 512), (1, 2, 2, 2), None),
+  "resnet19": ((3, 3, 2), (128, 256, 512), (1, 2, 2), 256),
 }
 STEMS = ("cifar", "imagenet", "tiny", "event")
 CONVNET28_FLATTEN = 7  # 28x28 inputs after two 2x2 poolings
@@ -108,12 +108,19 @@ class QConv2d(nn.Module):
   full-precision kernels are Kaiming-normal with fan_out.
   """
 
-  def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1,
-               padding: int | None = None, weights: str = "binary"):
+  def __init__(
+    self,
+    cin: int,
+    cout: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    weights: str = "binary",
+  ):
     super().__init__()
     if weights not in ("binary", "ternary", "float"):
-      raise ValueError(f"weights={weights!r} is not allowed; allowed: 'binary', 'ternary', "
-                       "'float'")
+      raise ValueError(f"weights={weights!r} is not allowed; allowed: 'binary', 'ternary', 'float'")
     self.stride = stride
     self.padding = kernel // 2 if padding is None else padding
     self.weights = weights
@@ -157,8 +164,9 @@ class EMPFNeuron(nn.Module):
   ``online=False`` keeps the gradient through time (BPTT).
   """
 
-  def __init__(self, time_steps: int, features: int, *, mem_bn: bool = False,
-               spike_bits: int | None = None):
+  def __init__(
+    self, time_steps: int, features: int, *, mem_bn: bool = False, spike_bits: int | None = None
+  ):
     super().__init__()
     self.a = nn.Parameter(torch.zeros(time_steps))
     self.b = nn.Parameter(torch.zeros(time_steps))
@@ -220,8 +228,19 @@ class BasicBlock(nn.Module):
   """Pre-activation block: out = SECA1(BN(conv1(act1(x)))); out = SECA2(BN(conv2(act2(out)))) +
   shortcut(x); SECA-II adds the block input / intermediate current inside the gates (in == out)."""
 
-  def __init__(self, cin: int, cout: int, stride: int, *, time_steps: int, weights: str,
-               mem_bn: bool, parallel: bool, spike_bits: int | None, seca: int):
+  def __init__(
+    self,
+    cin: int,
+    cout: int,
+    stride: int,
+    *,
+    time_steps: int,
+    weights: str,
+    mem_bn: bool,
+    parallel: bool,
+    spike_bits: int | None,
+    seca: int,
+  ):
     super().__init__()
     self.seca_variant = 1 if (seca == 2 and cin != cout) else seca
     self.act1 = EMPFNeuron(time_steps, cin, mem_bn=mem_bn, spike_bits=spike_bits)
@@ -295,10 +314,24 @@ class SpikingNetwork(nn.Module):
 class SpikingResNet(SpikingNetwork):
   """EM-PF ResNet-18/34/19 (docs/model.md §3); ``forward`` is ONE time step on NCHW input."""
 
-  def __init__(self, blocks: tuple[int, ...], widths: tuple[int, ...], strides: tuple[int, ...],
-               *, num_classes: int, in_channels: int, stem: str, time_steps: int, weights: str,
-               mem_bn: bool, parallel: bool, spike_bits: int | None, seca: int, width: float,
-               hidden: int | None):
+  def __init__(
+    self,
+    blocks: tuple[int, ...],
+    widths: tuple[int, ...],
+    strides: tuple[int, ...],
+    *,
+    num_classes: int,
+    in_channels: int,
+    stem: str,
+    time_steps: int,
+    weights: str,
+    mem_bn: bool,
+    parallel: bool,
+    spike_bits: int | None,
+    seca: int,
+    width: float,
+    hidden: int | None,
+  ):
     super().__init__()
     self.time_steps = time_steps
 
@@ -311,9 +344,19 @@ class SpikingResNet(SpikingNetwork):
     for count, base, stride in zip(blocks, widths, strides):
       cout = channels(base)
       for i in range(count):
-        layers.append(BasicBlock(cin, cout, stride if i == 0 else 1, time_steps=time_steps,
-                                 weights=weights, mem_bn=mem_bn, parallel=parallel,
-                                 spike_bits=spike_bits, seca=seca))
+        layers.append(
+          BasicBlock(
+            cin,
+            cout,
+            stride if i == 0 else 1,
+            time_steps=time_steps,
+            weights=weights,
+            mem_bn=mem_bn,
+            parallel=parallel,
+            spike_bits=spike_bits,
+            seca=seca,
+          )
+        )
         cin = cout
     self.blocks = nn.ModuleList(layers)
     if hidden is None:
@@ -354,8 +397,17 @@ class SpikingConvNet28(SpikingNetwork):
   units, pooling, binary unit, the 7x7 maps flattened (in NHWC order, as empf_jax) into the
   classifier. ``forward`` is ONE time step on NCHW input."""
 
-  def __init__(self, plan: tuple[int | str, ...], *, num_classes: int, in_channels: int,
-               time_steps: int, weights: str, width: float, flatten_to: int):
+  def __init__(
+    self,
+    plan: tuple[int | str, ...],
+    *,
+    num_classes: int,
+    in_channels: int,
+    time_steps: int,
+    weights: str,
+    width: float,
+    flatten_to: int,
+  ):
     super().__init__()
     self.time_steps = time_steps
     self.plan = plan
@@ -365,8 +417,9 @@ class SpikingConvNet28(SpikingNetwork):
       if isinstance(item, str):
         continue
       cout = max(1, int(round(item * width)))
-      units.append(ConvUnit(cin, cout, time_steps=time_steps,
-                            weights="float" if i == 0 else weights))
+      units.append(
+        ConvUnit(cin, cout, time_steps=time_steps, weights="float" if i == 0 else weights)
+      )
       cin = cout
     self.units = nn.ModuleList(units)
     self.fc = nn.Linear(cin * flatten_to * flatten_to, num_classes)
@@ -379,10 +432,20 @@ class SpikingConvNet28(SpikingNetwork):
     return self.fc(h.permute(0, 2, 3, 1).flatten(1))
 
 
-def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | None = None,
-           stem: str = "cifar", weights: str = "binary", mem_bn: bool = False,
-           parallel: bool = False, spike_bits: int | None = None, seca: int = 0,
-           width: float = 1.0) -> SpikingNetwork:
+def create(
+  name: str,
+  *,
+  num_classes: int,
+  time_steps: int,
+  in_channels: int | None = None,
+  stem: str = "cifar",
+  weights: str = "binary",
+  mem_bn: bool = False,
+  parallel: bool = False,
+  spike_bits: int | None = None,
+  seca: int = 0,
+  width: float = 1.0,
+) -> SpikingNetwork:
   """Builds ``resnet18``, ``resnet34``, ``resnet19`` or ``convnet28`` with the options of
   ``empf_jax.models`` (``convnet28``: ``num_classes``, ``time_steps``, ``in_channels`` (default
   1), ``weights`` and ``width``; its other options keep their defaults).
@@ -392,15 +455,20 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
   """
   if name == "convnet28":
     if (stem, mem_bn, parallel, spike_bits, seca) != ("cifar", False, False, None, 0):
-      raise ValueError("convnet28 takes only num_classes, time_steps, in_channels, weights and "
-                       "width here")
-    return SpikingConvNet28(CONVNET28_PLAN, num_classes=num_classes,
-                            in_channels=1 if in_channels is None else in_channels,
-                            time_steps=time_steps, weights=weights, width=width,
-                            flatten_to=CONVNET28_FLATTEN)
+      raise ValueError(
+        "convnet28 takes only num_classes, time_steps, in_channels, weights and width here"
+      )
+    return SpikingConvNet28(
+      CONVNET28_PLAN,
+      num_classes=num_classes,
+      in_channels=1 if in_channels is None else in_channels,
+      time_steps=time_steps,
+      weights=weights,
+      width=width,
+      flatten_to=CONVNET28_FLATTEN,
+    )
   if name not in RESNETS:
-    raise ValueError(f"name={name!r} is not allowed; allowed: "
-                     f"{', '.join((*RESNETS, 'convnet28'))}")
+    raise ValueError(f"name={name!r} is not allowed; allowed: {', '.join((*RESNETS, 'convnet28'))}")
   if stem not in STEMS:
     raise ValueError(f"stem={stem!r} is not allowed; allowed: {', '.join(STEMS)}")
   if spike_bits not in (None, 4):
@@ -412,16 +480,27 @@ def create(name: str, *, num_classes: int, time_steps: int, in_channels: int | N
     strides = (2,) + strides[1:]
   if in_channels is None:
     in_channels = 2 if stem == "event" else 3
-  return SpikingResNet(blocks, widths, strides, num_classes=num_classes, in_channels=in_channels,
-                       stem=stem, time_steps=time_steps, weights=weights, mem_bn=mem_bn,
-                       parallel=parallel, spike_bits=spike_bits, seca=seca, width=width,
-                       hidden=hidden)
+  return SpikingResNet(
+    blocks,
+    widths,
+    strides,
+    num_classes=num_classes,
+    in_channels=in_channels,
+    stem=stem,
+    time_steps=time_steps,
+    weights=weights,
+    mem_bn=mem_bn,
+    parallel=parallel,
+    spike_bits=spike_bits,
+    seca=seca,
+    width=width,
+    hidden=hidden,
+  )
 
 
 def make_optimizer(model: nn.Module, lr: float = 0.01) -> torch.optim.SGD:
   """SGD, Nesterov momentum 0.9, weight decay 5e-4 added to the gradient (all parameters)."""
-  return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
-                         nesterov=True)
+  return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
 
 
 def loss_function() -> nn.CrossEntropyLoss:
@@ -444,8 +523,9 @@ def run_eval(model: SpikingResNet, x: torch.Tensor) -> torch.Tensor:
   return logits
 
 
-def online_step(model: SpikingResNet, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
+def online_step(
+  model: SpikingResNet, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
   """Online training on one batch: for t = 1..T, loss_t = CE_ls(f_t(x), y) with the previous
   membrane detached, backward, one optimizer step. T updates; returns the T losses."""
   model.train()
@@ -463,8 +543,13 @@ def online_step(model: SpikingResNet, optimizer: torch.optim.Optimizer, x: torch
   return torch.stack(losses)
 
 
-def random_step(model: SpikingResNet, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                labels: torch.Tensor, t_star: int) -> torch.Tensor:
+def random_step(
+  model: SpikingResNet,
+  optimizer: torch.optim.Optimizer,
+  x: torch.Tensor,
+  labels: torch.Tensor,
+  t_star: int,
+) -> torch.Tensor:
   """Random single-step training: steps t < t* forward only (state and BN statistics), one
   update at t* (0-based), steps after t* not computed. Returns the loss at t*."""
   model.train()
@@ -481,8 +566,9 @@ def random_step(model: SpikingResNet, optimizer: torch.optim.Optimizer, x: torch
   return loss.detach()
 
 
-def bptt_step(model: SpikingResNet, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-              labels: torch.Tensor) -> torch.Tensor:
+def bptt_step(
+  model: SpikingResNet, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
   """BPTT baseline: loss CE_ls(sum_t f_t(x), y) with gradients through time, one update."""
   model.train()
   model.set_online(False)

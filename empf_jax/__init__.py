@@ -26,8 +26,22 @@ Modules:
               before JAX starts its backend (importing the library changes no process state).
 """
 
-from empf_jax import (accounting, bundle, convert, deploy, efficiency, layers, layout, models,
-                      neurons, ops, quantize, testing, training, xla_defaults)
+from empf_jax import (
+  accounting,
+  bundle,
+  convert,
+  deploy,
+  efficiency,
+  layers,
+  layout,
+  models,
+  neurons,
+  ops,
+  quantize,
+  testing,
+  training,
+  xla_defaults,
+)
 from empf_jax.accounting import packed_megabytes, param_megabytes
 from empf_jax.models import ConfigError, NetOptions, create
 from empf_jax.neurons import empf_step, lif_step, parallel_step, run_steps
@@ -36,9 +50,30 @@ from empf_jax.quantize import binarize_ste, quantize_spike_ste, ternarize_ste
 __version__ = "0.1.0"
 
 __all__ = [
-    "accounting", "bundle", "convert", "deploy", "efficiency", "layers", "layout", "models",
-    "neurons", "ops", "quantize", "testing", "training", "xla_defaults", "create", "ConfigError", "NetOptions",
-    "empf_step", "lif_step",
-    "parallel_step", "run_steps", "binarize_ste", "ternarize_ste", "quantize_spike_ste",
-    "param_megabytes", "packed_megabytes",
+  "ConfigError",
+  "NetOptions",
+  "accounting",
+  "binarize_ste",
+  "bundle",
+  "convert",
+  "create",
+  "deploy",
+  "efficiency",
+  "empf_step",
+  "layers",
+  "layout",
+  "lif_step",
+  "models",
+  "neurons",
+  "ops",
+  "packed_megabytes",
+  "parallel_step",
+  "param_megabytes",
+  "quantize",
+  "quantize_spike_ste",
+  "run_steps",
+  "ternarize_ste",
+  "testing",
+  "training",
+  "xla_defaults",
 ]

@@ -24,9 +24,10 @@ MEGABYTE = 1e6
 
 def weight_counts(model: nnx.Module) -> dict[str, int]:
   """Number of binary, ternary and float weights of ``model`` (BN and neuron scalars excluded)."""
-  return {kind.__name__: sum(math.prod(leaf.shape)
-                             for leaf in jax.tree.leaves(nnx.state(model, kind)))
-          for kind in PAPER_BYTES}
+  return {
+    kind.__name__: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, kind)))
+    for kind in PAPER_BYTES
+  }
 
 
 def _megabytes(model: nnx.Module, rule: dict) -> float:

@@ -27,8 +27,7 @@ import struct
 
 import numpy as np
 
-from empf_jax.deploy import (Deployed, architecture_from_dict, architecture_to_dict,
-                             expected_arrays)
+from empf_jax.deploy import Deployed, architecture_from_dict, architecture_to_dict, expected_arrays
 
 MAGIC = b"EMPFBNDL"
 FORMAT_VERSION = 1
@@ -50,12 +49,22 @@ def to_bytes(deployed: Deployed) -> bytes:
     if dtype.str not in DTYPES:
       raise BundleError(f"array {name!r} has dtype {array.dtype}; allowed: float32, uint8")
     data = np.ascontiguousarray(array, dtype=dtype).tobytes()
-    entries.append({"name": name, "dtype": dtype.str, "shape": list(array.shape),
-                    "offset": offset, "nbytes": len(data)})
+    entries.append(
+      {
+        "name": name,
+        "dtype": dtype.str,
+        "shape": list(array.shape),
+        "offset": offset,
+        "nbytes": len(data),
+      }
+    )
     chunks.append(data)
     offset += len(data)
-  header = json.dumps({"architecture": architecture_to_dict(deployed.arch), "arrays": entries},
-                      sort_keys=True, separators=(",", ":")).encode("utf-8")
+  header = json.dumps(
+    {"architecture": architecture_to_dict(deployed.arch), "arrays": entries},
+    sort_keys=True,
+    separators=(",", ":"),
+  ).encode("utf-8")
   body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), offset) + header + b"".join(chunks)
   return body + hashlib.sha256(body).digest()
 
@@ -69,19 +78,25 @@ def _check_frame(data: bytes) -> tuple[int, int]:
   if magic != MAGIC:
     raise BundleError(f"wrong magic {magic!r}: not an EM-PF bundle (expected {MAGIC!r})")
   if version != FORMAT_VERSION:
-    raise BundleError(f"format version {version} is not supported; this reader reads version "
-                      f"{FORMAT_VERSION}")
+    raise BundleError(
+      f"format version {version} is not supported; this reader reads version {FORMAT_VERSION}"
+    )
   declared = _PREFIX.size + header_len + payload_len + _DIGEST_SIZE
   body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
   if hashlib.sha256(body).digest() != digest:
     if declared > len(data):
-      raise BundleError(f"truncated: {len(data)} bytes, the bundle declares {declared} "
-                        "(checksum mismatch)")
+      raise BundleError(
+        f"truncated: {len(data)} bytes, the bundle declares {declared} (checksum mismatch)"
+      )
     if declared < len(data):
-      raise BundleError(f"{len(data)} bytes but the bundle declares {declared}: trailing data or "
-                        "a corrupted length field (checksum mismatch)")
-    raise BundleError("checksum mismatch: the bundle is corrupted (SHA-256 of the header and "
-                      "payload differs from the stored one)")
+      raise BundleError(
+        f"{len(data)} bytes but the bundle declares {declared}: trailing data or "
+        "a corrupted length field (checksum mismatch)"
+      )
+    raise BundleError(
+      "checksum mismatch: the bundle is corrupted (SHA-256 of the header and "
+      "payload differs from the stored one)"
+    )
   if declared != len(data):
     raise BundleError(f"{len(data)} bytes but the bundle declares {declared}")
   return header_len, payload_len
@@ -98,7 +113,7 @@ def from_bytes(data: bytes) -> Deployed:
   header_len, payload_len = _check_frame(data)
   start = _PREFIX.size
   try:
-    header = json.loads(data[start:start + header_len].decode("utf-8"))
+    header = json.loads(data[start : start + header_len].decode("utf-8"))
     arch = architecture_from_dict(header["architecture"])
     entries = header["arrays"]
     expected = expected_arrays(arch)
@@ -106,7 +121,7 @@ def from_bytes(data: bytes) -> Deployed:
     raise BundleError(f"malformed header: {error}") from error
   if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
     raise BundleError("malformed header: 'arrays' must be a list of objects")
-  payload = data[start + header_len:start + header_len + payload_len]
+  payload = data[start + header_len : start + header_len + payload_len]
   params = {}
   for entry in entries:
     name = entry.get("name")
@@ -118,15 +133,24 @@ def from_bytes(data: bytes) -> Deployed:
     shape = tuple(entry.get("shape", ()))
     want_shape, want_dtype = expected[name]
     if dtype != want_dtype or shape != want_shape:
-      raise BundleError(f"array {name!r} is {entry.get('dtype')} {list(shape)}; the architecture "
-                        f"needs {want_dtype.str} {list(want_shape)}")
+      raise BundleError(
+        f"array {name!r} is {entry.get('dtype')} {list(shape)}; the architecture "
+        f"needs {want_dtype.str} {list(want_shape)}"
+      )
     offset, nbytes = entry.get("offset"), entry.get("nbytes")
-    if (not isinstance(offset, int) or nbytes != int(np.prod(shape)) * dtype.itemsize
-        or offset < 0 or offset + nbytes > payload_len):
-      raise BundleError(f"array {name!r}: offset {offset} / size {nbytes} do not fit the "
-                        f"{payload_len}-byte payload or its shape")
-    params[name] = np.frombuffer(payload, dtype, count=int(np.prod(shape)),
-                                 offset=offset).reshape(shape).copy()
+    if (
+      not isinstance(offset, int)
+      or nbytes != int(np.prod(shape)) * dtype.itemsize
+      or offset < 0
+      or offset + nbytes > payload_len
+    ):
+      raise BundleError(
+        f"array {name!r}: offset {offset} / size {nbytes} do not fit the "
+        f"{payload_len}-byte payload or its shape"
+      )
+    params[name] = (
+      np.frombuffer(payload, dtype, count=int(np.prod(shape)), offset=offset).reshape(shape).copy()
+    )
   missing = sorted(set(expected) - set(params))
   if missing:
     raise BundleError(f"missing arrays for architecture {arch.name}: {missing}")

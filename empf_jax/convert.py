@@ -57,7 +57,8 @@ therefore compute differently in those blocks. ``convnet_small`` has no counterp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -70,20 +71,30 @@ PARALLEL_THRESHOLDS = ("first", "per_step")
 TERNARY_CLIP = (-1.0, 1.0)
 
 _HD_LIF_BLOCK = {
-    "act1": "act1", "act2": "act2", "conv1": "conv1.0", "bn1": "conv1.1", "conv2": "conv2.0",
-    "bn2": "conv2.1", "seca1": "attn1", "seca2": "attn2", "shortcut_conv": "downsample.0",
-    "shortcut_bn": "downsample.1",
+  "act1": "act1",
+  "act2": "act2",
+  "conv1": "conv1.0",
+  "bn1": "conv1.1",
+  "conv2": "conv2.0",
+  "bn2": "conv2.1",
+  "seca1": "attn1",
+  "seca2": "attn2",
+  "shortcut_conv": "downsample.0",
+  "shortcut_bn": "downsample.1",
 }
 # The authors' VGG stage lists ('G' = their 'MM', global average pooling); flattened they equal
 # the plans of empf_jax.models. Keyed by the plan of the network's layout (units as 'C').
 _HD_LIF_VGG_STAGES = {
-    tuple("C" if isinstance(item, int) else item for item in plan): tuple(
-        tuple("C" if isinstance(item, int) else item for item in stage) for stage in stages)
-    for plan, stages in (
-        (models.VGG11_PLAN,
-         ((64,), (128, "M"), (256, 256, "M"), (512, 512, "M"), (512, 512, "M"))),
-        (models.VGG13_PLAN,
-         ((64,), (64, "M", 128, 128, "M"), (256, 256, "M"), (512, 512, 512, "M"), (512, "G"))))
+  tuple("C" if isinstance(item, int) else item for item in plan): tuple(
+    tuple("C" if isinstance(item, int) else item for item in stage) for stage in stages
+  )
+  for plan, stages in (
+    (models.VGG11_PLAN, ((64,), (128, "M"), (256, 256, "M"), (512, 512, "M"), (512, 512, "M"))),
+    (
+      models.VGG13_PLAN,
+      ((64,), (64, "M", 128, 128, "M"), (256, 256, "M"), (512, 512, 512, "M"), (512, "G")),
+    ),
+  )
 }
 
 
@@ -153,51 +164,79 @@ class _Constant:
 
 
 def _bn_slots(prefix: str, bn: layers.StepBatchNorm) -> tuple[list[_Slot], list[_Constant]]:
-  slots = [_Slot(prefix + "weight", bn.scale), _Slot(prefix + "bias", bn.bias),
-           _Slot(prefix + "running_mean", bn.mean), _Slot(prefix + "running_var", bn.var)]
+  slots = [
+    _Slot(prefix + "weight", bn.scale),
+    _Slot(prefix + "bias", bn.bias),
+    _Slot(prefix + "running_mean", bn.mean),
+    _Slot(prefix + "running_var", bn.var),
+  ]
   return slots, [_Constant(prefix + "num_batches_tracked", np.array(0, np.int64))]
 
 
-def _mem_bn_slots(prefix: str, mem_bn: layers.MemBN, gates: tuple[str, str]
-                  ) -> tuple[list[_Slot], list[_Constant]]:
+def _mem_bn_slots(
+  prefix: str, mem_bn: layers.MemBN, gates: tuple[str, str]
+) -> tuple[list[_Slot], list[_Constant]]:
   slots = [_Slot(prefix + gates[0], mem_bn.c), _Slot(prefix + gates[1], mem_bn.d)]
   constants = []
   for t in range(mem_bn.time_steps):
     bn = f"{prefix}bn.{t}."
-    for leaf, variable in (("weight", mem_bn.scale), ("bias", mem_bn.bias),
-                           ("running_mean", mem_bn.mean), ("running_var", mem_bn.var)):
+    for leaf, variable in (
+      ("weight", mem_bn.scale),
+      ("bias", mem_bn.bias),
+      ("running_mean", mem_bn.mean),
+      ("running_var", mem_bn.var),
+    ):
       slots.append(_Slot(bn + leaf, variable, row=t))
     constants.append(_Constant(bn + "num_batches_tracked", np.array(0, np.int64)))
   return slots, constants
 
 
 # Modules that own variables; Mem-BN is named together with its neuron.
-_LEAF_MODULES = (layers.QConv, layers.Dense, layers.StepBatchNorm, layers.SECA, layers.EMPFNeuron,
-                 layers.ParallelNeuron, layers.LIFNeuron)
+_LEAF_MODULES = (
+  layers.QConv,
+  layers.Dense,
+  layers.StepBatchNorm,
+  layers.SECA,
+  layers.EMPFNeuron,
+  layers.ParallelNeuron,
+  layers.LIFNeuron,
+)
 
 
-def _module_slots(module: nnx.Module, prefix: str, layout: str, parallel_threshold: str
-                  ) -> tuple[list[_Slot], list[_Constant]]:
+def _module_slots(
+  module: nnx.Module, prefix: str, layout: str, parallel_threshold: str
+) -> tuple[list[_Slot], list[_Constant]]:
   """The PyTorch tensors of one module of :data:`_LEAF_MODULES`."""
   authors = layout == "hd_lif"
   if isinstance(module, layers.QConv):
     constants = []
     if authors and module.weights == "ternary":
-      constants.append(_Constant(prefix + "weight_clip_val", np.array(TERNARY_CLIP, np.float32),
-                                 lambda v: v.shape == (2,) and np.allclose(v, TERNARY_CLIP),
-                                 f"{list(TERNARY_CLIP)} (the only clip range supported)"))
+      constants.append(
+        _Constant(
+          prefix + "weight_clip_val",
+          np.array(TERNARY_CLIP, np.float32),
+          lambda v: v.shape == (2,) and np.allclose(v, TERNARY_CLIP),
+          f"{list(TERNARY_CLIP)} (the only clip range supported)",
+        )
+      )
     return [_Slot(prefix + "weight", module.kernel, "conv")], constants
   if isinstance(module, layers.Dense):
-    return [_Slot(prefix + "weight", module.kernel, "dense"),
-            _Slot(prefix + "bias", module.bias)], []
+    return [
+      _Slot(prefix + "weight", module.kernel, "dense"),
+      _Slot(prefix + "bias", module.bias),
+    ], []
   if isinstance(module, layers.StepBatchNorm):
     return _bn_slots(prefix, module)
   if isinstance(module, layers.SECA):
-    return [_Slot(prefix + "conv.weight", module.kernel, "seca_kernel"),
-            _Slot(prefix + "conv.bias", module.bias, "seca_bias")], []
+    return [
+      _Slot(prefix + "conv.weight", module.kernel, "seca_kernel"),
+      _Slot(prefix + "conv.bias", module.bias, "seca_bias"),
+    ], []
   if isinstance(module, layers.EMPFNeuron):
-    slots = [_Slot(prefix + ("alpha" if authors else "a"), module.a),
-             _Slot(prefix + ("v_th" if authors else "b"), module.b)]
+    slots = [
+      _Slot(prefix + ("alpha" if authors else "a"), module.a),
+      _Slot(prefix + ("v_th" if authors else "b"), module.b),
+    ]
     constants = []
     if module.mem_bn is not None:
       if authors:
@@ -210,8 +249,10 @@ def _module_slots(module: nnx.Module, prefix: str, layout: str, parallel_thresho
     first = authors and parallel_threshold == "first"
     return [_Slot(prefix + ("v_th" if authors else "b"), module.b, broadcast_first=first)], []
   if isinstance(module, layers.LIFNeuron):
-    return [_Slot(prefix + ("alpha" if authors else "a"), module.a),
-            _Slot(prefix + ("v_th" if authors else "b"), module.b)], []
+    return [
+      _Slot(prefix + ("alpha" if authors else "a"), module.a),
+      _Slot(prefix + ("v_th" if authors else "b"), module.b),
+    ], []
   raise TypeError(f"no PyTorch naming for {type(module).__name__}")
 
 
@@ -270,27 +311,34 @@ def _hd_lif_prefix(names: Mapping[tuple[Any, ...], str], path: tuple[Any, ...]) 
       rest[0] = _HD_LIF_BLOCK[rest[0]]
     rest = [part for part in rest if part != "mem_bn"]
     return ".".join([head] + [str(part) for part in rest]) + "."
-  raise CheckpointError("layout 'hd_lif' has no name for the JAX module "
-                        + "/".join(map(str, path)))
+  raise CheckpointError(
+    "layout 'hd_lif' has no name for the JAX module " + "/".join(map(str, path))
+  )
 
 
-def _slots(model: nnx.Module, layout: str, parallel_threshold: str
-           ) -> tuple[list[_Slot], list[_Constant]]:
+def _slots(
+  model: nnx.Module, layout: str, parallel_threshold: str
+) -> tuple[list[_Slot], list[_Constant]]:
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r} is not allowed; allowed: {', '.join(LAYOUTS)}")
   if parallel_threshold not in PARALLEL_THRESHOLDS:
-    raise ValueError(f"parallel_threshold={parallel_threshold!r} is not allowed; allowed: "
-                     + ", ".join(PARALLEL_THRESHOLDS))
+    raise ValueError(
+      f"parallel_threshold={parallel_threshold!r} is not allowed; allowed: "
+      + ", ".join(PARALLEL_THRESHOLDS)
+    )
   if layout == "hd_lif":
     network = layout_of(model)
     names = _HD_LIF_PREFIXES[network.family](network)
     if names is None:
-      raise CheckpointError(f"layout 'hd_lif' has no counterpart of {type(model).__name__}; "
-                            "it covers resnet18/19/34, vgg11, vgg13 and vgg_snn")
+      raise CheckpointError(
+        f"layout 'hd_lif' has no counterpart of {type(model).__name__}; "
+        "it covers resnet18/19/34, vgg11, vgg13 and vgg_snn"
+      )
 
     def prefix(path):
       return _hd_lif_prefix(names, path)
   else:
+
     def prefix(path):
       return ".".join(str(part) for part in path) + "."
 
@@ -302,10 +350,15 @@ def _slots(model: nnx.Module, layout: str, parallel_threshold: str
       constants += fixed
   covered = {id(slot.variable) for slot in slots}
   for path, value in nnx.iter_graph(model):
-    if (isinstance(value, nnx.Variable) and not isinstance(value, nnx.Intermediate)
-        and id(value) not in covered):
-      raise CheckpointError(f"no PyTorch name for the JAX variable {'/'.join(map(str, path))} "
-                            f"({type(value).__name__}) in layout {layout!r}")
+    if (
+      isinstance(value, nnx.Variable)
+      and not isinstance(value, nnx.Intermediate)
+      and id(value) not in covered
+    ):
+      raise CheckpointError(
+        f"no PyTorch name for the JAX variable {'/'.join(map(str, path))} "
+        f"({type(value).__name__}) in layout {layout!r}"
+      )
   return slots, constants
 
 
@@ -315,9 +368,13 @@ def expected_keys(model: nnx.Module, *, layout: str = "reference") -> dict[str, 
   return {slot.key: slot.torch_shape() for slot in slots}
 
 
-def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
-                          layout: str = "reference", parallel_threshold: str = "first"
-                          ) -> nnx.Module:
+def load_torch_state_dict(
+  model: nnx.Module,
+  state_dict: Mapping[str, Any],
+  *,
+  layout: str = "reference",
+  parallel_threshold: str = "first",
+) -> nnx.Module:
   """Fills ``model`` in place from a PyTorch state dict; returns it.
 
   Latent (unquantised) weights are copied; the network quantises them in its forward pass as the
@@ -339,8 +396,9 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   """
   slots, constants = _slots(model, layout, parallel_threshold)
   if isinstance(state_dict.get("model"), Mapping):
-    raise CheckpointError("got a training checkpoint ({'model': ..., ...}); pass its 'model' "
-                          "entry, the state dict")
+    raise CheckpointError(
+      "got a training checkpoint ({'model': ..., ...}); pass its 'model' entry, the state dict"
+    )
   given = {key: np.asarray(value) for key, value in state_dict.items()}
   wanted = {slot.key for slot in slots}
   optional = {constant.key: constant for constant in constants}
@@ -357,8 +415,11 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
       problems.append(f"{key}: value {given[key].tolist()}, expected {constant.expectation}")
   if missing or unexpected or problems:
     lines = [f"state dict does not fit {type(model).__name__} in layout {layout!r}:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("mismatched", problems)):
+    for title, items in (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("mismatched", problems),
+    ):
       if items:
         lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
     raise CheckpointError("\n".join(lines))

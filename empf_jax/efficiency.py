@@ -55,15 +55,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from empf_jax import deploy, ops
-from empf_jax.layout import ConvSpec, Layer, Layout, NeuronSpec, layout_of, modules_by_name, walk
 from empf_jax.layers import SECA_TAPS, QConv, set_recording
+from empf_jax.layout import ConvSpec, Layer, Layout, NeuronSpec, layout_of, modules_by_name, walk
 from empf_jax.models import SpikingNetwork
 from empf_jax.quantize import ternary_codes
 
@@ -72,10 +73,10 @@ MAC_ENERGY_PJ = 4.6
 MUL_ENERGY_PJ = MAC_ENERGY_PJ - AC_ENERGY_PJ
 FOUR_BIT_FACTOR = 1.0 / 8.0
 NEURON_OPS = {  # (multiplies, additions) per neuron per step
-    "empf": (1, 2),
-    "empf+mem_bn": (2, 3),
-    "parallel": (0, 1),
-    "lif": (1, 2),
+  "empf": (1, 2),
+  "empf+mem_bn": (2, 3),
+  "parallel": (0, 1),
+  "lif": (1, 2),
 }
 
 
@@ -203,12 +204,15 @@ def recorded_run(model: SpikingNetwork, x: jax.Array) -> tuple[jax.Array, dict[s
   """
   set_recording(model, True)
   try:
-    logits, recorded = nnx.capture(lambda net, inputs: net(inputs, train=False),
-                                   nnx.Intermediate)(model, x)
+    logits, recorded = nnx.capture(lambda net, inputs: net(inputs, train=False), nnx.Intermediate)(
+      model, x
+    )
   finally:
     set_recording(model, False)
-  return logits, {".".join(map(str, path[:-1])): variable.get_value()[-1]
-                  for path, variable in nnx.to_flat_state(recorded)}
+  return logits, {
+    ".".join(map(str, path[:-1])): variable.get_value()[-1]
+    for path, variable in nnx.to_flat_state(recorded)
+  }
 
 
 def nonzero_weights(conv: QConv) -> jax.Array:
@@ -219,8 +223,9 @@ def nonzero_weights(conv: QConv) -> jax.Array:
   return jnp.ones(kernel.shape, jnp.float32)
 
 
-def conv_synaptic_ops(inputs: jax.Array, weights_nonzero: jax.Array, stride: int, padding: int,
-                      *, sparse: bool = True) -> jax.Array:
+def conv_synaptic_ops(
+  inputs: jax.Array, weights_nonzero: jax.Array, stride: int, padding: int, *, sparse: bool = True
+) -> jax.Array:
   """sum over steps, inputs and the outputs they reach of 1[x != 0] 1[W != 0] (see module doc).
 
   Args:
@@ -233,12 +238,17 @@ def conv_synaptic_ops(inputs: jax.Array, weights_nonzero: jax.Array, stride: int
   Returns:
     The total over the batch (a float32 scalar).
   """
-  return jnp.sum(ops.fold_time(inputs, lambda x: conv_synaptic_ops_per_example(
-      x, weights_nonzero, stride, padding, sparse=sparse)))
+  return jnp.sum(
+    ops.fold_time(
+      inputs,
+      lambda x: conv_synaptic_ops_per_example(x, weights_nonzero, stride, padding, sparse=sparse),
+    )
+  )
 
 
-def conv_synaptic_ops_per_example(inputs: jax.Array, weights_nonzero: jax.Array, stride: int,
-                                  padding: int, *, sparse: bool = True) -> jax.Array:
+def conv_synaptic_ops_per_example(
+  inputs: jax.Array, weights_nonzero: jax.Array, stride: int, padding: int, *, sparse: bool = True
+) -> jax.Array:
   """The operations of one step per example: inputs [B, H, W, C_in] -> [B].
 
   sum_{h, w, o} conv(1[x != 0], 1[W != 0])[h, w, o] = sum_{h, w} conv(1[x != 0], n)[h, w], with
@@ -255,8 +265,9 @@ def dense_synaptic_ops(inputs: jax.Array, out_features: int, *, sparse: bool = T
   return jnp.sum(dense_synaptic_ops_per_example(inputs, out_features, sparse=sparse))
 
 
-def dense_synaptic_ops_per_example(inputs: jax.Array, out_features: int, *,
-                                   sparse: bool = True) -> jax.Array:
+def dense_synaptic_ops_per_example(
+  inputs: jax.Array, out_features: int, *, sparse: bool = True
+) -> jax.Array:
   """1[x != 0] * out_features summed over the last axis of inputs [..., F] -> [...]."""
   count = jnp.sum(inputs != 0, axis=-1) if sparse else jnp.full(inputs.shape[:-1], inputs.shape[-1])
   return count.astype(jnp.float32) * out_features
@@ -279,6 +290,7 @@ def neuron_kind(spec: NeuronSpec) -> str:
 
 def _conv_output_shape(conv: ConvSpec, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
   """(H', W', C_out) of a convolution's output for input [..., H, W, C_in]."""
+
   def size(n: int) -> int:
     return (n + 2 * conv.padding - conv.kernel_size) // conv.stride + 1
 
@@ -296,28 +308,37 @@ def _batch_counts(model: SpikingNetwork, x: jax.Array) -> dict[str, dict[str, ja
       inputs, module = recorded[layer.name], modules[layer.name]
       sparse = layer.reads == "spikes"
       if layer.kind == "conv":
-        total = conv_synaptic_ops(inputs, nonzero_weights(module), module.stride,
-                                  module.padding, sparse=sparse)
+        total = conv_synaptic_ops(
+          inputs, nonzero_weights(module), module.stride, module.padding, sparse=sparse
+        )
       else:
         total = dense_synaptic_ops(inputs, module.out_features, sparse=sparse)
-      counts[layer.name] = {"ops": total, "nonzero": jnp.sum(inputs != 0).astype(jnp.float32),
-                            "size": jnp.asarray(inputs.size, jnp.float32)}
+      counts[layer.name] = {
+        "ops": total,
+        "nonzero": jnp.sum(inputs != 0).astype(jnp.float32),
+        "size": jnp.asarray(inputs.size, jnp.float32),
+      }
     elif layer.kind == "neuron":
       spikes = recorded[layer.name]
-      counts[layer.name] = {"nonzero": jnp.sum(spikes != 0).astype(jnp.float32),
-                            "size": jnp.asarray(spikes.size, jnp.float32)}
+      counts[layer.name] = {
+        "nonzero": jnp.sum(spikes != 0).astype(jnp.float32),
+        "size": jnp.asarray(spikes.size, jnp.float32),
+      }
     elif layer.kind == "seca":  # gates the output of the convolution layer.spec
       inputs = recorded[layer.spec.name]
       h, w, c = _conv_output_shape(layer.spec, inputs.shape)
       repeats = math.prod(inputs.shape[:2])
-      counts[layer.name] = {"macs": jnp.asarray(SECA_TAPS * c * repeats, jnp.float32),
-                            "elements": jnp.asarray(h * w * c * repeats, jnp.float32)}
+      counts[layer.name] = {
+        "macs": jnp.asarray(SECA_TAPS * c * repeats, jnp.float32),
+        "elements": jnp.asarray(h * w * c * repeats, jnp.float32),
+      }
   return counts
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _jitted_counts(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
-                   ) -> dict[str, dict[str, jax.Array]]:
+def _jitted_counts(
+  graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
+) -> dict[str, dict[str, jax.Array]]:
   return _batch_counts(nnx.merge(graphdef, state), x)
 
 
@@ -337,8 +358,9 @@ def measure(model: SpikingNetwork, batches: Iterable[jax.Array]) -> Report:
   for x in batches:
     x = jnp.asarray(x)
     if steps is not None and x.shape[0] != steps:
-      raise ValueError(f"every batch must have the same number of time steps; got {x.shape[0]} "
-                       f"after {steps}")
+      raise ValueError(
+        f"every batch must have the same number of time steps; got {x.shape[0]} after {steps}"
+      )
     steps = x.shape[0]
     samples += x.shape[1]
     for name, values in jax.device_get(_jitted_counts(graphdef, state, x)).items():
@@ -350,14 +372,22 @@ def measure(model: SpikingNetwork, batches: Iterable[jax.Array]) -> Report:
   return _report(model, totals, samples, steps)
 
 
-def _report(model: SpikingNetwork, totals: dict[str, dict[str, float]], samples: int,
-            steps: int) -> Report:
+def _report(
+  model: SpikingNetwork, totals: dict[str, dict[str, float]], samples: int, steps: int
+) -> Report:
   layers = walk(layout_of(model))
   synaptic = tuple(
-      SynapticLayer(layer.name, layer.kind, layer.reads, _op(layer),
-                    totals[layer.name]["nonzero"] / totals[layer.name]["size"],
-                    totals[layer.name]["ops"] / samples)
-      for layer in layers if layer.kind in ("conv", "dense"))
+    SynapticLayer(
+      layer.name,
+      layer.kind,
+      layer.reads,
+      _op(layer),
+      totals[layer.name]["nonzero"] / totals[layer.name]["size"],
+      totals[layer.name]["ops"] / samples,
+    )
+    for layer in layers
+    if layer.kind in ("conv", "dense")
+  )
   neuron_layers, attention, spike_bits = [], [], None
   for layer in layers:
     counts = totals.get(layer.name)
@@ -365,26 +395,48 @@ def _report(model: SpikingNetwork, totals: dict[str, dict[str, float]], samples:
       kind = neuron_kind(layer.spec)
       muls, adds = NEURON_OPS[kind]
       updates = counts["size"] / samples  # neuron updates per sample over all steps
-      neuron_layers.append(NeuronLayer(layer.name, kind, round(updates / steps),
-                                       counts["nonzero"] / counts["size"],
-                                       muls * updates, adds * updates))
+      neuron_layers.append(
+        NeuronLayer(
+          layer.name,
+          kind,
+          round(updates / steps),
+          counts["nonzero"] / counts["size"],
+          muls * updates,
+          adds * updates,
+        )
+      )
       spike_bits = layer.spec.spike_bits or spike_bits
     elif layer.kind == "seca":
       elements = counts["elements"] / samples
-      attention.append(AttentionLayer(layer.name, macs=counts["macs"] / samples, muls=elements,
-                                      adds=elements))
-  return Report(samples, steps, spike_bits, synaptic, tuple(neuron_layers), tuple(attention),
-                tuple(layer.name for layer in layers if layer.name))
+      attention.append(
+        AttentionLayer(layer.name, macs=counts["macs"] / samples, muls=elements, adds=elements)
+      )
+  return Report(
+    samples,
+    steps,
+    spike_bits,
+    synaptic,
+    tuple(neuron_layers),
+    tuple(attention),
+    tuple(layer.name for layer in layers if layer.name),
+  )
 
 
 def spike_bits_of(arch: deploy.Architecture) -> int | None:
   """The spike code of a deployed network's neurons (4 or None), for the authors' discount."""
-  return next((layer.spec.spike_bits for layer in walk(arch.layout)
-               if layer.kind == "neuron" and layer.spec.spike_bits), None)
+  return next(
+    (
+      layer.spec.spike_bits
+      for layer in walk(arch.layout)
+      if layer.kind == "neuron" and layer.spec.spike_bits
+    ),
+    None,
+  )
 
 
-def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
-                    record: deploy.StepRecord) -> dict[str, jax.Array]:
+def step_operations(
+  arch: deploy.Architecture, kernels: dict[str, jax.Array], record: deploy.StepRecord
+) -> dict[str, jax.Array]:
   """The operations and energy of one step of a deployed network, per example.
 
   A probe for :func:`empf_jax.deploy.run` and :func:`empf_jax.deploy.run_early_exit`: the
@@ -415,13 +467,16 @@ def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
     spec, inputs = synapse.spec, record.inputs[synapse.name]
     sparse = synapse.reads == "spikes"
     if synapse.kind == "conv":
-      nonzero = (kernels[spec.name] != 0 if spec.weights == "ternary"
-                 else jnp.ones(spec.kernel_shape, bool)).astype(jnp.float32)
-      count = conv_synaptic_ops_per_example(inputs, nonzero, spec.stride, spec.padding,
-                                            sparse=sparse)
+      nonzero = (
+        kernels[spec.name] != 0 if spec.weights == "ternary" else jnp.ones(spec.kernel_shape, bool)
+      ).astype(jnp.float32)
+      count = conv_synaptic_ops_per_example(
+        inputs, nonzero, spec.stride, spec.padding, sparse=sparse
+      )
     else:
-      count = dense_synaptic_ops_per_example(inputs.reshape(batch, -1), spec.out_features,
-                                             sparse=sparse)
+      count = dense_synaptic_ops_per_example(
+        inputs.reshape(batch, -1), spec.out_features, sparse=sparse
+      )
     if sparse:
       sops = sops + count
     if _op(synapse) == "AC":
@@ -437,13 +492,19 @@ def step_operations(arch: deploy.Architecture, kernels: dict[str, jax.Array],
     elif layer.kind == "seca":  # pooling additions, 5-tap MACs, gate multiplies
       inputs = record.inputs[layer.name]
       elements, channels = math.prod(inputs.shape[1:]), inputs.shape[-1]
-      seca += (elements * (AC_ENERGY_PJ + MUL_ENERGY_PJ)
-               + SECA_TAPS * channels * MAC_ENERGY_PJ)
-  full = (acs * AC_ENERGY_PJ + macs * MAC_ENERGY_PJ + muls * MUL_ENERGY_PJ + adds * AC_ENERGY_PJ
-          + seca)
-  return {"sops": sops, "acs": acs, "macs": macs, "neuron_muls": muls, "neuron_adds": adds,
-          "energy_authors_pj": authors_energy_pj(sops, spike_bits_of(arch)),
-          "energy_full_pj": full}
+      seca += elements * (AC_ENERGY_PJ + MUL_ENERGY_PJ) + SECA_TAPS * channels * MAC_ENERGY_PJ
+  full = (
+    acs * AC_ENERGY_PJ + macs * MAC_ENERGY_PJ + muls * MUL_ENERGY_PJ + adds * AC_ENERGY_PJ + seca
+  )
+  return {
+    "sops": sops,
+    "acs": acs,
+    "macs": macs,
+    "neuron_muls": muls,
+    "neuron_adds": adds,
+    "energy_authors_pj": authors_energy_pj(sops, spike_bits_of(arch)),
+    "energy_full_pj": full,
+  }
 
 
 MICRO = 1e-6
@@ -485,17 +546,47 @@ def layer_rows(report: Report) -> list[LayerRow]:
   rows = []
   for layer in report.synaptic:
     sops = layer.ops if layer.source == "spikes" else 0.0
-    rows.append(LayerRow(
-        layer.name, layer.kind, layer.input_rate, sops,
-        acs=layer.ops if layer.op == "AC" else 0.0, macs=layer.ops if layer.op == "MAC" else 0.0,
-        nops=0.0, energy_authors_pj=authors_energy_pj(sops, report.spike_bits),
-        energy_full_pj=layer.energy_pj))
+    rows.append(
+      LayerRow(
+        layer.name,
+        layer.kind,
+        layer.input_rate,
+        sops,
+        acs=layer.ops if layer.op == "AC" else 0.0,
+        macs=layer.ops if layer.op == "MAC" else 0.0,
+        nops=0.0,
+        energy_authors_pj=authors_energy_pj(sops, report.spike_bits),
+        energy_full_pj=layer.energy_pj,
+      )
+    )
   for layer in report.neurons:
-    rows.append(LayerRow(layer.name, layer.kind, layer.firing_rate, 0.0, 0.0, 0.0,
-                         layer.muls + layer.adds, 0.0, layer.energy_pj))
+    rows.append(
+      LayerRow(
+        layer.name,
+        layer.kind,
+        layer.firing_rate,
+        0.0,
+        0.0,
+        0.0,
+        layer.muls + layer.adds,
+        0.0,
+        layer.energy_pj,
+      )
+    )
   for layer in report.attention:
-    rows.append(LayerRow(layer.name, "seca", None, 0.0, 0.0, layer.macs,
-                         layer.muls + layer.adds, 0.0, layer.energy_pj))
+    rows.append(
+      LayerRow(
+        layer.name,
+        "seca",
+        None,
+        0.0,
+        0.0,
+        layer.macs,
+        layer.muls + layer.adds,
+        0.0,
+        layer.energy_pj,
+      )
+    )
   by_name = {row.name: row for row in rows}
   return [by_name[name] for name in report.order]
 
@@ -513,38 +604,61 @@ def to_markdown(report: Report, rows: list[LayerRow] | None = None) -> str:
     rows = layer_rows(report)
   four_bit = report.spike_bits == 4
   spikes = "4-bit" if four_bit else "floating-point"
-  applied = ("applied here" if four_bit
-             else "not applied here: this network fires floating-point spikes")
-  intro = (f"Per test example, summed over T = {report.time_steps} steps, averaged over "
-           f"{report.samples} examples; {spikes} spikes.")
-  header = ("| layer | kind | firing rate | SOPs (M) | ACs (M) | MACs (M) | NOPs (M) | "
-            "energy, authors (uJ) | energy, full (uJ) |")
-  legend = ("Firing rate: the fraction of non-zero spikes of a neuron layer; for a convolution "
-            "or FC layer, the fraction of its inputs that are non-zero. SOPs are the operations "
-            "of layers fed by spikes; ACs + MACs count every synaptic operation. NOPs: neuron "
-            "multiplies and additions (for a SECA row, its pooling additions and gate "
-            "multiplies; the total counts neurons only).")
-  energy = (f"Energy at 45 nm: {AC_ENERGY_PJ} pJ per addition (AC), "
-            f"{MAC_ENERGY_PJ} pJ per MAC. Authors' column: SOPs x "
-            f"{AC_ENERGY_PJ} pJ only; with 4-bit spikes the additions are divided "
-            f"by 8 (32-bit over 4-bit spike words), as the authors count them ({applied}). "
-            "Full column: every synaptic operation at its AC or MAC price, plus the neuron and "
-            "SECA operations, without the 4-bit discount.")
+  applied = (
+    "applied here" if four_bit else "not applied here: this network fires floating-point spikes"
+  )
+  intro = (
+    f"Per test example, summed over T = {report.time_steps} steps, averaged over "
+    f"{report.samples} examples; {spikes} spikes."
+  )
+  header = (
+    "| layer | kind | firing rate | SOPs (M) | ACs (M) | MACs (M) | NOPs (M) | "
+    "energy, authors (uJ) | energy, full (uJ) |"
+  )
+  legend = (
+    "Firing rate: the fraction of non-zero spikes of a neuron layer; for a convolution "
+    "or FC layer, the fraction of its inputs that are non-zero. SOPs are the operations "
+    "of layers fed by spikes; ACs + MACs count every synaptic operation. NOPs: neuron "
+    "multiplies and additions (for a SECA row, its pooling additions and gate "
+    "multiplies; the total counts neurons only)."
+  )
+  energy = (
+    f"Energy at 45 nm: {AC_ENERGY_PJ} pJ per addition (AC), "
+    f"{MAC_ENERGY_PJ} pJ per MAC. Authors' column: SOPs x "
+    f"{AC_ENERGY_PJ} pJ only; with 4-bit spikes the additions are divided "
+    f"by 8 (32-bit over 4-bit spike words), as the authors count them ({applied}). "
+    "Full column: every synaptic operation at its AC or MAC price, plus the neuron and "
+    "SECA operations, without the 4-bit discount."
+  )
   lines = ["# Efficiency", "", intro, "", header, "|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     cells = [row.name, row.kind, format_value(row.rate)] + [
-        format_value(value, MICRO) for value in (row.sops, row.acs, row.macs, row.nops,
-                                                 row.energy_authors_pj, row.energy_full_pj)]
+      format_value(value, MICRO)
+      for value in (
+        row.sops,
+        row.acs,
+        row.macs,
+        row.nops,
+        row.energy_authors_pj,
+        row.energy_full_pj,
+      )
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   muls, adds = report.neuron_ops
   lines += [
-      "", "| total | value |", "|---|---|",
-      f"| SOPs (M) | {format_value(report.sops, MICRO)} |",
-      f"| ACs (M) | {format_value(report.acs, MICRO)} |",
-      f"| MACs (M) | {format_value(report.macs, MICRO)} |",
-      f"| NOPs (M) | {format_value(muls + adds, MICRO)} |",
-      f"| firing rate (all neurons) | {format_value(report.firing_rate)} |",
-      f"| energy, authors (uJ) | {format_value(report.energy_authors_pj, MICRO)} |",
-      f"| energy, full (uJ) | {format_value(report.energy_full_pj, MICRO)} |",
-      "", legend, "", energy]
+    "",
+    "| total | value |",
+    "|---|---|",
+    f"| SOPs (M) | {format_value(report.sops, MICRO)} |",
+    f"| ACs (M) | {format_value(report.acs, MICRO)} |",
+    f"| MACs (M) | {format_value(report.macs, MICRO)} |",
+    f"| NOPs (M) | {format_value(muls + adds, MICRO)} |",
+    f"| firing rate (all neurons) | {format_value(report.firing_rate)} |",
+    f"| energy, authors (uJ) | {format_value(report.energy_authors_pj, MICRO)} |",
+    f"| energy, full (uJ) | {format_value(report.energy_full_pj, MICRO)} |",
+    "",
+    legend,
+    "",
+    energy,
+  ]
   return "\n".join(lines) + "\n"

@@ -2,11 +2,12 @@
 
 Every layer takes time-major input ``[S, B, ...]`` holding the consecutive time steps
 ``t0, ..., t0 + S - 1``. ``S = 1`` with a carried neuron state is the step-by-step form that online
-training uses; ``S = T`` from the zero state is the all-steps form (convolutions on the folded S*B
-batch, BatchNorm statistics per step slice, neurons scanned over time). Both forms run the same code,
-so they give the same numbers.
+training uses; ``S = T`` from the zero state is the all-steps form (convolutions on the folded
+S*B batch, BatchNorm statistics per step slice, neurons scanned over time). Both forms run the same
+code, so they give the same numbers.
 
-Parameters are tagged by what they are, which the size accounting (:mod:`empf_jax.accounting`) reads:
+Parameters are tagged by what they are, which the size accounting (:mod:`empf_jax.accounting`)
+reads:
 :class:`BinaryWeight`, :class:`TernaryWeight`, :class:`FloatWeight`, :class:`NormParam` and
 :class:`NeuronParam` are all ``nnx.Param``; BatchNorm running averages are ``nnx.BatchStat``.
 """
@@ -14,7 +15,8 @@ Parameters are tagged by what they are, which the size accounting (:mod:`empf_ja
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +58,9 @@ class FixedNeuronScalar(nnx.Variable):
 WEIGHT_KINDS = {"binary": BinaryWeight, "ternary": TernaryWeight, "float": FloatWeight}
 
 
-def draw(sample: Callable[..., jax.Array], key: jax.Array, shape: tuple[int, ...],
-         **kwargs) -> jax.Array:
+def draw(
+  sample: Callable[..., jax.Array], key: jax.Array, shape: tuple[int, ...], **kwargs
+) -> jax.Array:
   """``sample(key, shape, **kwargs)`` (a ``jax.random`` sampler), drawn flat and reshaped.
 
   The numbers are the same (JAX's threefry generator counts through the flattened shape), but
@@ -107,10 +110,20 @@ class QConv(nnx.Module):
   again when it changes.
   """
 
-  def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
-               padding: int | None = None, weights: str = "binary", symmetric_init: bool = False,
-               latent_init: float = LATENT_INIT_MAX, conv_backward: str = "auto",
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    weights: str = "binary",
+    symmetric_init: bool = False,
+    latent_init: float = LATENT_INIT_MAX,
+    conv_backward: str = "auto",
+    rngs: nnx.Rngs,
+  ):
     ops.conv_backward_rule(conv_backward)  # checks the value
     self.in_features = in_features
     self.out_features = out_features
@@ -143,8 +156,9 @@ class QConv(nnx.Module):
     if _recording(self):
       self.sow(nnx.Intermediate, "inputs", x)
     kernel = self.effective_kernel().astype(x.dtype)
-    return ops.fold_time(x, lambda y: ops.conv2d(y, kernel, self.stride, self.padding,
-                                                      self.conv_backward))
+    return ops.fold_time(
+      x, lambda y: ops.conv2d(y, kernel, self.stride, self.padding, self.conv_backward)
+    )
 
 
 class Dense(nnx.Module):
@@ -155,10 +169,14 @@ class Dense(nnx.Module):
     self.out_features = out_features
     self.record = False
     bound = 1.0 / math.sqrt(in_features)
-    self.kernel = FloatWeight(draw(jax.random.uniform, rngs.params(), (in_features, out_features),
-                                   minval=-bound, maxval=bound))
-    self.bias = FloatWeight(jax.random.uniform(rngs.params(), (out_features,),
-                                               minval=-bound, maxval=bound))
+    self.kernel = FloatWeight(
+      draw(
+        jax.random.uniform, rngs.params(), (in_features, out_features), minval=-bound, maxval=bound
+      )
+    )
+    self.bias = FloatWeight(
+      jax.random.uniform(rngs.params(), (out_features,), minval=-bound, maxval=bound)
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if _recording(self):
@@ -175,7 +193,8 @@ def update_rows(stat: nnx.Variable, t0: jax.Array | int, new: jax.Array) -> None
   """Per-step running averages [T, C]: rows t0..t0+S-1 each get r <- 0.9 r + 0.1 new[s]."""
   old = jax.lax.dynamic_slice_in_dim(stat[...], t0, new.shape[0])
   stat[...] = jax.lax.dynamic_update_slice_in_dim(
-      stat[...], (1.0 - BN_MOMENTUM) * old + BN_MOMENTUM * new, t0, axis=0)
+    stat[...], (1.0 - BN_MOMENTUM) * old + BN_MOMENTUM * new, t0, axis=0
+  )
 
 
 class StepBatchNorm(nnx.Module):
@@ -235,7 +254,8 @@ class StepBatchNorm(nnx.Module):
 class MemBN(nnx.Module):
   """Membrane BatchNorm: m_hat_t = sigma(c_t) BN_t(m_t) + sigma(d_t) m_t, one BN per time step.
 
-  At inference BN_t(m) = A_t m + C_t, so m_hat_t = (sigma(d_t) + sigma(c_t) A_t) m_t + sigma(c_t) C_t
+  At inference BN_t(m) = A_t m + C_t, so
+  m_hat_t = (sigma(d_t) + sigma(c_t) A_t) m_t + sigma(c_t) C_t
   (:meth:`folded`).
   """
 
@@ -257,8 +277,9 @@ class MemBN(nnx.Module):
     c = self.bias[...] - a * self.mean[...]
     return gate_id + gate_bn * a, gate_bn * c
 
-  def normalize(self, m: jax.Array, t: jax.Array, *, train: bool
-                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+  def normalize(
+    self, m: jax.Array, t: jax.Array, *, train: bool
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """m_hat_t for one step; in training also returns step t's batch mean and biased variance."""
     gate_bn = jax.nn.sigmoid(self.c[...][t])
     gate_id = jax.nn.sigmoid(self.d[...][t])
@@ -266,8 +287,7 @@ class MemBN(nnx.Module):
       k, h = self.folded()
       return m * k[t].astype(m.dtype) + h[t].astype(m.dtype), None
     mf = m.astype(jnp.float32)
-    normed, mean, var = ops.batch_norm(mf[None], self.scale[...][t], self.bias[...][t],
-                                       BN_EPSILON)
+    normed, mean, var = ops.batch_norm(mf[None], self.scale[...][t], self.bias[...][t], BN_EPSILON)
     normed, mean, var = normed[0], mean[0], var[0]
     return (gate_bn * normed + gate_id * mf).astype(m.dtype), (mean, var)
 
@@ -285,8 +305,9 @@ class SECA(nnx.Module):
 
   def __init__(self, *, rngs: nnx.Rngs):
     bound = 1.0 / math.sqrt(SECA_TAPS)
-    self.kernel = FloatWeight(jax.random.uniform(rngs.params(), (SECA_TAPS,),
-                                                 minval=-bound, maxval=bound))
+    self.kernel = FloatWeight(
+      jax.random.uniform(rngs.params(), (SECA_TAPS,), minval=-bound, maxval=bound)
+    )
     self.bias = FloatWeight(jax.random.uniform(rngs.params(), (), minval=-bound, maxval=bound))
 
   def gate(self, x: jax.Array) -> jax.Array:
@@ -296,7 +317,7 @@ class SECA(nnx.Module):
     half = SECA_TAPS // 2
     padded = jnp.pad(pooled, [(0, 0)] * (pooled.ndim - 1) + [(half, half)])
     kernel = self.kernel[...]
-    mixed = sum(kernel[k] * padded[..., k:k + channels] for k in range(SECA_TAPS))
+    mixed = sum(kernel[k] * padded[..., k : k + channels] for k in range(SECA_TAPS))
     return jax.nn.sigmoid(mixed + self.bias[...])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -327,8 +348,9 @@ class EMPFNeuron(Neuron):
   Per-step logits a_t, b_t start at 0 (decay and threshold 0.5).
   """
 
-  def __init__(self, time_steps: int, features: int, *, mem_bn: bool = False,
-               spike_bits: int | None = None):
+  def __init__(
+    self, time_steps: int, features: int, *, mem_bn: bool = False, spike_bits: int | None = None
+  ):
     self.time_steps = time_steps
     self.spike_bits = spike_bits
     self.record = False
@@ -340,8 +362,15 @@ class EMPFNeuron(Neuron):
     """The per-step logits (a, b) as the pure step function takes them."""
     return neurons.EMPFParams(self.a[...], self.b[...])
 
-  def __call__(self, currents: jax.Array, state: neurons.MembraneState | None, t0: jax.Array | int,
-               *, train: bool, online: bool = True) -> tuple[jax.Array, neurons.MembraneState]:
+  def __call__(
+    self,
+    currents: jax.Array,
+    state: neurons.MembraneState | None,
+    t0: jax.Array | int,
+    *,
+    train: bool,
+    online: bool = True,
+  ) -> tuple[jax.Array, neurons.MembraneState]:
     """Steps t0..t0+S-1 of currents [S, B, ...] from ``state`` (None: u = 0).
 
     In training, Mem-BN normalises each step with that step's batch statistics and then updates
@@ -352,16 +381,21 @@ class EMPFNeuron(Neuron):
       state = self.init_state(currents.shape[1:], currents.dtype)
     params = self.params()
     if self.mem_bn is None:
+
       def step(carry, current, t):
-        return neurons.empf_step(params, carry, current, t, online=online,
-                                 spike_bits=self.spike_bits)
+        return neurons.empf_step(
+          params, carry, current, t, online=online, spike_bits=self.spike_bits
+        )
+
       state, spikes = neurons.run_steps(step, state, currents, t0)
     else:
+
       def step(carry, current, t):
         membrane = neurons.empf_integrate(params, carry, current, t, online=online)
         membrane, moments = self.mem_bn.normalize(membrane, t, train=train)
         carry, spike = neurons.empf_fire(params, membrane, t, spike_bits=self.spike_bits)
         return carry, (spike, moments)
+
       state, (spikes, moments) = neurons.run_steps(step, state, currents, t0)
       if train:
         self.mem_bn.update(t0, *moments, count=math.prod(currents.shape[1:-1]))
@@ -383,11 +417,19 @@ class ParallelNeuron(Neuron):
   def init_state(self, shape: tuple[int, ...], dtype: Any = jnp.float32) -> neurons.NoState:
     return neurons.NoState()
 
-  def __call__(self, currents: jax.Array, state: neurons.NoState | None, t0: jax.Array | int,
-               *, train: bool, online: bool = True) -> tuple[jax.Array, neurons.NoState]:
+  def __call__(
+    self,
+    currents: jax.Array,
+    state: neurons.NoState | None,
+    t0: jax.Array | int,
+    *,
+    train: bool,
+    online: bool = True,
+  ) -> tuple[jax.Array, neurons.NoState]:
     """s[i] = relu(I[i] - sigma(b[t0 + i])) for all S steps at once (no state to carry)."""
-    spikes = neurons.parallel_all(neurons.ParallelParams(self.b[...]), currents, t0,
-                                  spike_bits=self.spike_bits)
+    spikes = neurons.parallel_all(
+      neurons.ParallelParams(self.b[...]), currents, t0, spike_bits=self.spike_bits
+    )
     self._record(spikes)
     return spikes, neurons.NoState()
 
@@ -409,8 +451,15 @@ class LIFNeuron(Neuron):
     self.a = kind(jnp.zeros((time_steps,)))
     self.b = kind(jnp.zeros((time_steps,)))
 
-  def __call__(self, currents: jax.Array, state: neurons.MembraneState | None, t0: jax.Array | int,
-               *, train: bool, online: bool = True) -> tuple[jax.Array, neurons.MembraneState]:
+  def __call__(
+    self,
+    currents: jax.Array,
+    state: neurons.MembraneState | None,
+    t0: jax.Array | int,
+    *,
+    train: bool,
+    online: bool = True,
+  ) -> tuple[jax.Array, neurons.MembraneState]:
     """Steps t0..t0+S-1 of currents [S, B, ...] from ``state`` (None: u = 0); spikes and state."""
     if state is None:
       state = self.init_state(currents.shape[1:], currents.dtype)

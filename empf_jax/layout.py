@@ -26,7 +26,7 @@ modules read layouts and walks; the converter's HD_LIF names are a table per lay
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple, Union
+from typing import Any, ClassVar, NamedTuple
 
 from flax import nnx
 
@@ -165,21 +165,28 @@ class ResNetLayout:
     if self.stem_pool:
       steps.append(Layer("max_pool", "h", "h"))
     for block in self.blocks:
-      steps += [_neuron(block.act1, "h", "s"),
-                _conv(block.conv1, "s", "y", "spikes", _sibling(block.conv1.name, "bn1"))]
+      steps += [
+        _neuron(block.act1, "h", "s"),
+        _conv(block.conv1, "s", "y", "spikes", _sibling(block.conv1.name, "bn1")),
+      ]
       if block.seca:
-        steps.append(_seca(_dotted(block.name, "seca1"), block.conv1, "y",
-                           "h" if block.seca == 2 else None))
-      steps += [_neuron(block.act2, "y", "s"),
-                _conv(block.conv2, "s", "z", "spikes", _sibling(block.conv2.name, "bn2"))]
+        steps.append(
+          _seca(_dotted(block.name, "seca1"), block.conv1, "y", "h" if block.seca == 2 else None)
+        )
+      steps += [
+        _neuron(block.act2, "y", "s"),
+        _conv(block.conv2, "s", "z", "spikes", _sibling(block.conv2.name, "bn2")),
+      ]
       if block.seca:
-        steps.append(_seca(_dotted(block.name, "seca2"), block.conv2, "z",
-                           "y" if block.seca == 2 else None))
+        steps.append(
+          _seca(_dotted(block.name, "seca2"), block.conv2, "z", "y" if block.seca == 2 else None)
+        )
       shortcut = "h"
       if block.shortcut is not None:
         shortcut = "r"
-        steps.append(_conv(block.shortcut, "h", "r", "currents",
-                           _sibling(block.shortcut.name, "shortcut_bn")))
+        steps.append(
+          _conv(block.shortcut, "h", "r", "currents", _sibling(block.shortcut.name, "shortcut_bn"))
+        )
       steps.append(Layer("add", "z", "h", other=shortcut))
     steps.append(Layer("mean", "h", "h"))
     reads = "currents"
@@ -209,8 +216,9 @@ class PlainLayout:
         steps.append(Layer({"M": "avg_pool", "G": "mean", "F": "to_map"}[item], source, "h"))
       else:
         unit = next(units)
-        reads = holds if holds != "input" else (
-            "currents" if unit.conv.weights == "float" else "spikes")
+        reads = (
+          holds if holds != "input" else ("currents" if unit.conv.weights == "float" else "spikes")
+        )
         steps.append(_conv(unit.conv, source, "h", reads, _dotted(unit.name, "bn")))
         if unit.seca:
           steps.append(_seca(_dotted(unit.name, "seca"), unit.conv, "h", None))
@@ -221,7 +229,7 @@ class PlainLayout:
     return tuple(steps + [_dense(self.fc, "h", "logits", holds)])
 
 
-Layout = Union[ResNetLayout, PlainLayout]
+Layout = ResNetLayout | PlainLayout
 LAYOUTS = {cls.family: cls for cls in (ResNetLayout, PlainLayout)}
 
 
@@ -235,8 +243,16 @@ def walk(layout: Layout) -> tuple[Layer, ...]:
 
 
 def _conv_spec(conv: QConv, bn: StepBatchNorm, name: str) -> ConvSpec:
-  return ConvSpec(name, conv.in_features, conv.out_features, conv.kernel_size, conv.stride,
-                  conv.padding, conv.weights, bn.time_steps is not None)
+  return ConvSpec(
+    name,
+    conv.in_features,
+    conv.out_features,
+    conv.kernel_size,
+    conv.stride,
+    conv.padding,
+    conv.weights,
+    bn.time_steps is not None,
+  )
 
 
 def _neuron_spec(neuron: nnx.Module, name: str, features: int) -> NeuronSpec:
@@ -251,8 +267,12 @@ def _neuron_spec(neuron: nnx.Module, name: str, features: int) -> NeuronSpec:
 
 def _unit_spec(unit: models.ConvUnit, name: str) -> UnitSpec:
   conv = _conv_spec(unit.conv, unit.bn, _dotted(name, "conv"))
-  return UnitSpec(name, conv, unit.seca is not None,
-                  _neuron_spec(unit.neuron, _dotted(name, "neuron"), conv.out_features))
+  return UnitSpec(
+    name,
+    conv,
+    unit.seca is not None,
+    _neuron_spec(unit.neuron, _dotted(name, "neuron"), conv.out_features),
+  )
 
 
 def _fc(model: models.SpikingNetwork) -> DenseSpec:
@@ -264,21 +284,34 @@ def _resnet(model: models.ResNet) -> ResNetLayout:
   for i, block in enumerate(model.blocks):
     name = _dotted("blocks", i)
     conv1 = _conv_spec(block.conv1, block.bn1, _dotted(name, "conv1"))
-    shortcut = (None if block.shortcut_conv is None
-                else _conv_spec(block.shortcut_conv, block.shortcut_bn,
-                                _dotted(name, "shortcut_conv")))
-    blocks.append(BlockSpec(
-        name, _neuron_spec(block.act1, _dotted(name, "act1"), conv1.in_features), conv1,
+    shortcut = (
+      None
+      if block.shortcut_conv is None
+      else _conv_spec(block.shortcut_conv, block.shortcut_bn, _dotted(name, "shortcut_conv"))
+    )
+    blocks.append(
+      BlockSpec(
+        name,
+        _neuron_spec(block.act1, _dotted(name, "act1"), conv1.in_features),
+        conv1,
         _neuron_spec(block.act2, _dotted(name, "act2"), conv1.out_features),
-        _conv_spec(block.conv2, block.bn2, _dotted(name, "conv2")), shortcut,
-        block.seca_variant if block.seca1 is not None else 0))
+        _conv_spec(block.conv2, block.bn2, _dotted(name, "conv2")),
+        shortcut,
+        block.seca_variant if block.seca1 is not None else 0,
+      )
+    )
   hidden = head = None
   if model.fc_hidden is not None:
     hidden = DenseSpec("fc_hidden", model.fc_hidden.in_features, model.fc_hidden.out_features)
     head = _neuron_spec(model.head_neuron, "head_neuron", hidden.out_features)
-  return ResNetLayout(_conv_spec(model.stem.conv, model.stem.bn, "stem.conv"),
-                      model.stem.kind in ("imagenet", "tiny"), tuple(blocks), hidden, head,
-                      _fc(model))
+  return ResNetLayout(
+    _conv_spec(model.stem.conv, model.stem.bn, "stem.conv"),
+    model.stem.kind in ("imagenet", "tiny"),
+    tuple(blocks),
+    hidden,
+    head,
+    _fc(model),
+  )
 
 
 def _plain(model: models.Plain) -> PlainLayout:
@@ -290,15 +323,16 @@ def _plain(model: models.Plain) -> PlainLayout:
 def _named_units(names: tuple[str, ...], plan: tuple[str, ...]):
   """A network whose conv units are the attributes ``names``, run in ``plan`` order."""
   return lambda model: PlainLayout(
-      tuple(_unit_spec(getattr(model, name), name) for name in names), plan, False, _fc(model))
+    tuple(_unit_spec(getattr(model, name), name) for name in names), plan, False, _fc(model)
+  )
 
 
 # The reader of each network class of empf_jax.models.
 _READERS = {
-    models.ResNet: _resnet,
-    models.Plain: _plain,
-    models.ConvNetSmall: _named_units(("unit1", "unit2", "unit3"), ("C", "C", "M", "C")),
-    models.MLP: _named_units(("unit1", "unit2"), ("F", "C", "C")),
+  models.ResNet: _resnet,
+  models.Plain: _plain,
+  models.ConvNetSmall: _named_units(("unit1", "unit2", "unit3"), ("C", "C", "M", "C")),
+  models.MLP: _named_units(("unit1", "unit2"), ("F", "C", "C")),
 }
 
 
@@ -310,12 +344,15 @@ def layout_of(model: models.SpikingNetwork) -> Layout:
   """
   reader = _READERS.get(type(model))
   if reader is None:
-    raise TypeError(f"no layout for a {type(model).__name__}; supported: "
-                    + ", ".join(cls.__name__ for cls in _READERS))
+    raise TypeError(
+      f"no layout for a {type(model).__name__}; supported: "
+      + ", ".join(cls.__name__ for cls in _READERS)
+    )
   return reader(model)
 
 
 def modules_by_name(model: nnx.Module) -> dict[str, nnx.Module]:
   """Every submodule of ``model`` by its dotted path (the names of :class:`Layer`)."""
-  return {_dotted(*path): node for path, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Module)}
+  return {
+    _dotted(*path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)
+  }

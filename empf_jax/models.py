@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,16 @@ import numpy as np
 from flax import nnx
 
 from empf_jax import ops
-from empf_jax.layers import (LATENT_INIT_MAX, SECA, Dense, EMPFNeuron, LIFNeuron,
-                             ParallelNeuron, QConv, StepBatchNorm)
+from empf_jax.layers import (
+  LATENT_INIT_MAX,
+  SECA,
+  Dense,
+  EMPFNeuron,
+  LIFNeuron,
+  ParallelNeuron,
+  QConv,
+  StepBatchNorm,
+)
 
 NEURONS = ("empf", "lif")
 WEIGHTS = ("binary", "ternary", "float")
@@ -36,8 +45,9 @@ class ConfigError(ValueError):
 def _allowed(key: str, value: Any, allowed: Sequence[Any]) -> None:
   """Raises unless ``value`` is one of ``allowed``; a bool never stands for an int or back."""
   if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
-    raise ConfigError(f"{key}={value!r} is not allowed; allowed: "
-                      + ", ".join(repr(a) for a in allowed))
+    raise ConfigError(
+      f"{key}={value!r} is not allowed; allowed: " + ", ".join(repr(a) for a in allowed)
+    )
 
 
 def _is_integer(value: Any) -> bool:
@@ -115,54 +125,71 @@ class NetOptions:
     _allowed("name", self.name, NETWORKS)
     _allowed("neuron", self.neuron, NEURONS)
     _allowed("weights", self.weights, WEIGHTS)
-    if not any(self.spike_bits == a and not isinstance(self.spike_bits, bool)
-               for a in SPIKE_BITS):
-      raise ConfigError(f"spike_bits={self.spike_bits!r} is not allowed; allowed: None, 4 "
-                        "(None: floating-point spikes)")
+    if not any(self.spike_bits == a and not isinstance(self.spike_bits, bool) for a in SPIKE_BITS):
+      raise ConfigError(
+        f"spike_bits={self.spike_bits!r} is not allowed; allowed: None, 4 "
+        "(None: floating-point spikes)"
+      )
     _allowed("seca", self.seca, SECA_VARIANTS)
     for key in ("num_classes", "time_steps"):
       value = getattr(self, key)
       if not _is_integer(value) or value < 1:
         raise ConfigError(f"{key}={value!r} is not allowed; allowed: an integer >= 1")
-    if self.in_channels is not None and (not _is_integer(self.in_channels)
-                                         or self.in_channels < 1):
-      raise ConfigError(f"in_channels={self.in_channels!r} is not allowed; allowed: an integer "
-                        ">= 1")
+    if self.in_channels is not None and (not _is_integer(self.in_channels) or self.in_channels < 1):
+      raise ConfigError(
+        f"in_channels={self.in_channels!r} is not allowed; allowed: an integer >= 1"
+      )
     if (self.name == "mlp" or self.in_features is not None) and (
-        not _is_integer(self.in_features) or self.in_features < 1):
-      raise ConfigError(f"in_features={self.in_features!r} is not allowed"
-                        f"{' with ' + repr(self.name) if self.in_features is None else ''}; "
-                        "allowed: an integer >= 1 (the number of input values per example and "
-                        "time step)")
+      not _is_integer(self.in_features) or self.in_features < 1
+    ):
+      raise ConfigError(
+        f"in_features={self.in_features!r} is not allowed"
+        f"{' with ' + repr(self.name) if self.in_features is None else ''}; "
+        "allowed: an integer >= 1 (the number of input values per example and "
+        "time step)"
+      )
     if not _is_real(self.width) or not self.width > 0:
       raise ConfigError(f"width={self.width!r} is not allowed; allowed: a number > 0")
     if not _is_real(self.latent_init) or not 0 < self.latent_init <= 1:
-      raise ConfigError(f"latent_init={self.latent_init!r} is not allowed; allowed: a number in "
-                        "(0, 1]")
+      raise ConfigError(
+        f"latent_init={self.latent_init!r} is not allowed; allowed: a number in (0, 1]"
+      )
     stem = self.stem if self.stem is not None else NETWORK_STEMS[self.name][0]
     _allowed(f"stem (for {self.name})", stem, NETWORK_STEMS[self.name])
     for key in ("mem_bn", "parallel", "learnable_lif", "step_stats", "symmetric_init"):
       _allowed(key, getattr(self, key), (False, True))
     if self.parallel and self.name not in RESNETS:
-      raise ConfigError(f"parallel=True is not allowed with {self.name!r}; allowed only in: "
-                        + ", ".join(RESNETS))
+      raise ConfigError(
+        f"parallel=True is not allowed with {self.name!r}; allowed only in: " + ", ".join(RESNETS)
+      )
     if self.seca == 2 and self.name not in RESNETS:
-      raise ConfigError(f"seca=2 is not allowed with {self.name!r}; allowed: 0, 1 (SECA-II only "
-                        "in " + ", ".join(RESNETS) + ")")
+      raise ConfigError(
+        f"seca=2 is not allowed with {self.name!r}; allowed: 0, 1 (SECA-II only "
+        "in " + ", ".join(RESNETS) + ")"
+      )
     if self.neuron != "empf":
       for key, off in (("mem_bn", False), ("parallel", False), ("spike_bits", None)):
         if getattr(self, key) != off:
-          raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed with "
-                            f"neuron={self.neuron!r}; allowed: {off!r} (only the EM-PF neuron "
-                            "has it)")
+          raise ConfigError(
+            f"{key}={getattr(self, key)!r} is not allowed with "
+            f"neuron={self.neuron!r}; allowed: {off!r} (only the EM-PF neuron "
+            "has it)"
+          )
     elif self.learnable_lif:
-      raise ConfigError("learnable_lif=True is not allowed with neuron='empf'; allowed: False "
-                        "(it selects the learnable LIF baseline)")
+      raise ConfigError(
+        "learnable_lif=True is not allowed with neuron='empf'; allowed: False "
+        "(it selects the learnable LIF baseline)"
+      )
     in_channels = (2 if stem == "event" else 3) if self.in_channels is None else self.in_channels
-    resolved = {"stem": stem, "in_channels": int(in_channels),
-                "in_features": None if self.in_features is None else int(self.in_features),
-                "num_classes": int(self.num_classes), "time_steps": int(self.time_steps),
-                "width": float(self.width), "latent_init": float(self.latent_init)}
+    resolved = {
+      "stem": stem,
+      "in_channels": int(in_channels),
+      "in_features": None if self.in_features is None else int(self.in_features),
+      "num_classes": int(self.num_classes),
+      "time_steps": int(self.time_steps),
+      "width": float(self.width),
+      "latent_init": float(self.latent_init),
+    }
     for key, value in resolved.items():
       object.__setattr__(self, key, value)
 
@@ -175,8 +202,9 @@ class NetOptions:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
       raise ConfigError(f"unknown create() option(s) {unknown}; allowed: {allowed}")
-    missing = [key for key in allowed
-               if key not in options and fields[key].default is dataclasses.MISSING]
+    missing = [
+      key for key in allowed if key not in options and fields[key].default is dataclasses.MISSING
+    ]
     if missing:
       raise ConfigError(f"create() option(s) {missing} are required")
     return cls(name, **options)
@@ -201,16 +229,36 @@ class NetOptions:
       return LIFNeuron(self.time_steps, learnable=self.learnable_lif)
     if parallel:
       return ParallelNeuron(self.time_steps, spike_bits=self.spike_bits)
-    return EMPFNeuron(self.time_steps, features,
-                      mem_bn=self.mem_bn if mem_bn is None else mem_bn,
-                      spike_bits=self.spike_bits)
+    return EMPFNeuron(
+      self.time_steps,
+      features,
+      mem_bn=self.mem_bn if mem_bn is None else mem_bn,
+      spike_bits=self.spike_bits,
+    )
 
-  def conv(self, cin: int, cout: int, kernel: int, *, stride: int = 1, padding: int | None = None,
-           weights: str | None = None, rngs: nnx.Rngs) -> QConv:
+  def conv(
+    self,
+    cin: int,
+    cout: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    weights: str | None = None,
+    rngs: nnx.Rngs,
+  ) -> QConv:
     """A convolution with this network's weights (or ``weights``) and latent initialisation."""
-    return QConv(cin, cout, kernel, stride=stride, padding=padding,
-                 weights=weights or self.weights, symmetric_init=self.symmetric_init,
-                 latent_init=self.latent_init, rngs=rngs)
+    return QConv(
+      cin,
+      cout,
+      kernel,
+      stride=stride,
+      padding=padding,
+      weights=weights or self.weights,
+      symmetric_init=self.symmetric_init,
+      latent_init=self.latent_init,
+      rngs=rngs,
+    )
 
 
 class SpikingNetwork(nnx.Module):
@@ -227,8 +275,9 @@ class SpikingNetwork(nnx.Module):
   def time_steps(self) -> int:
     return self.options.time_steps
 
-  def run(self, x: jax.Array, state: Any, t0: jax.Array | int, *, train: bool,
-          online: bool = True) -> tuple[jax.Array, Any]:
+  def run(
+    self, x: jax.Array, state: Any, t0: jax.Array | int, *, train: bool, online: bool = True
+  ) -> tuple[jax.Array, Any]:
     """Runs steps t0..t0+S-1 of time-major input x [S, B, ...]; returns logits [S, B, K] and state.
 
     ``state=None`` starts from the zero state. ``online=False`` keeps the gradient through the
@@ -236,8 +285,9 @@ class SpikingNetwork(nnx.Module):
     """
     raise TypeError(f"{type(self).__name__} must define run()")
 
-  def step(self, x_t: jax.Array, state: Any, t: jax.Array | int, *, train: bool,
-           online: bool = True) -> tuple[jax.Array, Any]:
+  def step(
+    self, x_t: jax.Array, state: Any, t: jax.Array | int, *, train: bool, online: bool = True
+  ) -> tuple[jax.Array, Any]:
     """One time step: input [B, ...] at step t with the carried state -> (logits [B, K], state)."""
     logits, state = self.run(x_t[None], state, t, train=train, online=online)
     return logits[0], state
@@ -262,12 +312,14 @@ class SpikingNetwork(nnx.Module):
 class Stem(nnx.Module):
   """Full-precision first convolution + BN (+ max pooling for the ImageNet and Tiny stems)."""
 
-  def __init__(self, kind: str, in_channels: int, out_channels: int, opts: NetOptions,
-               *, rngs: nnx.Rngs):
+  def __init__(
+    self, kind: str, in_channels: int, out_channels: int, opts: NetOptions, *, rngs: nnx.Rngs
+  ):
     self.kind = kind
     if kind == "imagenet":
-      self.conv = QConv(in_channels, out_channels, 7, stride=2, padding=3, weights="float",
-                        rngs=rngs)
+      self.conv = QConv(
+        in_channels, out_channels, 7, stride=2, padding=3, weights="float", rngs=rngs
+      )
     else:
       self.conv = QConv(in_channels, out_channels, 3, weights="float", rngs=rngs)
     self.bn = opts.norm(out_channels)
@@ -282,9 +334,9 @@ class Stem(nnx.Module):
 class BasicBlock(nnx.Module):
   """Pre-activation spiking basic block (neuron before each conv; the stream carries currents).
 
-    out = SECA1(BN(conv1(act1(x))));  out = SECA2(BN(conv2(act2(out)))) + shortcut(x)
-    SECA-II (in == out channels): out = SECA1(x + BN(conv1(act1(x))));
-                                  out = SECA2(out + BN(conv2(act2(out)))) + shortcut(x)
+  out = SECA1(BN(conv1(act1(x))));  out = SECA2(BN(conv2(act2(out)))) + shortcut(x)
+  SECA-II (in == out channels): out = SECA1(x + BN(conv1(act1(x))));
+                                out = SECA2(out + BN(conv2(act2(out)))) + shortcut(x)
   """
 
   def __init__(self, cin: int, cout: int, stride: int, opts: NetOptions, *, rngs: nnx.Rngs):
@@ -298,8 +350,9 @@ class BasicBlock(nnx.Module):
     self.seca1 = SECA(rngs=rngs) if opts.seca else None
     self.seca2 = SECA(rngs=rngs) if opts.seca else None
     downsample = stride != 1 or cin != cout  # a 1x1 convolution + BN where the shape changes
-    self.shortcut_conv = (opts.conv(cin, cout, 1, stride=stride, padding=0, rngs=rngs)
-                          if downsample else None)
+    self.shortcut_conv = (
+      opts.conv(cin, cout, 1, stride=stride, padding=0, rngs=rngs) if downsample else None
+    )
     self.shortcut_bn = opts.norm(cout) if downsample else None
 
   def _attend(self, seca: SECA | None, residual: jax.Array, y: jax.Array) -> jax.Array:
@@ -325,13 +378,21 @@ class BasicBlock(nnx.Module):
 class ResNet(SpikingNetwork):
   """Spiking ResNet-18/34 (and the ResNet-19 layout).
 
-    h = stem(x) = [maxpool](BN(conv(x)));  h = block_k(h) for every basic block (currents);
-    logits = FC(GAP(h)),  or for ResNet-19  logits = FC(EM-PF(FC_hidden(GAP(h)))).
+  h = stem(x) = [maxpool](BN(conv(x)));  h = block_k(h) for every basic block (currents);
+  logits = FC(GAP(h)),  or for ResNet-19  logits = FC(EM-PF(FC_hidden(GAP(h)))).
   """
 
-  def __init__(self, blocks: Sequence[int], widths: Sequence[int], strides: Sequence[int],
-               opts: NetOptions, *, stem_width: int = 64, hidden: int | None = None,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    blocks: Sequence[int],
+    widths: Sequence[int],
+    strides: Sequence[int],
+    opts: NetOptions,
+    *,
+    stem_width: int = 64,
+    hidden: int | None = None,
+    rngs: nnx.Rngs,
+  ):
     self.options = opts
     num_classes = opts.num_classes
     width = opts.channels(stem_width)
@@ -364,16 +425,25 @@ class ResNet(SpikingNetwork):
     h = ops.spatial_mean(h)
     head_state = None
     if self.fc_hidden is not None:
-      h, head_state = self.head_neuron(self.fc_hidden(h), state["head"], t0, train=train,
-                                       online=online)
+      h, head_state = self.head_neuron(
+        self.fc_hidden(h), state["head"], t0, train=train, online=online
+      )
     return self.fc(h), {"blocks": block_states, "head": head_state}
 
 
 class ConvUnit(nnx.Module):
   """conv3x3 -> BN -> (SECA) -> neuron, the unit of the VGG networks and convnet_small."""
 
-  def __init__(self, cin: int, cout: int, opts: NetOptions, *, weights: str | None = None,
-               kernel_size: int = 3, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cin: int,
+    cout: int,
+    opts: NetOptions,
+    *,
+    weights: str | None = None,
+    kernel_size: int = 3,
+    rngs: nnx.Rngs,
+  ):
     self.conv = opts.conv(cin, cout, kernel_size, weights=weights, rngs=rngs)
     self.bn = opts.norm(cout)
     self.seca = SECA(rngs=rngs) if opts.seca else None
@@ -389,8 +459,15 @@ class ConvUnit(nnx.Module):
 class Plain(SpikingNetwork):
   """A chain of conv units with average pooling ('M'), then GAP ('G') or flatten, then FC."""
 
-  def __init__(self, plan: Sequence[int | str], opts: NetOptions, *, first_weights: str | None,
-               flatten_to: int | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    plan: Sequence[int | str],
+    opts: NetOptions,
+    *,
+    first_weights: str | None,
+    flatten_to: int | None = None,
+    rngs: nnx.Rngs,
+  ):
     """``first_weights``: the first convolution's weights (None: the network's)."""
     self.options = opts
     self.plan = tuple(plan)
@@ -400,8 +477,7 @@ class Plain(SpikingNetwork):
       if isinstance(item, str):
         continue
       cout = opts.channels(item)
-      units.append(ConvUnit(cin, cout, opts, weights=first_weights if i == 0 else None,
-                            rngs=rngs))
+      units.append(ConvUnit(cin, cout, opts, weights=first_weights if i == 0 else None, rngs=rngs))
       cin = cout
     self.units = nnx.List(units)
     self.flatten = flatten_to is not None
@@ -427,10 +503,11 @@ class Plain(SpikingNetwork):
     if h.ndim > 3:
       if self.flatten and h.shape[2:4] != (self.flatten_to, self.flatten_to):
         raise ValueError(
-            f"input of shape {tuple(x.shape)} reaches the classifier as {h.shape[2]}x"
-            f"{h.shape[3]} maps; this network flattens {self.flatten_to}x{self.flatten_to} maps "
-            f"(inputs of {self.flatten_to * self.input_stride}x"
-            f"{self.flatten_to * self.input_stride} pixels)")
+          f"input of shape {tuple(x.shape)} reaches the classifier as {h.shape[2]}x"
+          f"{h.shape[3]} maps; this network flattens {self.flatten_to}x{self.flatten_to} maps "
+          f"(inputs of {self.flatten_to * self.input_stride}x"
+          f"{self.flatten_to * self.input_stride} pixels)"
+        )
       h = h.reshape(h.shape[:2] + (-1,)) if self.flatten else ops.spatial_mean(h)
     return self.fc(h), states
 
@@ -478,16 +555,17 @@ class MLP(SpikingNetwork):
     self.options = opts
     self.in_features = opts.in_features
     hidden = opts.channels(256)
-    self.unit1 = ConvUnit(opts.in_features, hidden, opts, weights="float", kernel_size=1,
-                          rngs=rngs)
+    self.unit1 = ConvUnit(opts.in_features, hidden, opts, weights="float", kernel_size=1, rngs=rngs)
     self.unit2 = ConvUnit(hidden, hidden, opts, kernel_size=1, rngs=rngs)
     self.fc = Dense(hidden, opts.num_classes, rngs=rngs)
 
   def run(self, x, state, t0, *, train, online=True):
     features = math.prod(x.shape[2:])
     if features != self.in_features:
-      raise ValueError(f"input of shape {tuple(x.shape)} has {features} values per example and "
-                       f"step; this mlp was built for in_features={self.in_features}")
+      raise ValueError(
+        f"input of shape {tuple(x.shape)} has {features} values per example and "
+        f"step; this mlp was built for in_features={self.in_features}"
+      )
     state = state if state is not None else (None, None)
     h = x.reshape(x.shape[:2] + (1, 1, features))
     h, s1 = self.unit1(h, state[0], t0, train=train, online=online)
@@ -504,15 +582,21 @@ CONVNET28_PLAN = (32, "M", 64, "M", 128)
 RESNETS = ("resnet18", "resnet19", "resnet34")
 NETWORKS = RESNETS + ("vgg11", "vgg13", "vgg_snn", "convnet_small", "convnet28", "mlp")
 NETWORK_STEMS = {
-    "resnet18": STEMS, "resnet34": STEMS, "resnet19": ("cifar", "event"),
-    "vgg11": ("cifar",), "vgg13": ("cifar",), "vgg_snn": ("event",), "convnet_small": ("cifar",),
-    "convnet28": ("cifar",), "mlp": ("dense",),
+  "resnet18": STEMS,
+  "resnet34": STEMS,
+  "resnet19": ("cifar", "event"),
+  "vgg11": ("cifar",),
+  "vgg13": ("cifar",),
+  "vgg_snn": ("event",),
+  "convnet_small": ("cifar",),
+  "convnet28": ("cifar",),
+  "mlp": ("dense",),
 }
 
 
-
-def create(options: NetOptions | str, /, *, rngs: nnx.Rngs | None = None,
-           **kwargs: Any) -> SpikingNetwork:
+def create(
+  options: NetOptions | str, /, *, rngs: nnx.Rngs | None = None, **kwargs: Any
+) -> SpikingNetwork:
   """Builds one of the networks of docs/model.md §3.
 
   Args:
@@ -529,8 +613,9 @@ def create(options: NetOptions | str, /, *, rngs: nnx.Rngs | None = None,
   if isinstance(options, str):
     options = NetOptions.of(options, **kwargs)
   elif kwargs:
-    raise TypeError(f"create() takes NetOptions or a name with keyword options, not both (got "
-                    f"{sorted(kwargs)})")
+    raise TypeError(
+      f"create() takes NetOptions or a name with keyword options, not both (got {sorted(kwargs)})"
+    )
   return _BUILDERS[options.name](options, rngs if rngs is not None else nnx.Rngs(0))
 
 
@@ -540,8 +625,9 @@ def _resnet(blocks: Sequence[int], widths: Sequence[int], strides: Sequence[int]
 
 def _resnet19(opts: NetOptions, rngs: nnx.Rngs) -> ResNet:
   first_stride = 2 if opts.stem == "event" else 1
-  return ResNet((3, 3, 2), (128, 256, 512), (first_stride, 2, 2), opts,
-                hidden=opts.channels(256), rngs=rngs)
+  return ResNet(
+    (3, 3, 2), (128, 256, 512), (first_stride, 2, 2), opts, hidden=opts.channels(256), rngs=rngs
+  )
 
 
 def _plain(plan: Sequence[int | str], **kwargs: Any):
@@ -550,13 +636,13 @@ def _plain(plan: Sequence[int | str], **kwargs: Any):
 
 # How each of NETWORKS is built from its options.
 _BUILDERS = {
-    "resnet18": _resnet((2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2)),
-    "resnet34": _resnet((3, 4, 6, 3), (64, 128, 256, 512), (1, 2, 2, 2)),
-    "resnet19": _resnet19,
-    "vgg11": _plain(VGG11_PLAN, first_weights="float"),
-    "vgg13": _plain(VGG13_PLAN, first_weights="float"),
-    "vgg_snn": _plain(VGG11_PLAN, first_weights=None, flatten_to=3),
-    "convnet28": _plain(CONVNET28_PLAN, first_weights="float", flatten_to=7),
-    "convnet_small": lambda opts, rngs: ConvNetSmall(opts, rngs=rngs),
-    "mlp": lambda opts, rngs: MLP(opts, rngs=rngs),
+  "resnet18": _resnet((2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2)),
+  "resnet34": _resnet((3, 4, 6, 3), (64, 128, 256, 512), (1, 2, 2, 2)),
+  "resnet19": _resnet19,
+  "vgg11": _plain(VGG11_PLAN, first_weights="float"),
+  "vgg13": _plain(VGG13_PLAN, first_weights="float"),
+  "vgg_snn": _plain(VGG11_PLAN, first_weights=None, flatten_to=3),
+  "convnet28": _plain(CONVNET28_PLAN, first_weights="float", flatten_to=7),
+  "convnet_small": lambda opts, rngs: ConvNetSmall(opts, rngs=rngs),
+  "mlp": lambda opts, rngs: MLP(opts, rngs=rngs),
 }

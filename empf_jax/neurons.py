@@ -24,7 +24,8 @@ Parallel (stateless) neuron: ``s_t = relu(I_t - theta_t)``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ SUPPORTED_SPIKE_BITS = (None, 4)
 
 
 class EMPFParams(NamedTuple):
-  """Per-step scalars of an EM-PF or LIF layer: decay logits ``a`` and threshold logits ``b``, [T]."""
+  """Per-step scalars of an EM-PF or LIF layer: decay logits ``a``, threshold logits ``b``, [T]."""
 
   a: jax.Array
   b: jax.Array
@@ -84,8 +85,9 @@ def maybe_quantize(spike: jax.Array, spike_bits: int | None) -> jax.Array:
   return quantize_spike_ste(spike)
 
 
-def empf_integrate(params: EMPFParams, state: MembraneState, current: jax.Array, t: jax.Array,
-                   *, online: bool = True) -> jax.Array:
+def empf_integrate(
+  params: EMPFParams, state: MembraneState, current: jax.Array, t: jax.Array, *, online: bool = True
+) -> jax.Array:
   """Leaky integration m_t = sigma(a_t) * sg(u_{t-1}) + I_t."""
   u_prev = state.u
   if online:
@@ -94,8 +96,9 @@ def empf_integrate(params: EMPFParams, state: MembraneState, current: jax.Array,
   return step_scalar(params.a, t, current) * u_prev + current
 
 
-def empf_fire(params: EMPFParams, membrane: jax.Array, t: jax.Array,
-              *, spike_bits: int | None = None) -> tuple[MembraneState, jax.Array]:
+def empf_fire(
+  params: EMPFParams, membrane: jax.Array, t: jax.Array, *, spike_bits: int | None = None
+) -> tuple[MembraneState, jax.Array]:
   """Floating-point spike s_t = relu(m_t - theta_t) and reset u_t = m_t - s_t = min(m_t, theta_t).
 
   The reset uses the unquantised spike; only the emitted spike is quantised.
@@ -104,10 +107,16 @@ def empf_fire(params: EMPFParams, membrane: jax.Array, t: jax.Array,
   return MembraneState(membrane - spike), maybe_quantize(spike, spike_bits)
 
 
-def empf_step(params: EMPFParams, state: MembraneState, current: jax.Array, t: jax.Array,
-              *, online: bool = True, spike_bits: int | None = None,
-              mem_norm: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-              ) -> tuple[MembraneState, jax.Array]:
+def empf_step(
+  params: EMPFParams,
+  state: MembraneState,
+  current: jax.Array,
+  t: jax.Array,
+  *,
+  online: bool = True,
+  spike_bits: int | None = None,
+  mem_norm: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[MembraneState, jax.Array]:
   """One EM-PF step.
 
     m_t = sigma(a_t) * sg(u_{t-1}) + I_t;  [m_t <- mem_norm(m_t, t)];
@@ -133,15 +142,25 @@ def empf_step(params: EMPFParams, state: MembraneState, current: jax.Array, t: j
   return empf_fire(params, membrane, t, spike_bits=spike_bits)
 
 
-def parallel_step(params: ParallelParams, state: NoState, current: jax.Array, t: jax.Array,
-                  *, spike_bits: int | None = None) -> tuple[NoState, jax.Array]:
-  """Stateless neuron s_t = relu(I_t - sigma(b_t)); all steps can run at once (:func:`parallel_all`)."""
-  return state, maybe_quantize(jax.nn.relu(current - step_scalar(params.b, t, current)),
-                               spike_bits)
+def parallel_step(
+  params: ParallelParams,
+  state: NoState,
+  current: jax.Array,
+  t: jax.Array,
+  *,
+  spike_bits: int | None = None,
+) -> tuple[NoState, jax.Array]:
+  """Stateless neuron s_t = relu(I_t - sigma(b_t)); all steps run at once (:func:`parallel_all`)."""
+  return state, maybe_quantize(jax.nn.relu(current - step_scalar(params.b, t, current)), spike_bits)
 
 
-def parallel_all(params: ParallelParams, currents: jax.Array, t0: jax.Array | int = 0,
-                 *, spike_bits: int | None = None) -> jax.Array:
+def parallel_all(
+  params: ParallelParams,
+  currents: jax.Array,
+  t0: jax.Array | int = 0,
+  *,
+  spike_bits: int | None = None,
+) -> jax.Array:
   """All S steps of a parallel neuron at once: s[i] = relu(I[i] - sigma(b[t0 + i]))."""
   steps = currents.shape[0]
   theta = jax.nn.sigmoid(jax.lax.dynamic_slice_in_dim(params.b, t0, steps)).astype(currents.dtype)
@@ -170,8 +189,9 @@ def _heaviside_bwd(x, g):
 heaviside_triangle.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 
-def lif_step(params: EMPFParams, state: MembraneState, current: jax.Array, t: jax.Array,
-             *, online: bool = True) -> tuple[MembraneState, jax.Array]:
+def lif_step(
+  params: EMPFParams, state: MembraneState, current: jax.Array, t: jax.Array, *, online: bool = True
+) -> tuple[MembraneState, jax.Array]:
   """One LIF step with soft reset.
 
     m_t = sigma(a_t) * sg(u_{t-1}) + I_t;  theta'_t = sigma(b_t) + 0.5;
@@ -189,8 +209,14 @@ def lif_step(params: EMPFParams, state: MembraneState, current: jax.Array, t: ja
 StepFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, Any]]
 
 
-def run_steps(step: StepFn, state: Any, currents: jax.Array, t0: jax.Array | int = 0,
-              *, unroll: bool | int | None = None) -> tuple[Any, Any]:
+def run_steps(
+  step: StepFn,
+  state: Any,
+  currents: jax.Array,
+  t0: jax.Array | int = 0,
+  *,
+  unroll: bool | int | None = None,
+) -> tuple[Any, Any]:
   """Scans ``step(state, current, t) -> (state, out)`` over time-major currents ``[S, B, ...]``.
 
   The steps are t0, ..., t0 + S - 1. Returns the final state and the stacked outputs.
@@ -202,5 +228,6 @@ def run_steps(step: StepFn, state: Any, currents: jax.Array, t0: jax.Array | int
     current, t = xs
     return step(carry, current, t)
 
-  return jax.lax.scan(body, state, (currents, ts),
-                      unroll=default_unroll() if unroll is None else unroll)
+  return jax.lax.scan(
+    body, state, (currents, ts), unroll=default_unroll() if unroll is None else unroll
+  )

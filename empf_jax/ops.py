@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +25,17 @@ def conv_backward_rule(backward: str = "auto") -> str:
     ValueError: ``backward`` is not one of :data:`CONV_BACKWARDS`.
   """
   if backward not in CONV_BACKWARDS:
-    raise ValueError(f"conv backward {backward!r} is not allowed; allowed: "
-                     f"{', '.join(CONV_BACKWARDS)}")
+    raise ValueError(
+      f"conv backward {backward!r} is not allowed; allowed: {', '.join(CONV_BACKWARDS)}"
+    )
   if backward == "auto":
     return "custom" if jax.default_backend() == "cpu" else "native"
   return backward
 
 
-def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0,
-           backward: str = "auto") -> jax.Array:
+def conv2d(
+  x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0, backward: str = "auto"
+) -> jax.Array:
   """2-D cross-correlation, NHWC input, HWIO kernel, symmetric zero padding (PyTorch semantics).
 
   y[n, i, j, o] = sum_{a, b, c} x_pad[n, s*i + a, s*j + b, c] w[a, b, c, o], where x_pad is ``x``
@@ -59,8 +61,12 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0,
 
 def _conv_forward(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
   return jax.lax.conv_general_dilated(
-      x, w, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
-      dimension_numbers=_DIMENSION_NUMBERS)
+    x,
+    w,
+    window_strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    dimension_numbers=_DIMENSION_NUMBERS,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -107,15 +113,18 @@ def _conv_custom_fwd(x, w, stride, padding):
 
 def _conv_custom_bwd(stride, padding, residuals, g):
   x, w = residuals
-  return (conv2d_input_grad(g, w, x.shape, stride, padding),
-          conv2d_kernel_grad(x, g, w.shape, stride, padding))
+  return (
+    conv2d_input_grad(g, w, x.shape, stride, padding),
+    conv2d_kernel_grad(x, g, w.shape, stride, padding),
+  )
 
 
 conv2d_custom_vjp.defvjp(_conv_custom_fwd, _conv_custom_bwd)
 
 
-def _phase_taps(size: int, out_size: int, kernel: int, stride: int, padding: int, phase: int
-                ) -> tuple[slice, tuple[int, int]]:
+def _phase_taps(
+  size: int, out_size: int, kernel: int, stride: int, padding: int, phase: int
+) -> tuple[slice, tuple[int, int]]:
   """Kernel taps and padding of one stride phase of the input gradient along one axis.
 
   Input rows s*m + phase (m = 0 .. ceil(size / s) - 1) receive g[m + q - j] w[s*j + b] with
@@ -128,8 +137,9 @@ def _phase_taps(size: int, out_size: int, kernel: int, stride: int, padding: int
   return slice(b, kernel, stride), (taps - 1 - q, rows - out_size + q)
 
 
-def conv2d_input_grad(g: jax.Array, w: jax.Array, x_shape: Sequence[int], stride: int,
-                      padding: int) -> jax.Array:
+def conv2d_input_grad(
+  g: jax.Array, w: jax.Array, x_shape: Sequence[int], stride: int, padding: int
+) -> jax.Array:
   """dL/dx of :func:`conv2d` from g = dL/dy, as s*s stride-1 convolutions (one per phase).
 
   Args:
@@ -156,9 +166,15 @@ def conv2d_input_grad(g: jax.Array, w: jax.Array, x_shape: Sequence[int], stride
         row.append(jnp.zeros((n, rows, cols, c_in), g.dtype))
         continue
       flipped = jnp.flip(sub, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
-      row.append(jax.lax.conv_general_dilated(
-          g, flipped, window_strides=(1, 1), padding=(pad_h, pad_w),
-          dimension_numbers=_DIMENSION_NUMBERS))
+      row.append(
+        jax.lax.conv_general_dilated(
+          g,
+          flipped,
+          window_strides=(1, 1),
+          padding=(pad_h, pad_w),
+          dimension_numbers=_DIMENSION_NUMBERS,
+        )
+      )
     phases.append(row)
   if stride == 1:
     return phases[0][0]
@@ -167,8 +183,9 @@ def conv2d_input_grad(g: jax.Array, w: jax.Array, x_shape: Sequence[int], stride
   return grid.reshape(n, rows * stride, cols * stride, c_in)[:, :h, :wd]
 
 
-def conv2d_kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], stride: int,
-                       padding: int) -> jax.Array:
+def conv2d_kernel_grad(
+  x: jax.Array, g: jax.Array, w_shape: Sequence[int], stride: int, padding: int
+) -> jax.Array:
   """dL/dw of :func:`conv2d` from the input x and g = dL/dy.
 
   Args:
@@ -186,9 +203,13 @@ def conv2d_kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], strid
   _, out_h, out_w, _ = g.shape
   if kh == kw == 1:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    taken = x[:, :(out_h - 1) * stride + 1:stride, :(out_w - 1) * stride + 1:stride]
-    dw = jax.lax.dot_general(taken, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                             preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+    taken = x[:, : (out_h - 1) * stride + 1 : stride, : (out_w - 1) * stride + 1 : stride]
+    dw = jax.lax.dot_general(
+      taken,
+      g,
+      (((0, 1, 2), (0, 1, 2)), ((), ())),
+      preferred_element_type=jnp.promote_types(x.dtype, jnp.float32),
+    )
     return dw.reshape(w_shape).astype(x.dtype)
   # Batch N becomes the contracted feature axis and C_in the batch: a stride-1 convolution of
   # [C_in, H, W, N] with the [H', W', N, C_out] kernel g, dilated by s, gives [C_in, KH, KW, C_out].
@@ -196,10 +217,16 @@ def conv2d_kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], strid
   # exactly KH x KW; it stays inside the convolution, which XLA's CPU runs ~3x faster than a
   # convolution of an explicitly padded input.
   dw = jax.lax.conv_general_dilated(
-      batch_last(x), g.transpose(1, 2, 0, 3), window_strides=(1, 1),
-      padding=((padding, (out_h - 1) * stride + kh - h - padding),
-               (padding, (out_w - 1) * stride + kw - wd - padding)),
-      rhs_dilation=(stride, stride), dimension_numbers=_DIMENSION_NUMBERS)
+    batch_last(x),
+    g.transpose(1, 2, 0, 3),
+    window_strides=(1, 1),
+    padding=(
+      (padding, (out_h - 1) * stride + kh - h - padding),
+      (padding, (out_w - 1) * stride + kw - wd - padding),
+    ),
+    rhs_dilation=(stride, stride),
+    dimension_numbers=_DIMENSION_NUMBERS,
+  )
   return dw.transpose(1, 2, 0, 3)
 
 
@@ -220,8 +247,9 @@ def batch_last(x: jax.Array) -> jax.Array:
   product, fused with the producer again (BENCHMARKS.md §2 has the profile).
   """
   n, h, w, c = x.shape
-  product = jax.lax.dot_general(x.reshape(n * h * w, c), jnp.eye(c, dtype=x.dtype),
-                                (((1,), (0,)), ((), ())))  # [NHW, C], x's own layout
+  product = jax.lax.dot_general(
+    x.reshape(n * h * w, c), jnp.eye(c, dtype=x.dtype), (((1,), (0,)), ((), ()))
+  )  # [NHW, C], x's own layout
   return product.reshape(n, h, w, c).transpose(3, 1, 2, 0)
 
 
@@ -264,8 +292,13 @@ def avg_pool(x: jax.Array, window: int) -> jax.Array:
 def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
   """Max pooling over the two spatial axes of [N, H, W, C] with -inf padding (PyTorch semantics)."""
   return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    x,
+    -jnp.inf,
+    jax.lax.max,
+    (1, window, window, 1),
+    (1, stride, stride, 1),
+    ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+  )
 
 
 def spatial_mean(x: jax.Array, axes: Sequence[int] = (-3, -2)) -> jax.Array:
@@ -295,8 +328,7 @@ def channel_sums(x: jax.Array) -> jax.Array:
   return jnp.concatenate([ones @ rows[s] for s in range(steps)], axis=0)
 
 
-def _standardize_reference(x: jax.Array, epsilon: float
-                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _standardize_reference(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   axes = tuple(range(1, x.ndim - 1))
   mean = jnp.mean(x, axis=axes)
   var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
@@ -347,24 +379,27 @@ def _standardize_matmul_bwd(epsilon, residuals, cotangents):
   del epsilon
   xhat, r = residuals
   g, g_mean, g_var = cotangents
-  return (_standardize_input_grad(xhat, r, r, g, channel_sums(g), channel_sums(g * xhat), g_mean,
-                                  g_var),)
+  return (
+    _standardize_input_grad(xhat, r, r, g, channel_sums(g), channel_sums(g * xhat), g_mean, g_var),
+  )
 
 
 def _standardize_input_grad(xhat, r, gain, g, sum_g, sum_gx, g_mean, g_var):
   """dL/dx of :func:`standardize` (its formula, with ``gain`` = r; r * scale for
   :func:`batch_norm`, whose g is the cotangent of y), from the sums of g and g xhat [S, C]."""
   n = math.prod(xhat.shape[1:-1])
-  dx = _broadcast_rows(gain, xhat) * (g - _broadcast_rows(sum_g / n, xhat)
-                                      - xhat * _broadcast_rows(sum_gx / n, xhat))
+  dx = _broadcast_rows(gain, xhat) * (
+    g - _broadcast_rows(sum_g / n, xhat) - xhat * _broadcast_rows(sum_gx / n, xhat)
+  )
   return dx + _broadcast_rows(g_mean / n, xhat) + xhat * _broadcast_rows(2 * g_var / (r * n), xhat)
 
 
 _standardize_matmul.defvjp(_standardize_matmul_fwd, _standardize_matmul_bwd)
 
 
-def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def batch_norm(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode BatchNorm y = xhat * scale + bias per slice s of x [S, ..., C] (scale and bias
   [C], shared by the slices), with xhat, mean and var as in :func:`standardize`.
 

@@ -138,6 +138,6 @@ quantize_spike_ste.defvjp(_quantize_spike_fwd, _quantize_spike_bwd)
 
 
 WEIGHT_QUANTIZERS = {
-    "binary": binarize_ste,
-    "ternary": ternarize_ste,
+  "binary": binarize_ste,
+  "ternary": ternarize_ste,
 }

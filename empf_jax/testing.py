@@ -16,8 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from empf_jax.layers import (BinaryWeight, FixedNeuronScalar, FloatWeight, NeuronParam, NormParam,
-                             TernaryWeight)
+from empf_jax.layers import (
+  BinaryWeight,
+  FixedNeuronScalar,
+  FloatWeight,
+  NeuronParam,
+  NormParam,
+  TernaryWeight,
+)
 
 WEIGHT_TAGS = (BinaryWeight, TernaryWeight, FloatWeight)
 
@@ -30,8 +36,9 @@ def _generator(key: jax.Array, path: tuple) -> np.random.Generator:
   return np.random.default_rng(seed + [zlib.crc32("/".join(map(str, path)).encode())])
 
 
-def randomize(model: nnx.Module, key: jax.Array, *, scale: float = 0.5,
-              kernels: bool = False) -> nnx.Module:
+def randomize(
+  model: nnx.Module, key: jax.Array, *, scale: float = 0.5, kernels: bool = False
+) -> nnx.Module:
   """Sets neuron scalars, BN/Mem-BN parameters and running statistics to random values in place.
 
   Neuron logits and gates ~ N(0, 1); BN scales ~ U(0.5, 1.5); offsets and running means ~
@@ -41,6 +48,7 @@ def randomize(model: nnx.Module, key: jax.Array, *, scale: float = 0.5,
   currents. The draws are made with NumPy, seeded by ``key`` and each variable's path, so no
   random-number kernel is compiled per shape. Returns the model for chaining.
   """
+
   def draw(path, variable):
     name = path[-1] if path else ""
     rng = _generator(key, path)

@@ -17,7 +17,8 @@ return a :class:`TrainState` so that callers can ``jax.jit`` them with shardings
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,8 @@ class StepOutput(NamedTuple):
   loss: jax.Array
   accuracy: jax.Array
   time_step: jax.Array
-  code_change: dict = {}
-  update_ratio: dict = {}
+  code_change: dict = {}  # noqa: RUF012 (a NamedTuple's default, never mutated)
+  update_ratio: dict = {}  # noqa: RUF012
 
 
 def weight_codes(w: jax.Array, kind: str) -> jax.Array:
@@ -101,13 +102,15 @@ def weight_changes(old_params: Any, new_params: Any) -> tuple[dict, dict]:
   for name, (kind, w_old) in old.items():
     w_new = new[name][1]
     changes[name] = code_change_fraction(w_old, w_new, kind)
-    ratios[name] = (jnp.linalg.norm((w_new - w_old).ravel())
-                    / jnp.maximum(jnp.linalg.norm(w_old.ravel()), 1e-30))
+    ratios[name] = jnp.linalg.norm((w_new - w_old).ravel()) / jnp.maximum(
+      jnp.linalg.norm(w_old.ravel()), 1e-30
+    )
   return changes, ratios
 
 
-def latent_magnitudes(params: Any, quantiles: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9, 0.99)
-                      ) -> dict[str, dict[str, float]]:
+def latent_magnitudes(
+  params: Any, quantiles: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9, 0.99)
+) -> dict[str, dict[str, float]]:
   """Distribution of |W| of every binary/ternary latent kernel: the given quantiles (keys
   ``p1``, ``p10``, ...), the mean, and the fraction of weights that STE clipping freezes
   (|W| > 1)."""
@@ -124,36 +127,54 @@ def latent_magnitudes(params: Any, quantiles: tuple[float, ...] = (0.01, 0.1, 0.
 
 def _not_latent(params: Any) -> Any:
   """True for every parameter except binary/ternary latent kernels (a mask for weight decay)."""
-  return jax.tree.map(lambda v: not isinstance(v, (layers.BinaryWeight, layers.TernaryWeight)),
-                      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(
+    lambda v: not isinstance(v, (layers.BinaryWeight, layers.TernaryWeight)),
+    params,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
-def make_optimizer(*, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = True,
-                   learning_rate: float = 0.01, decay_latent: bool = True
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  *,
+  momentum: float = 0.9,
+  weight_decay: float = 5e-4,
+  nesterov: bool = True,
+  learning_rate: float = 0.01,
+  decay_latent: bool = True,
+) -> optax.GradientTransformation:
   """SGD with Nesterov momentum and coupled L2: g <- g + wd * w, then momentum, then -lr.
 
   The learning rate is an injected hyperparameter so the caller sets it per epoch
   (:func:`set_learning_rate`), independent of how many updates a batch makes.
   ``decay_latent=False`` leaves the binary/ternary latent kernels out of the weight decay.
   """
+
   def sgd(learning_rate):
-    return optax.chain(optax.add_decayed_weights(weight_decay,
-                                                 mask=None if decay_latent else _not_latent),
-                       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+    return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=None if decay_latent else _not_latent),
+      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    )
+
   return optax.inject_hyperparams(sgd)(learning_rate=learning_rate)
 
 
 def set_learning_rate(opt_state: Any, learning_rate: jax.Array | float) -> Any:
   """Returns ``opt_state`` of an ``inject_hyperparams`` optimizer with a new learning rate."""
   hyper = dict(opt_state.hyperparams)
-  hyper["learning_rate"] = jnp.asarray(learning_rate, dtype=jnp.asarray(
-      opt_state.hyperparams["learning_rate"]).dtype)
+  hyper["learning_rate"] = jnp.asarray(
+    learning_rate, dtype=jnp.asarray(opt_state.hyperparams["learning_rate"]).dtype
+  )
   return opt_state._replace(hyperparams=hyper)
 
 
-def epoch_learning_rate(epoch: int | jax.Array, *, base: float = 0.01, epochs: int = 300,
-                        warmup_epochs: int = 5, warmup_start: float = 0.01) -> jax.Array:
+def epoch_learning_rate(
+  epoch: int | jax.Array,
+  *,
+  base: float = 0.01,
+  epochs: int = 300,
+  warmup_epochs: int = 5,
+  warmup_start: float = 0.01,
+) -> jax.Array:
   """Learning rate of an epoch (0-based): linear warm-up, then cosine to 0.
 
     lr(e) = base * (w0 + (1 - w0) e / E_w)                  for e < E_w
@@ -165,14 +186,18 @@ def epoch_learning_rate(epoch: int | jax.Array, *, base: float = 0.01, epochs: i
   # On the unit scale, then times base: optax's linear schedule computes
   # (w0 - 1)(1 - e / E_w) + 1, which loses digits when its end value is large against w0.
   unit = optax.join_schedules(
-      [optax.linear_schedule(warmup_start, 1.0, max(warmup_epochs, 1)),
-       optax.cosine_decay_schedule(1.0, max(epochs - warmup_epochs, 1))],
-      boundaries=[warmup_epochs])
+    [
+      optax.linear_schedule(warmup_start, 1.0, max(warmup_epochs, 1)),
+      optax.cosine_decay_schedule(1.0, max(epochs - warmup_epochs, 1)),
+    ],
+    boundaries=[warmup_epochs],
+  )
   return base * unit(jnp.asarray(epoch, jnp.int32))
 
 
-def create_train_state(model: SpikingNetwork, optimizer: optax.GradientTransformation
-                       ) -> tuple[nnx.GraphDef, TrainState]:
+def create_train_state(
+  model: SpikingNetwork, optimizer: optax.GradientTransformation
+) -> tuple[nnx.GraphDef, TrainState]:
   """Splits ``model`` into its static graph and a :class:`TrainState`."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, TrainState(params, rest, optimizer.init(params), jnp.zeros((), jnp.int32))
@@ -197,8 +222,9 @@ def time_major(x: jax.Array, time_steps: int, *, static: bool) -> jax.Array:
   return jnp.swapaxes(x, 0, 1)
 
 
-def smoothed_targets(labels: jax.Array, num_classes: int,
-                     label_smoothing: float = LABEL_SMOOTHING) -> jax.Array:
+def smoothed_targets(
+  labels: jax.Array, num_classes: int, label_smoothing: float = LABEL_SMOOTHING
+) -> jax.Array:
   """Label-smoothed target distribution from integer labels [B] or soft targets [B, K]."""
   onehot = labels if labels.ndim == 2 else jax.nn.one_hot(labels, num_classes)
   return onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
@@ -209,12 +235,19 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
-def mix_batch(key: jax.Array, x: jax.Array, onehot: jax.Array, *, mixup_alpha: float = 0.8,
-              cutmix_alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def mix_batch(
+  key: jax.Array,
+  x: jax.Array,
+  onehot: jax.Array,
+  *,
+  mixup_alpha: float = 0.8,
+  cutmix_alpha: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
   """Mixup (Beta(0.8, 0.8)) or CutMix (Beta(1, 1)), one of the two with probability 1/2 each.
 
   Mixup: x = lam x + (1 - lam) x[perm]; CutMix pastes a box of area fraction (1 - lam) from
-  x[perm]; in both the targets mix with the realised lam. ``x`` is [B, H, W, C] (or [B, T, H, W, C]).
+  x[perm]; in both the targets mix with the realised lam. ``x`` is [B, H, W, C] (or
+  [B, T, H, W, C]).
   """
   k_choice, k_mix, k_cut, k_perm, k_box = jax.random.split(key, 5)
   perm = jax.random.permutation(k_perm, x.shape[0])
@@ -269,8 +302,9 @@ def draw_time_step(seed_key: jax.Array, step: jax.Array, time_steps: int) -> jax
   return jax.random.randint(_batch_key(seed_key, step, _KEY_TIME_STEP), (), 0, time_steps)
 
 
-def prepare_batch(config: StepConfig, x: jax.Array, labels: jax.Array, step: jax.Array,
-                  seed_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def prepare_batch(
+  config: StepConfig, x: jax.Array, labels: jax.Array, step: jax.Array, seed_key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """The time-major input [T, B, ...] and the smoothed targets [B, K] of one training batch.
 
   ``x`` is cast to the compute dtype; with ``config.mix`` the batch is mixed (:func:`mix_batch`)
@@ -289,15 +323,17 @@ def sequence_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return cross_entropy(jnp.sum(logits.astype(jnp.float32), axis=0), targets)
 
 
-def apply_update(optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
-                 grads: Any) -> tuple[Any, Any]:
+def apply_update(
+  optimizer: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any
+) -> tuple[Any, Any]:
   """One optimizer update: (new parameters, new optimizer state)."""
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    config: StepConfig) -> Callable:
+def make_train_step(
+  graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: StepConfig
+) -> Callable:
   """Builds ``train_step(state, x, labels, learning_rate, seed_key) -> (state, StepOutput)``.
 
   ``x`` is [B, H, W, C] for static images (fed at every step) or [B, T, ...] for sequences;
@@ -326,20 +362,27 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     def body(carry, inputs):
       params, rest, opt_state, neuron_state = carry
       x_t, t = inputs
-      (loss, (logits, neuron_state, rest)), grads = grad_fn(params, rest, neuron_state, x_t, t,
-                                                            targets)
+      (loss, (logits, neuron_state, rest)), grads = grad_fn(
+        params, rest, neuron_state, x_t, t, targets
+      )
       new_params, opt_state = update(params, opt_state, grads)
       changes = weight_changes(params, new_params)
       correct = jnp.mean(jnp.argmax(logits, -1) == labels)
       return (new_params, rest, opt_state, neuron_state), (loss, correct, changes)
 
     (params, rest, opt_state, _), (losses, correct, changes) = jax.lax.scan(
-        body, (state.params, state.rest, opt_state, neuron_state),
-        (x_seq, jnp.arange(steps)), unroll=config.time_unroll)
+      body,
+      (state.params, state.rest, opt_state, neuron_state),
+      (x_seq, jnp.arange(steps)),
+      unroll=config.time_unroll,
+    )
     code_change, update_ratio = jax.tree.map(lambda v: jnp.mean(v, 0), changes)
-    return (TrainState(params, rest, opt_state, state.step + 1),
-            StepOutput(jnp.mean(losses), correct[-1], jnp.asarray(steps, jnp.int32),
-                       code_change, update_ratio))
+    return (
+      TrainState(params, rest, opt_state, state.step + 1),
+      StepOutput(
+        jnp.mean(losses), correct[-1], jnp.asarray(steps, jnp.int32), code_change, update_ratio
+      ),
+    )
 
   def random_step(state, x_seq, targets, labels, lr, seed_key):
     t_star = draw_time_step(seed_key, state.step, steps)
@@ -352,12 +395,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       return nnx.state(model, nnx.Not(nnx.Param)), neuron_state
 
     rest, neuron_state = jax.lax.fori_loop(0, t_star, prefix, (state.rest, neuron_state))
-    (loss, (logits, _, rest)), grads = grad_fn(state.params, rest, neuron_state, x_seq[t_star],
-                                               t_star, targets)
+    (loss, (logits, _, rest)), grads = grad_fn(
+      state.params, rest, neuron_state, x_seq[t_star], t_star, targets
+    )
     params, opt_state = update(state.params, set_learning_rate(state.opt_state, lr), grads)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return (TrainState(params, rest, opt_state, state.step + 1),
-            StepOutput(loss, accuracy, t_star + 1, *weight_changes(state.params, params)))
+    return (
+      TrainState(params, rest, opt_state, state.step + 1),
+      StepOutput(loss, accuracy, t_star + 1, *weight_changes(state.params, params)),
+    )
 
   def bptt(state, x_seq, targets, labels, lr, seed_key):
     def loss_fn(params):
@@ -368,14 +414,22 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     params, opt_state = update(state.params, set_learning_rate(state.opt_state, lr), grads)
     accuracy = jnp.mean(jnp.argmax(jnp.sum(logits.astype(jnp.float32), axis=0), -1) == labels)
-    return (TrainState(params, rest, opt_state, state.step + 1),
-            StepOutput(loss, accuracy, jnp.asarray(steps, jnp.int32),
-                       *weight_changes(state.params, params)))
+    return (
+      TrainState(params, rest, opt_state, state.step + 1),
+      StepOutput(
+        loss, accuracy, jnp.asarray(steps, jnp.int32), *weight_changes(state.params, params)
+      ),
+    )
 
   rule = {"online": online, "random_step": random_step, "bptt": bptt}[config.mode]
 
-  def train_step(state: TrainState, x: jax.Array, labels: jax.Array, learning_rate: jax.Array,
-                 seed_key: jax.Array) -> tuple[TrainState, StepOutput]:
+  def train_step(
+    state: TrainState,
+    x: jax.Array,
+    labels: jax.Array,
+    learning_rate: jax.Array,
+    seed_key: jax.Array,
+  ) -> tuple[TrainState, StepOutput]:
     x_seq, targets = prepare_batch(config, x, labels, state.step, seed_key)
     return rule(state, x_seq, targets, labels, learning_rate, seed_key)
 
@@ -408,8 +462,7 @@ def make_recalibrate_step(graphdef: nnx.GraphDef, config: StepConfig) -> Callabl
 
   def recalibrate_step(state: TrainState, x: jax.Array) -> TrainState:
     model = merge(graphdef, state)
-    model(time_major(x.astype(config.compute_dtype), steps, static=config.static_input),
-          train=True)
+    model(time_major(x.astype(config.compute_dtype), steps, static=config.static_input), train=True)
     return state._replace(rest=nnx.state(model, nnx.Not(nnx.Param)))
 
   return recalibrate_step
@@ -434,8 +487,11 @@ class EvalOutput(NamedTuple):
 
 def neuron_layers(model: nnx.Module) -> dict[str, layers.Neuron]:
   """The neuron modules of ``model`` by path name, in forward order."""
-  return {"/".join(map(str, path)): module for path, module in nnx.iter_graph(model)
-          if isinstance(module, layers.Neuron)}
+  return {
+    "/".join(map(str, path)): module
+    for path, module in nnx.iter_graph(model)
+    if isinstance(module, layers.Neuron)
+  }
 
 
 def learned_neuron_scalars(model: nnx.Module) -> dict[str, dict[str, list[float]]]:
@@ -459,19 +515,20 @@ def make_eval_step(graphdef: nnx.GraphDef, config: StepConfig) -> Callable:
   """
   steps = config.time_steps
 
-  def eval_step(state: TrainState, x: jax.Array, labels: jax.Array,
-                mask: jax.Array) -> EvalOutput:
+  def eval_step(state: TrainState, x: jax.Array, labels: jax.Array, mask: jax.Array) -> EvalOutput:
     model = merge(graphdef, state)
     set_recording(model, True)
     x_seq = time_major(x.astype(config.compute_dtype), steps, static=config.static_input)
-    logits, recorded = nnx.capture(lambda net, inputs: net(inputs, train=False),
-                                   nnx.Intermediate)(model, x_seq)
+    logits, recorded = nnx.capture(lambda net, inputs: net(inputs, train=False), nnx.Intermediate)(
+      model, x_seq
+    )
     logits = logits.astype(jnp.float32)
     mask = mask.astype(jnp.float32)
     cumulative = jnp.cumsum(logits, axis=0)
     correct = jnp.sum((jnp.argmax(cumulative, -1) == labels[None]) * mask[None], axis=1)
-    per_example = optax.softmax_cross_entropy_with_integer_labels(jnp.mean(logits, 0),
-                                                                  jnp.maximum(labels, 0))
+    per_example = optax.softmax_cross_entropy_with_integer_labels(
+      jnp.mean(logits, 0), jnp.maximum(labels, 0)
+    )
     spikes, elements = {}, {}
     for path, variable in nnx.to_flat_state(recorded):
       if path[-1] != "spikes":
@@ -481,7 +538,8 @@ def make_eval_step(graphdef: nnx.GraphDef, config: StepConfig) -> Callable:
         spike_mask = mask.reshape((1, -1) + (1,) * (spike.ndim - 2))
         spikes[name] = spikes.get(name, 0.0) + jnp.sum((spike != 0) * spike_mask)
         elements[name] = elements.get(name, 0.0) + jnp.sum(
-            jnp.broadcast_to(spike_mask, spike.shape))
+          jnp.broadcast_to(spike_mask, spike.shape)
+        )
     return EvalOutput(correct, jnp.sum(per_example * mask), jnp.sum(mask), spikes, elements)
 
   return eval_step

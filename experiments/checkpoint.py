@@ -23,7 +23,8 @@ The tracebacks that reads abandoned by a failed restore would print are dropped 
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -44,10 +45,13 @@ def _dropping_abandoned_reads(previous: Callable) -> Callable:
   some after the restore has returned, that say nothing beyond the failure already reported.
   Exactly these are dropped; every other unraisable error goes to ``previous``.
   """
+
   def hook(unraisable):
-    if not (unraisable.exc_type is RuntimeError
-            and str(unraisable.exc_value) == "Event loop is closed"):
+    if not (
+      unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+    ):
       previous(unraisable)
+
   return hook
 
 
@@ -56,7 +60,7 @@ def _reason(error: Exception) -> str:
   text = str(error).strip().splitlines()
   first = text[0] if text else ""
   if ". " in first:
-    first = first[:first.index(". ") + 1]
+    first = first[: first.index(". ") + 1]
   if len(first) > _REASON_CHARS:
     first = first[:_REASON_CHARS] + "..."
   return f"{type(error).__name__}: {first}" if first else type(error).__name__
@@ -66,25 +70,28 @@ class Checkpoints:
   """Saves and restores (state, meta) pairs under ``directory``, keeping the newest ``keep``."""
 
   def __init__(self, directory: str, *, keep: int = 3):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(directory, options=options,
-                                         item_names=("state", "meta"))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=False
+    )
+    self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
     self.directory = str(self.manager.directory)
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Writes checkpoint ``step`` (blocking) unless it already exists."""
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
     self.manager.wait_until_finished()
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state: Any, *, before: int | None = None,
-                     delete_unreadable: bool = False) -> tuple[int, Any, dict] | None:
+  def restore_latest(
+    self, abstract_state: Any, *, before: int | None = None, delete_unreadable: bool = False
+  ) -> tuple[int, Any, dict] | None:
     """The newest readable checkpoint as (step, state, meta), or None if there is none.
 
     Args:
@@ -101,38 +108,49 @@ class Checkpoints:
     sys.unraisablehook = _dropping_abandoned_reads(previous_hook)
     unreadable = []
     try:
-      return self._restore_first_readable(candidates, abstract_state, unreadable,
-                                          delete_unreadable)
+      return self._restore_first_readable(candidates, abstract_state, unreadable, delete_unreadable)
     finally:
       if not unreadable:  # no read was abandoned: nothing can complete late
         sys.unraisablehook = previous_hook
 
-  def _restore_first_readable(self, candidates: list[int], abstract_state: Any,
-                              unreadable: list[int], delete_unreadable: bool
-                              ) -> tuple[int, Any, dict] | None:
+  def _restore_first_readable(
+    self, candidates: list[int], abstract_state: Any, unreadable: list[int], delete_unreadable: bool
+  ) -> tuple[int, Any, dict] | None:
     failures = []
     for i, step in enumerate(candidates):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+          ),
+        )
         state = restored["state"]
         if jax.tree.structure(state) != jax.tree.structure(abstract_state):
           raise ValueError("the state's structure differs from the model's")
       except Exception as error:  # any failure to read means this checkpoint is unusable
         unreadable.append(step)
         failures.append(f"{step} ({_reason(error)})")
-        then = (f"falling back to checkpoint {candidates[i + 1]}" if i + 1 < len(candidates)
-                else "no older checkpoint")
-        print(f"warning: checkpoint {step} in {self.directory} is unreadable "
-              f"({_reason(error)}); {then}", file=sys.stderr, flush=True)
+        then = (
+          f"falling back to checkpoint {candidates[i + 1]}"
+          if i + 1 < len(candidates)
+          else "no older checkpoint"
+        )
+        print(
+          f"warning: checkpoint {step} in {self.directory} is unreadable "
+          f"({_reason(error)}); {then}",
+          file=sys.stderr,
+          flush=True,
+        )
         continue
       for damaged in unreadable if delete_unreadable else ():
         self.manager.delete(damaged)
       return step, state, dict(restored["meta"])
     if failures:
       raise CheckpointError(
-          f"no checkpoint in {self.directory} can be read: {'; '.join(failures)}; if the model "
-          "changed, use a new --workdir, else delete the damaged checkpoints to start over")
+        f"no checkpoint in {self.directory} can be read: {'; '.join(failures)}; if the model "
+        "changed, use a new --workdir, else delete the damaged checkpoints to start over"
+      )
     return None
 
   def close(self) -> None:

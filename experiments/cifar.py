@@ -52,27 +52,40 @@ from experiments.cli import EXIT_NUMERICAL, EXIT_USAGE, cluster_launcher, fail, 
 
 # Unknown keys are accepted here and rejected by train.validate_config, whose message names them.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/cifar10.py", "Training configuration file.", lock_config=False,
-    accept_new_attributes=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.",
-                               required=True)
+  "config",
+  "experiments/configs/cifar10.py",
+  "Training configuration file.",
+  lock_config=False,
+  accept_new_attributes=True,
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Directory for checkpoints and metrics.", required=True
+)
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate the newest checkpoint and exit.")
-_ALLOW = flags.DEFINE_bool("allow_config_change", False,
-                           "Continue a run in a workdir that holds a different config.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 for multi-process training.")
+_ALLOW = flags.DEFINE_bool(
+  "allow_config_change", False, "Continue a run in a workdir that holds a different config."
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 for multi-process training."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Multi-process start: auto joins the other processes when launched by srun (SLURM) or "
-    "mpirun (Open MPI) with more than one task, or with --coordinator_address; on always calls "
-    "jax.distributed.initialize() (TPU pods, other clusters JAX reads); off never does.")
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "Multi-process start: auto joins the other processes when launched by srun (SLURM) or "
+  "mpirun (Open MPI) with more than one task, or with --coordinator_address; on always calls "
+  "jax.distributed.initialize() (TPU pods, other clusters JAX reads); off never does.",
+)
 _LOST_AFTER = flags.DEFINE_integer(
-    "lost_process_timeout", 30,
-    "Multi-process runs: seconds without a sign of life from another process (a frozen or "
-    "unreachable machine) after which the others end the run with exit code 4. A process that "
-    "dies outright is noticed at the next collective, within seconds.", lower_bound=1)
+  "lost_process_timeout",
+  30,
+  "Multi-process runs: seconds without a sign of life from another process (a frozen or "
+  "unreachable machine) after which the others end the run with exit code 4. A process that "
+  "dies outright is noticed at the next collective, within seconds.",
+  lower_bound=1,
+)
 
 
 def start_distributed(jax) -> str | None:
@@ -80,9 +93,13 @@ def start_distributed(jax) -> str | None:
   launcher's environment ask for it (``--distributed``); returns how they were found (None: a
   single-process run)."""
   explicit = _COORDINATOR.value is not None
-  how = ("--coordinator_address" if explicit else
-         None if _DISTRIBUTED.value == "off" else
-         cluster_launcher() or ("--distributed=on" if _DISTRIBUTED.value == "on" else None))
+  how = (
+    "--coordinator_address"
+    if explicit
+    else None
+    if _DISTRIBUTED.value == "off"
+    else cluster_launcher() or ("--distributed=on" if _DISTRIBUTED.value == "on" else None)
+  )
   if how is None:
     return None
   if jax.config.jax_platforms in (None, "", "cpu"):
@@ -97,11 +114,18 @@ def start_distributed(jax) -> str | None:
   # above --lost_process_timeout, so that experiments.peers reports a silent process first.
   heartbeat = max(100, _LOST_AFTER.value + 40)
   if explicit:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               heartbeat_timeout_seconds=heartbeat)
+    jax.distributed.initialize(
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      heartbeat_timeout_seconds=heartbeat,
+    )
   else:  # the explicit flags that are set win over what JAX reads from the environment
-    jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                               heartbeat_timeout_seconds=heartbeat)
+    jax.distributed.initialize(
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      heartbeat_timeout_seconds=heartbeat,
+    )
   print(f"process {jax.process_index()} of {jax.process_count()} (started by {how})", flush=True)
   return how
 
@@ -123,8 +147,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     _CONFIG.value.to_dict()  # a config file that failed to load raises on first use
   except Exception as error:  # whatever the config file raised
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    fail(f"cannot load the config file: {lines[-1] if lines else type(error).__name__}",
-          EXIT_USAGE)
+    fail(f"cannot load the config file: {lines[-1] if lines else type(error).__name__}", EXIT_USAGE)
   return rest
 
 
@@ -133,20 +156,28 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from empf_jax import xla_defaults  # after flag parsing, so that --help is fast
+
   xla_defaults.apply_cpu_defaults()  # before JAX starts its backend
   import jax
+
   start_distributed(jax)
   from experiments import train
   from experiments.checkpoint import CheckpointError
   from experiments.input.base import DataError
+
   client = peers.distributed_client() if jax.process_count() > 1 else None
-  watch = (peers.PeerWatch(client, jax.process_index(), jax.process_count(), _LOST_AFTER.value,
-                           _WORKDIR.value) if client is not None else contextlib.nullcontext())
+  watch = (
+    peers.PeerWatch(
+      client, jax.process_index(), jax.process_count(), _LOST_AFTER.value, _WORKDIR.value
+    )
+    if client is not None
+    else contextlib.nullcontext()
+  )
   with watch:
     try:
-      summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                         eval_only=_EVAL_ONLY.value,
-                                         allow_config_change=_ALLOW.value)
+      summary = train.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, eval_only=_EVAL_ONLY.value, allow_config_change=_ALLOW.value
+      )
     except (train.ConfigError, DataError, CheckpointError) as error:
       fail(one_line(str(error)), EXIT_USAGE)
     except train.NumericalError as error:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping, NoReturn
+from collections.abc import Mapping
+from typing import NoReturn
 
 EXIT_USAGE = 2  # the run did not start: a bad flag, config value, data or workdir
 EXIT_NUMERICAL = 3  # a NaN or Inf in training
@@ -28,10 +29,14 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 # The variables by which JAX's jax.distributed.initialize() recognizes a launch with no
 # arguments, and the one that counts the launch's processes.
 _LAUNCHERS = {
-    "SLURM (srun)": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                      "SLURM_LOCALID"), "SLURM_NTASKS"),
-    "Open MPI (mpirun)": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE",
-                           "OMPI_COMM_WORLD_RANK"), "OMPI_COMM_WORLD_SIZE"),
+  "SLURM (srun)": (
+    ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+    "SLURM_NTASKS",
+  ),
+  "Open MPI (mpirun)": (
+    ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    "OMPI_COMM_WORLD_SIZE",
+  ),
 }
 
 

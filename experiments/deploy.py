@@ -72,36 +72,52 @@ DEFAULT_EVAL_BATCH = 100
 # Exit rules of --exit_sweep: softmax confidences from 0.3 to near certainty (training's label
 # smoothing of 0.1 puts a well-trained network's confidence near 0.9, so few examples pass 0.95),
 # and margins of the mean logits from a quarter of a unit to eight.
-SWEEP = tuple(deploy.ExitRule("softmax", p)
-              for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)) + \
-    tuple(deploy.ExitRule("margin", m) for m in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8))
+SWEEP = tuple(
+  deploy.ExitRule("softmax", p) for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+) + tuple(deploy.ExitRule("margin", m) for m in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8))
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export (with --out).")
 _OUT = flags.DEFINE_string("out", None, "Bundle file to write (with --workdir).")
 _BUNDLE = flags.DEFINE_string("bundle", None, "Bundle file to evaluate (with --evaluate).")
 _EVALUATE = flags.DEFINE_bool("evaluate", False, "Evaluate --bundle on the test set.")
 _DATASET = flags.DEFINE_string(
-    "dataset", None, "Dataset to evaluate on; default: the one in the bundle's FILE.json.")
+  "dataset", None, "Dataset to evaluate on; default: the one in the bundle's FILE.json."
+)
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "Data folder; default: the one in FILE.json, else the dataset's default.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", DEFAULT_EVAL_BATCH,
-                                   "Evaluation batch size.", lower_bound=1)
+  "data_dir", None, "Data folder; default: the one in FILE.json, else the dataset's default."
+)
+_BATCH_SIZE = flags.DEFINE_integer(
+  "batch_size", DEFAULT_EVAL_BATCH, "Evaluation batch size.", lower_bound=1
+)
 _REPORT_DIR = flags.DEFINE_string(
-    "report_dir", None, "Folder for the efficiency report (export) or evaluation.json "
-    "(evaluate); default: the bundle's folder.")
+  "report_dir",
+  None,
+  "Folder for the efficiency report (export) or evaluation.json "
+  "(evaluate); default: the bundle's folder.",
+)
 _EXIT = flags.DEFINE_string(
-    "exit", None, "Early exit with --evaluate (or the early-exit graph with --onnx): softmax:P (stop once the top softmax "
-    "probability of the mean output reaches P, 0 < P <= 1) or margin:M (top-1 minus top-2 of "
-    "the mean output >= M >= 0).")
+  "exit",
+  None,
+  "Early exit with --evaluate (or the early-exit graph with --onnx): softmax:P (stop once "
+  "the top softmax probability of the mean output reaches P, 0 < P <= 1) or margin:M "
+  "(top-1 minus top-2 of the mean output >= M >= 0).",
+)
 _EXIT_SWEEP = flags.DEFINE_bool(
-    "exit_sweep", False, "With --evaluate: accuracy, steps and energy of the exit rules of "
-    "SWEEP, written as exit_sweep.md/.json/.png into the report folder.")
+  "exit_sweep",
+  False,
+  "With --evaluate: accuracy, steps and energy of the exit rules of "
+  "SWEEP, written as exit_sweep.md/.json/.png into the report folder.",
+)
 _ONNX = flags.DEFINE_string("onnx", None, "ONNX file to write from --bundle.")
 _INPUT_SHAPE = flags.DEFINE_list(
-    "input_shape", None, "With --onnx: one example's input at one step, H,W,C (or F); default: "
-    "the shape of the dataset named in the bundle's FILE.json.")
+  "input_shape",
+  None,
+  "With --onnx: one example's input at one step, H,W,C (or F); default: "
+  "the shape of the dataset named in the bundle's FILE.json.",
+)
 _REPORT_BATCHES = flags.DEFINE_integer(
-    "report_batches", 4, "Test batches the efficiency report measures.", lower_bound=1)
+  "report_batches", 4, "Test batches the efficiency report measures.", lower_bound=1
+)
 
 
 class UsageError(Exception):
@@ -114,8 +130,7 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, str | None
     raise UsageError(f"workdir {workdir} does not exist")
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise UsageError(f"{path} is missing: {workdir} is not a training workdir of "
-                     "experiments.cifar")
+    raise UsageError(f"{path} is missing: {workdir} is not a training workdir of experiments.cifar")
   try:
     with open(path) as f:
       saved = json.load(f)
@@ -124,8 +139,9 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, str | None
     raise UsageError(f"cannot read {path}: {error}") from None
 
 
-def restore_model(workdir: str, config: ml_collections.ConfigDict, num_classes: int,
-                  step_shape: tuple[int, ...]) -> tuple[models.SpikingNetwork, int]:
+def restore_model(
+  workdir: str, config: ml_collections.ConfigDict, num_classes: int, step_shape: tuple[int, ...]
+) -> tuple[models.SpikingNetwork, int]:
   """The network of ``config`` with the newest readable checkpoint of ``workdir``: (model, step)."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
@@ -134,13 +150,15 @@ def restore_model(workdir: str, config: ml_collections.ConfigDict, num_classes: 
     model = train.build_model(config, num_classes, step_shape)
   except (train.ConfigError, AttributeError, KeyError) as error:  # a bad value or a missing key
     raise UsageError(f"{workdir}/config.json: {error}") from None
-  optimizer = training.make_optimizer(momentum=config.momentum, weight_decay=config.weight_decay,
-                                      nesterov=config.nesterov,
-                                      learning_rate=config.learning_rate)
+  optimizer = training.make_optimizer(
+    momentum=config.momentum,
+    weight_decay=config.weight_decay,
+    nesterov=config.nesterov,
+    learning_rate=config.learning_rate,
+  )
   graphdef, state = training.create_train_state(model, optimizer)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          state)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), state)
   checkpoints = Checkpoints(directory, keep=config.keep_checkpoints)
   try:
     restored = checkpoints.restore_latest(abstract)
@@ -156,14 +174,16 @@ def restore_model(workdir: str, config: ml_collections.ConfigDict, num_classes: 
 
 def _test_split(dataset: str, *, batch_size: int, data_dir: str | None) -> data_input.Batches:
   try:
-    return data_input.load(dataset, "test", batch_size=batch_size, train=False, seed=0,
-                           data_dir=data_dir, augment=False)
+    return data_input.load(
+      dataset, "test", batch_size=batch_size, train=False, seed=0, data_dir=data_dir, augment=False
+    )
   except data_input.DataError as error:
     raise UsageError(str(error)) from None
 
 
-def export(workdir: str, out: str, *, report_dir: str | None, report_batches: int
-           ) -> dict[str, Any]:
+def export(
+  workdir: str, out: str, *, report_dir: str | None, report_batches: int
+) -> dict[str, Any]:
   """Exports the newest checkpoint of ``workdir`` to the bundle file ``out``; returns what the
   sidecar ``out.json`` holds."""
   config, fingerprint = read_run_config(workdir)
@@ -177,22 +197,33 @@ def export(workdir: str, out: str, *, report_dir: str | None, report_batches: in
     raise UsageError(f"{workdir}: cannot deploy this network: {error}") from None
   data = bundle.to_bytes(deployed)
   atomic_write(out, data)
-  sidecar = {"dataset": config.dataset, "data_dir": data_dir, "workdir": os.path.abspath(workdir),
-             "step": int(step), "fingerprint": fingerprint, "bytes": len(data),
-             "sha256": hashlib.sha256(data).hexdigest()}
+  sidecar = {
+    "dataset": config.dataset,
+    "data_dir": data_dir,
+    "workdir": os.path.abspath(workdir),
+    "step": int(step),
+    "fingerprint": fingerprint,
+    "bytes": len(data),
+    "sha256": hashlib.sha256(data).hexdigest(),
+  }
   atomic_write(out + SIDECAR_SUFFIX, (json.dumps(sidecar, indent=2) + "\n").encode())
-  print(f"exported {config.model.name} ({config.dataset}, checkpoint step {step}) to {out}: "
-        f"{len(data)} bytes ({len(data) / 1e6:.4f} MB)")
-  print(f"weights: {accounting.param_megabytes(model):.4f} MB by the paper's rule, "
-        f"{accounting.packed_megabytes(model):.4f} MB packed")
+  print(
+    f"exported {config.model.name} ({config.dataset}, checkpoint step {step}) to {out}: "
+    f"{len(data)} bytes ({len(data) / 1e6:.4f} MB)"
+  )
+  print(
+    f"weights: {accounting.param_megabytes(model):.4f} MB by the paper's rule, "
+    f"{accounting.packed_megabytes(model):.4f} MB packed"
+  )
   folder = report_dir or os.path.dirname(os.path.abspath(out))
-  result = report.write_efficiency_report(model, test.epoch(0), folder,
-                                          max_batches=report_batches)
+  result = report.write_efficiency_report(model, test.epoch(0), folder, max_batches=report_batches)
   totals = result["totals"]
-  print(f"efficiency ({result['samples']} test examples): {totals['sops'] / 1e6:.4g} M SOPs, "
-        f"firing rate {totals['firing_rate']:.4f}, energy {totals['energy_authors_pj'] / 1e6:.4g}"
-        f" uJ (authors) / {totals['energy_full_pj'] / 1e6:.4g} uJ (full) per example; report in "
-        f"{os.path.join(folder, report.MARKDOWN)}")
+  print(
+    f"efficiency ({result['samples']} test examples): {totals['sops'] / 1e6:.4g} M SOPs, "
+    f"firing rate {totals['firing_rate']:.4f}, energy {totals['energy_authors_pj'] / 1e6:.4g}"
+    f" uJ (authors) / {totals['energy_full_pj'] / 1e6:.4g} uJ (full) per example; report in "
+    f"{os.path.join(folder, report.MARKDOWN)}"
+  )
   return sidecar
 
 
@@ -226,8 +257,10 @@ def check_fits(arch: deploy.Architecture, test: data_input.Batches, dataset: str
     wanted["in_features"] = math.prod(train.step_shape(test))
   for key, value in wanted.items():
     if getattr(arch.options, key) != value:
-      raise UsageError(f"dataset {dataset!r} has {key}={value}, the bundle's network "
-                       f"{arch.name} has {key}={getattr(arch.options, key)}")
+      raise UsageError(
+        f"dataset {dataset!r} has {key}={value}, the bundle's network "
+        f"{arch.name} has {key}={getattr(arch.options, key)}"
+      )
 
 
 class _ExitTally:
@@ -251,23 +284,31 @@ class _ExitTally:
   def result(self) -> dict[str, Any]:
     """Accuracy, mean steps, the fraction stopping at each step, and per-example operations."""
     steps = np.arange(1, len(self.stopped) + 1)
-    return {"rule": None if self.rule is None else self.rule.kind,
-            "threshold": None if self.rule is None else self.rule.threshold,
-            "accuracy": self.correct / self.count,
-            "mean_steps": float(self.stopped @ steps) / self.count,
-            "stopped_per_step": [float(n) / self.count for n in self.stopped],
-            **{key: value / self.count for key, value in self.operations.items()}}
+    return {
+      "rule": None if self.rule is None else self.rule.kind,
+      "threshold": None if self.rule is None else self.rule.threshold,
+      "accuracy": self.correct / self.count,
+      "mean_steps": float(self.stopped @ steps) / self.count,
+      "stopped_per_step": [float(n) / self.count for n in self.stopped],
+      **{key: value / self.count for key, value in self.operations.items()},
+    }
 
 
 def _up_to(per_step: dict[str, np.ndarray], steps: np.ndarray) -> dict[str, np.ndarray]:
   """Per example, the sum of per-step values [S, B] over its first ``steps`` steps."""
-  return {key: np.take_along_axis(np.cumsum(value, axis=0), steps[None] - 1, axis=0)[0]
-          for key, value in per_step.items()}
+  return {
+    key: np.take_along_axis(np.cumsum(value, axis=0), steps[None] - 1, axis=0)[0]
+    for key, value in per_step.items()
+  }
 
 
-def evaluate_bundle(deployed: deploy.Deployed, test: data_input.Batches, *,
-                    exit_rule: deploy.ExitRule | None = None,
-                    sweep: tuple[deploy.ExitRule, ...] = ()) -> dict[str, Any]:
+def evaluate_bundle(
+  deployed: deploy.Deployed,
+  test: data_input.Batches,
+  *,
+  exit_rule: deploy.ExitRule | None = None,
+  sweep: tuple[deploy.ExitRule, ...] = (),
+) -> dict[str, Any]:
   """Accuracy and counted operations of a deployed network on an evaluation pipeline.
 
   Prediction at step t: argmax_k sum_{tau <= t} f_tau(x)_k; padding examples (label -1) are left
@@ -287,8 +328,7 @@ def evaluate_bundle(deployed: deploy.Deployed, test: data_input.Batches, *,
   early = None if exit_rule is None else _ExitTally(exit_rule, steps)
   for x, y in test.epoch(0):
     x_seq = training.time_major(x, steps, static=not test.time_major)
-    logits, per_step = jax.device_get(
-        deploy.run(deployed, x_seq, probe=efficiency.step_operations))
+    logits, per_step = jax.device_get(deploy.run(deployed, x_seq, probe=efficiency.step_operations))
     keep = data_input.valid_mask(y)
     predictions = np.argmax(np.cumsum(logits, axis=0), axis=-1)
     correct += np.sum((predictions == y[None]) & keep[None], axis=1)
@@ -296,13 +336,18 @@ def evaluate_bundle(deployed: deploy.Deployed, test: data_input.Batches, *,
       stop, predicted = jax.device_get(deploy.exit_steps(logits, tally.rule))
       tally.add(predicted, stop, _up_to(per_step, stop), y)
     if early is not None:
-      result = jax.device_get(deploy.run_early_exit(deployed, x_seq, exit_rule,
-                                                    probe=efficiency.step_operations))
+      result = jax.device_get(
+        deploy.run_early_exit(deployed, x_seq, exit_rule, probe=efficiency.step_operations)
+      )
       early.add(result.predictions, result.steps, result.totals, y)
   count = tallies[0].count
   accuracy = [float(c) / count for c in correct]
-  out = {"accuracy": accuracy[-1], "accuracy_per_step": accuracy, "examples": count,
-         "operations": {key: value / count for key, value in tallies[0].operations.items()}}
+  out = {
+    "accuracy": accuracy[-1],
+    "accuracy_per_step": accuracy,
+    "examples": count,
+    "operations": {key: value / count for key, value in tallies[0].operations.items()},
+  }
   if early is not None:
     out["early_exit"] = early.result()
   if sweep:
@@ -312,10 +357,12 @@ def evaluate_bundle(deployed: deploy.Deployed, test: data_input.Batches, *,
 
 def _exit_line(result: dict[str, Any]) -> str:
   stopped = ", ".join(f"{100 * f:.1f}" for f in result["stopped_per_step"])
-  return (f"accuracy {100 * result['accuracy']:.2f} %, mean steps {result['mean_steps']:.3f} "
-          f"(% stopping at t = 1..T: {stopped}), energy per example "
-          f"{result['energy_authors_pj'] / 1e6:.4g} uJ (authors) / "
-          f"{result['energy_full_pj'] / 1e6:.4g} uJ (full)")
+  return (
+    f"accuracy {100 * result['accuracy']:.2f} %, mean steps {result['mean_steps']:.3f} "
+    f"(% stopping at t = 1..T: {stopped}), energy per example "
+    f"{result['energy_authors_pj'] / 1e6:.4g} uJ (authors) / "
+    f"{result['energy_full_pj'] / 1e6:.4g} uJ (full)"
+  )
 
 
 def parse_exit(text: str | None) -> deploy.ExitRule | None:
@@ -328,41 +375,61 @@ def parse_exit(text: str | None) -> deploy.ExitRule | None:
     raise UsageError(f"--exit={text}: {error}") from None
 
 
-def evaluate(path: str, *, dataset: str | None, data_dir: str | None, batch_size: int,
-             report_dir: str | None, exit_rule: deploy.ExitRule | None = None,
-             exit_sweep: bool = False) -> dict[str, Any]:
+def evaluate(
+  path: str,
+  *,
+  dataset: str | None,
+  data_dir: str | None,
+  batch_size: int,
+  report_dir: str | None,
+  exit_rule: deploy.ExitRule | None = None,
+  exit_sweep: bool = False,
+) -> dict[str, Any]:
   """Evaluates the bundle file ``path`` on the test split; returns what evaluation.json holds
   (with ``exit_rule`` and ``exit_sweep`` as in :func:`evaluate_bundle`, the sweep with
   :data:`SWEEP`, its report written next to evaluation.json)."""
   deployed, sidecar = read_bundle(path)
   dataset = dataset or sidecar.get("dataset")
   if not dataset:
-    raise UsageError(f"the bundle does not name its dataset and {path + SIDECAR_SUFFIX} is "
-                     f"missing: pass --dataset (one of {', '.join(sorted(data_input.LOADERS))})")
+    raise UsageError(
+      f"the bundle does not name its dataset and {path + SIDECAR_SUFFIX} is "
+      f"missing: pass --dataset (one of {', '.join(sorted(data_input.LOADERS))})"
+    )
   if data_dir is None:
     data_dir = sidecar.get("data_dir") if sidecar.get("dataset") == dataset else None
   test = _test_split(dataset, batch_size=batch_size, data_dir=data_dir)
   check_fits(deployed.arch, test, dataset)
   start = time.perf_counter()
-  result = evaluate_bundle(deployed, test, exit_rule=exit_rule,
-                           sweep=SWEEP if exit_sweep else ())
-  result.update({"bundle": os.path.abspath(path), "dataset": dataset,
-                 "bundle_bytes": os.path.getsize(path),
-                 "seconds": round(time.perf_counter() - start, 3)})
+  result = evaluate_bundle(deployed, test, exit_rule=exit_rule, sweep=SWEEP if exit_sweep else ())
+  result.update(
+    {
+      "bundle": os.path.abspath(path),
+      "dataset": dataset,
+      "bundle_bytes": os.path.getsize(path),
+      "seconds": round(time.perf_counter() - start, 3),
+    }
+  )
   folder = report_dir or os.path.dirname(os.path.abspath(path))
   atomic_write(os.path.join(folder, EVALUATION), (json.dumps(result, indent=2) + "\n").encode())
-  print(f"{deployed.arch.name} from {path} on {dataset} ({result['examples']} test examples): "
-        f"accuracy at t = T: {100 * result['accuracy']:.2f} %")
-  print("accuracy at each step: " + ", ".join(
-      f"t={t + 1}: {100 * a:.2f} %" for t, a in enumerate(result["accuracy_per_step"])))
+  print(
+    f"{deployed.arch.name} from {path} on {dataset} ({result['examples']} test examples): "
+    f"accuracy at t = T: {100 * result['accuracy']:.2f} %"
+  )
+  print(
+    "accuracy at each step: "
+    + ", ".join(f"t={t + 1}: {100 * a:.2f} %" for t, a in enumerate(result["accuracy_per_step"]))
+  )
   operations = result["operations"]
-  print(f"all T steps: energy per example {operations['energy_authors_pj'] / 1e6:.4g} uJ "
-        f"(authors) / {operations['energy_full_pj'] / 1e6:.4g} uJ (full)")
+  print(
+    f"all T steps: energy per example {operations['energy_authors_pj'] / 1e6:.4g} uJ "
+    f"(authors) / {operations['energy_full_pj'] / 1e6:.4g} uJ (full)"
+  )
   if exit_rule is not None:
     print(f"early exit {exit_rule}: " + _exit_line(result["early_exit"]))
   if exit_sweep:
-    report.write_exit_report(result["exit_sweep"], folder,
-                             title=f"{deployed.arch.name} on {dataset}")
+    report.write_exit_report(
+      result["exit_sweep"], folder, title=f"{deployed.arch.name} on {dataset}"
+    )
     print(f"exit sweep ({len(SWEEP)} rules) in {os.path.join(folder, report.EXIT_MARKDOWN)}")
   return result
 
@@ -385,12 +452,12 @@ def _input_shape(sidecar: dict[str, Any], path: str) -> tuple[int, ...]:
   return train.step_shape(test)
 
 
-def export_onnx(path: str, out: str, exit_rule: deploy.ExitRule | None = None
-                ) -> dict[str, Any]:
+def export_onnx(path: str, out: str, exit_rule: deploy.ExitRule | None = None) -> dict[str, Any]:
   """Writes the network of the bundle file ``path`` as the ONNX file ``out`` (with ``exit_rule``,
   the early-exit graph) and checks it in onnxruntime against :func:`empf_jax.deploy.run` (or
   :func:`empf_jax.deploy.run_early_exit`); returns what it printed, as a dict."""
-  from empf_jax.deploy import export as onnx_export  # pylint: disable=import-outside-toplevel
+  from empf_jax.deploy import export as onnx_export
+
   deployed, sidecar = read_bundle(path)
   shape = _input_shape(sidecar, path)
   try:
@@ -398,13 +465,13 @@ def export_onnx(path: str, out: str, exit_rule: deploy.ExitRule | None = None
   except ImportError as error:
     raise UsageError(str(error)) from None
   except ValueError as error:  # a shape the network cannot take
-    raise UsageError(f"--input_shape={','.join(map(str, shape))}: {one_line(str(error))}"
-                     ) from None
+    raise UsageError(f"--input_shape={','.join(map(str, shape))}: {one_line(str(error))}") from None
   data = proto.SerializeToString()
   atomic_write(out, data)
   steps = deployed.arch.time_steps
   x = np.random.default_rng(0).normal(size=(steps, 8, *shape)).astype(np.float32)
-  import onnxruntime  # pylint: disable=import-outside-toplevel
+  import onnxruntime
+
   session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
   got = session.run(["cumulative"], {"x": x})[0]
   if exit_rule is None:
@@ -416,16 +483,25 @@ def export_onnx(path: str, out: str, exit_rule: deploy.ExitRule | None = None
     same_steps = np.array_equal(session.run(["steps"], {"x": x})[0], np.asarray(early.steps))
   difference = float(np.max(np.abs(got - expected)))
   if not (same_steps and np.allclose(got, expected, rtol=1e-4, atol=1e-5)):
-    raise UsageError(f"{out}: onnxruntime's outputs differ from deploy.run's by up to "
-                     f"{difference:.3g} on random input (allowed: rtol 1e-4, atol 1e-5); the file "
-                     "is written, but do not use it")
-  result = {"onnx": os.path.abspath(out), "bytes": len(data),
-            "bundle_bytes": os.path.getsize(path), "opset": onnx_export.OPSET,
-            "input": [steps, "batch", *shape], "max_abs_difference": difference}
+    raise UsageError(
+      f"{out}: onnxruntime's outputs differ from deploy.run's by up to "
+      f"{difference:.3g} on random input (allowed: rtol 1e-4, atol 1e-5); the file "
+      "is written, but do not use it"
+    )
+  result = {
+    "onnx": os.path.abspath(out),
+    "bytes": len(data),
+    "bundle_bytes": os.path.getsize(path),
+    "opset": onnx_export.OPSET,
+    "input": [steps, "batch", *shape],
+    "max_abs_difference": difference,
+  }
   what = "" if exit_rule is None else f" with early exit {exit_rule}"
-  print(f"wrote {out}: {deployed.arch.name}{what}, input [T={steps}, batch, "
-        f"{', '.join(map(str, shape))}], opset {onnx_export.OPSET}, {len(data)} bytes "
-        f"({len(data) / result['bundle_bytes']:.1f}x the bundle's {result['bundle_bytes']})")
+  print(
+    f"wrote {out}: {deployed.arch.name}{what}, input [T={steps}, batch, "
+    f"{', '.join(map(str, shape))}], opset {onnx_export.OPSET}, {len(data)} bytes "
+    f"({len(data) / result['bundle_bytes']:.1f}x the bundle's {result['bundle_bytes']})"
+  )
   runtime = "deploy.run" if exit_rule is None else "deploy.run_early_exit (exit steps too)"
   print(f"onnxruntime equals {runtime} on random input (largest difference {difference:.2g})")
   return result
@@ -449,28 +525,41 @@ def main(argv: list[str]) -> int:
   exporting = _WORKDIR.value is not None or _OUT.value is not None
   evaluating = _EVALUATE.value or _BUNDLE.value is not None
   if exporting == evaluating:
-    fail("give either --workdir=DIR --out=FILE (export), --bundle=FILE --evaluate (evaluate) "
-         "or --bundle=FILE --onnx=OUT.onnx (ONNX)")
+    fail(
+      "give either --workdir=DIR --out=FILE (export), --bundle=FILE --evaluate (evaluate) "
+      "or --bundle=FILE --onnx=OUT.onnx (ONNX)"
+    )
   try:
     exit_rule = parse_exit(_EXIT.value)
     if _ONNX.value is not None:
       if exporting or _EVALUATE.value or _EXIT_SWEEP.value:
-        raise UsageError("--onnx=OUT.onnx goes with --bundle=FILE alone (and --input_shape, "
-                         "--exit)")
+        raise UsageError(
+          "--onnx=OUT.onnx goes with --bundle=FILE alone (and --input_shape, --exit)"
+        )
       export_onnx(_BUNDLE.value, _ONNX.value, exit_rule)
     elif exporting:
       if _WORKDIR.value is None or _OUT.value is None:
         raise UsageError("export needs both --workdir=DIR and --out=FILE")
       if exit_rule is not None or _EXIT_SWEEP.value:
         raise UsageError("--exit and --exit_sweep go with --bundle=FILE --evaluate")
-      export(_WORKDIR.value, _OUT.value, report_dir=_REPORT_DIR.value,
-             report_batches=_REPORT_BATCHES.value)
+      export(
+        _WORKDIR.value,
+        _OUT.value,
+        report_dir=_REPORT_DIR.value,
+        report_batches=_REPORT_BATCHES.value,
+      )
     else:
       if _BUNDLE.value is None or not _EVALUATE.value:
         raise UsageError("evaluation needs both --bundle=FILE and --evaluate")
-      evaluate(_BUNDLE.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
-               batch_size=_BATCH_SIZE.value, report_dir=_REPORT_DIR.value, exit_rule=exit_rule,
-               exit_sweep=_EXIT_SWEEP.value)
+      evaluate(
+        _BUNDLE.value,
+        dataset=_DATASET.value,
+        data_dir=_DATA_DIR.value,
+        batch_size=_BATCH_SIZE.value,
+        report_dir=_REPORT_DIR.value,
+        exit_rule=exit_rule,
+        exit_sweep=_EXIT_SWEEP.value,
+      )
   except UsageError as error:
     fail(str(error))
   return 0

@@ -28,7 +28,8 @@ then returns None.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,15 +57,19 @@ class Fault(NamedTuple):
   kind: str
 
   def describe(self, time_steps: int) -> str:
-    when = (f"time step {self.time_step} of {time_steps}" if self.time_step is not None
-            else f"all {time_steps} time steps (BPTT)")
+    when = (
+      f"time step {self.time_step} of {time_steps}"
+      if self.time_step is not None
+      else f"all {time_steps} time steps (BPTT)"
+    )
     return f"{when}: {self.kind} first in {self.where}"
 
 
 @jax.jit
 def _nonfinite_flags(value: jax.Array) -> jax.Array:
-  return jnp.stack([jnp.any(jnp.isnan(value)), jnp.any(value == jnp.inf),
-                    jnp.any(value == -jnp.inf)])
+  return jnp.stack(
+    [jnp.any(jnp.isnan(value)), jnp.any(value == jnp.inf), jnp.any(value == -jnp.inf)]
+  )
 
 
 def nonfinite_kind(value: jax.Array) -> str | None:
@@ -88,8 +93,11 @@ def _path(path: tuple) -> str:
 
 def _recorded_values(recorded: nnx.State) -> list[tuple[str, jax.Array]]:
   """(``layer name``, value) of every recorded value, in the flat state's order."""
-  return [(f"{_path(path[:-1])} {path[-1]}", value)
-          for path, variable in nnx.to_flat_state(recorded) for value in variable.get_value()]
+  return [
+    (f"{_path(path[:-1])} {path[-1]}", value)
+    for path, variable in nnx.to_flat_state(recorded)
+    for value in variable.get_value()
+  ]
 
 
 def _equation_order(fn: Callable, *args) -> tuple[list[int], list[int]]:
@@ -104,17 +112,18 @@ def _equation_order(fn: Callable, *args) -> tuple[list[int], list[int]]:
     for var in equation.invars:
       if isinstance(var, jax_core.Var):
         first_read.setdefault(var, index)
-  outputs = [produced.get(v, -1) if isinstance(v, jax_core.Var) else -1
-             for v in jaxpr.outvars]
+  outputs = [produced.get(v, -1) if isinstance(v, jax_core.Var) else -1 for v in jaxpr.outvars]
   return outputs, [first_read.get(v, len(jaxpr.eqns)) for v in jaxpr.invars]
 
 
-def _first(named: list[tuple[str, jax.Array]], order: Callable[[], list[int]]
-           ) -> tuple[str, str] | None:
+def _first(
+  named: list[tuple[str, jax.Array]], order: Callable[[], list[int]]
+) -> tuple[str, str] | None:
   """(name, kind) of the first non-finite value of ``named``: least position in ``order()``
   (called only if some value is non-finite), ties broken by name."""
-  bad = [(i, kind) for i, (_, value) in enumerate(named)
-         if (kind := nonfinite_kind(value)) is not None]
+  bad = [
+    (i, kind) for i, (_, value) in enumerate(named) if (kind := nonfinite_kind(value)) is not None
+  ]
   if not bad:
     return None
   positions = order()
@@ -125,9 +134,17 @@ def _first(named: list[tuple[str, jax.Array]], order: Callable[[], list[int]]
 def _leaves(state: Any) -> list[tuple[tuple, jax.Array]]:
   """(path, array) of every leaf of a state, in ``jax.tree`` order (the order of jaxpr inputs)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(state)
-  return [(tuple(getattr(k, "key", getattr(k, "idx", None)) for k in keypath
-                 if not isinstance(k, jax.tree_util.GetAttrKey)), leaf)
-          for keypath, leaf in flat]
+  return [
+    (
+      tuple(
+        getattr(k, "key", getattr(k, "idx", None))
+        for k in keypath
+        if not isinstance(k, jax.tree_util.GetAttrKey)
+      ),
+      leaf,
+    )
+    for keypath, leaf in flat
+  ]
 
 
 def _flat(state: Any, suffix: str = "", prefix: str = "") -> list[tuple[str, jax.Array]]:
@@ -156,15 +173,17 @@ class _Replay:
     """One online time step: (loss_t, (logits_t, recorded, rest, neuron_state))."""
     model = self._model(params, rest)
     (logits, neuron_state), recorded = nnx.capture(
-        lambda net: net.step(x_t, neuron_state, t, train=True), nnx.Intermediate)(model)
+      lambda net: net.step(x_t, neuron_state, t, train=True), nnx.Intermediate
+    )(model)
     rest = nnx.state(model, nnx.Not(nnx.Param))
     return training.cross_entropy(logits, targets), (logits, recorded, rest, neuron_state)
 
   def sequence(self, params, rest, x_seq, targets):
     """All steps with gradients through time: (CE(sum_t f_t), (logits [T, ...], recorded, rest))."""
     model = self._model(params, rest)
-    logits, recorded = nnx.capture(lambda net: net(x_seq, train=True, online=False),
-                                   nnx.Intermediate)(model)
+    logits, recorded = nnx.capture(
+      lambda net: net(x_seq, train=True, online=False), nnx.Intermediate
+    )(model)
     rest = nnx.state(model, nnx.Not(nnx.Param))
     return training.sequence_loss(logits, targets), (logits, recorded, rest)
 
@@ -172,8 +191,9 @@ class _Replay:
     return training.apply_update(self.optimizer, params, opt_state, grads)
 
   @staticmethod
-  def order(forward: Callable, params: Any, rest: Any, *args
-            ) -> tuple[Callable[[], list[int]], Callable[[], dict]]:
+  def order(
+    forward: Callable, params: Any, rest: Any, *args
+  ) -> tuple[Callable[[], list[int]], Callable[[], dict]]:
     """Lazy forward positions: of the recorded values of ``forward(params, rest, *args)``, and of
     the leaves of (params, rest) as {("params" | "rest", *path): position}. Traced only when
     asked for, i.e. once a non-finite value has been found."""
@@ -181,11 +201,14 @@ class _Replay:
 
     def trace():
       if not cache:
+
         def recorded_only(params, rest, *args):
           return [value for _, value in _recorded_values(forward(params, rest, *args)[1][1])]
+
         outputs, inputs = _equation_order(recorded_only, params, rest, *args)
-        leaves = ([("params",) + path for path, _ in _leaves(params)]
-                  + [("rest",) + path for path, _ in _leaves(rest)])
+        leaves = [("params",) + path for path, _ in _leaves(params)] + [
+          ("rest",) + path for path, _ in _leaves(rest)
+        ]
         cache.update(outputs=outputs, inputs=dict(zip(leaves, inputs)))
       return cache
 
@@ -197,13 +220,20 @@ def _replay(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation) -> 
   return _Replay(graphdef, optimizer)
 
 
-def _leaf_order(state: Any, group: str, leaves: Callable[[], dict], sign: int = 1
-                ) -> Callable[[], list[int]]:
+def _leaf_order(
+  state: Any, group: str, leaves: Callable[[], dict], sign: int = 1
+) -> Callable[[], list[int]]:
   return lambda: [sign * leaves()[(group,) + path] for path, _ in _leaves(state)]
 
 
-def _check_update(time_step: int | None, loss: jax.Array, logits: jax.Array, grads: Any,
-                  params: Any, leaves: Callable[[], dict]) -> Fault | None:
+def _check_update(
+  time_step: int | None,
+  loss: jax.Array,
+  logits: jax.Array,
+  grads: Any,
+  params: Any,
+  leaves: Callable[[], dict],
+) -> Fault | None:
   """Checks 2-4 of the module docstring: logits, loss, gradients, updated parameters."""
   for name, value in (("logits", logits), ("loss", loss)):
     kind = nonfinite_kind(value)
@@ -211,22 +241,26 @@ def _check_update(time_step: int | None, loss: jax.Array, logits: jax.Array, gra
       return Fault(time_step, name, kind)
   found = _first(_flat(grads, prefix="gradient of "), _leaf_order(grads, "params", leaves, -1))
   if found is None:
-    found = _first(_flat(params, suffix=" after the update"),
-                   _leaf_order(params, "params", leaves))
+    found = _first(_flat(params, suffix=" after the update"), _leaf_order(params, "params", leaves))
   return None if found is None else Fault(time_step, *found)
 
 
-def _check_statistics(time_step: int | None, rest: Any, leaves: Callable[[], dict]
-                      ) -> Fault | None:
+def _check_statistics(time_step: int | None, rest: Any, leaves: Callable[[], dict]) -> Fault | None:
   """Check 5 of the module docstring: BatchNorm running statistics."""
   found = _first(_flat(rest, suffix=" (running statistics)"), _leaf_order(rest, "rest", leaves))
   return None if found is None else Fault(time_step, *found)
 
 
-def first_nonfinite(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    config: training.StepConfig, state: training.TrainState, x: jax.Array,
-                    labels: jax.Array, learning_rate: float, seed_key: jax.Array
-                    ) -> Fault | None:
+def first_nonfinite(
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  config: training.StepConfig,
+  state: training.TrainState,
+  x: jax.Array,
+  labels: jax.Array,
+  learning_rate: float,
+  seed_key: jax.Array,
+) -> Fault | None:
   """Replays one training batch time step by time step and returns its first non-finite value.
 
   Args:
@@ -250,16 +284,18 @@ def first_nonfinite(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
   if config.mode == "bptt":
     recorded_order, leaves = replay.order(replay.sequence, params, rest, x_seq, targets)
-    (loss, (logits, recorded, new_rest)), grads = replay.sequence_gradient(params, rest, x_seq,
-                                                                           targets)
+    (loss, (logits, recorded, new_rest)), grads = replay.sequence_gradient(
+      params, rest, x_seq, targets
+    )
     named = _recorded_values(recorded)
     for t in range(config.time_steps):
       found = _first([(name, value[t]) for name, value in named], recorded_order)
       if found is not None:
         return Fault(t + 1, *found)
     params, _ = replay.apply_update(params, opt_state, grads)
-    return (_check_update(None, loss, logits, grads, params, leaves)
-            or _check_statistics(None, new_rest, leaves))
+    return _check_update(None, loss, logits, grads, params, leaves) or _check_statistics(
+      None, new_rest, leaves
+    )
 
   neuron_state = training.merge(graphdef, state).init_state(x_seq[0])
   if config.mode == "random_step":
@@ -272,8 +308,9 @@ def first_nonfinite(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     args = (neuron_state, x_seq[t], jnp.int32(t), targets)
     recorded_order, leaves = replay.order(replay.step, params, rest, *args)
     if t in trained:
-      (loss, (logits, recorded, new_rest, neuron_state)), grads = replay.gradient(params, rest,
-                                                                                  *args)
+      (loss, (logits, recorded, new_rest, neuron_state)), grads = replay.gradient(
+        params, rest, *args
+      )
     else:
       loss, (logits, recorded, new_rest, neuron_state) = replay.forward(params, rest, *args)
     found = _first(_recorded_values(recorded), recorded_order)

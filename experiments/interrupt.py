@@ -102,10 +102,13 @@ class Interrupt:
         if signum not in _SIGNALS:
           continue
         if self.signal is not None:
-          print(f"\nstopped by a second signal ({signum}): leaving now without a checkpoint; "
-                "rerun with the same --workdir to resume from the newest one", file=sys.stderr,
-                flush=True)
-          os._exit(128 + signum)  # pylint: disable=protected-access
+          print(
+            f"\nstopped by a second signal ({signum}): leaving now without a checkpoint; "
+            "rerun with the same --workdir to resume from the newest one",
+            file=sys.stderr,
+            flush=True,
+          )
+          os._exit(128 + signum)
         self.signal = signum
         if self.synchronized:
           self._notify_jax()

@@ -15,6 +15,7 @@ import tqdm
 
 from experiments.files import atomic_file
 
+
 class _NoBar:
   """Stands in for the progress bar on processes other than 0 or when progress is off."""
 
@@ -39,8 +40,9 @@ class MetricWriter:
     self.workdir = workdir
     if enabled:
       from tensorboardX import SummaryWriter
+
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed by close())
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, kind: str, record: dict[str, Any]) -> None:
@@ -72,15 +74,27 @@ class MetricWriter:
     path = os.path.join(self.workdir, "summary.json")
     with atomic_file(path) as f:
       json.dump(summary, f, indent=2)
-    self.write("summary", {"step": summary["step"], "accuracy": summary["accuracy"],
-                           "accuracy_per_step": summary["accuracy_per_step"]})
+    self.write(
+      "summary",
+      {
+        "step": summary["step"],
+        "accuracy": summary["accuracy"],
+        "accuracy_per_step": summary["accuracy_per_step"],
+      },
+    )
     print(format_summary(summary), flush=True)
 
   def progress(self, *, total: int, initial: int, enabled: bool):
     if not (self.enabled and enabled):
       return _NoBar()
-    return tqdm.tqdm(total=total, initial=initial, unit="batch", dynamic_ncols=True,
-                     file=sys.stderr, mininterval=1.0)
+    return tqdm.tqdm(
+      total=total,
+      initial=initial,
+      unit="batch",
+      dynamic_ncols=True,
+      file=sys.stderr,
+      mininterval=1.0,
+    )
 
   def close(self) -> None:
     if self.enabled:
@@ -90,12 +104,15 @@ class MetricWriter:
 
 def format_summary(summary: dict[str, Any]) -> str:
   """A plain-text summary: accuracy at each step, sizes and firing rates."""
-  lines = ["", f"test accuracy at t = T: {100 * summary['accuracy']:.2f} % "
-               f"({summary['examples']} examples, loss {summary['loss']:.4f})",
-           "accuracy at each step: " + ", ".join(
-               f"t={t + 1}: {100 * a:.2f} %" for t, a in enumerate(summary["accuracy_per_step"])),
-           f"params: {summary['params_mb_paper']:.2f} MB (paper rule), "
-           f"{summary['params_mb_packed']:.2f} MB packed"]
+  lines = [
+    "",
+    f"test accuracy at t = T: {100 * summary['accuracy']:.2f} % "
+    f"({summary['examples']} examples, loss {summary['loss']:.4f})",
+    "accuracy at each step: "
+    + ", ".join(f"t={t + 1}: {100 * a:.2f} %" for t, a in enumerate(summary["accuracy_per_step"])),
+    f"params: {summary['params_mb_paper']:.2f} MB (paper rule), "
+    f"{summary['params_mb_packed']:.2f} MB packed",
+  ]
   rates = summary.get("firing_rate", {})
   if rates:
     lines.append("firing rate per layer: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))

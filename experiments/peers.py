@@ -31,6 +31,7 @@ waited without an error in 3 runs of 4, so the watch is what ends those runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -44,7 +45,8 @@ _DONE = "done"  # a process that left the run on its own (finished, stopped by a
 
 def distributed_client():
   """The client of ``jax.distributed``'s key-value store, or None outside a distributed run."""
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  from jax._src import distributed
+
   return getattr(distributed.global_state, "client", None)
 
 
@@ -61,8 +63,15 @@ class PeerWatch:
     beat_s: seconds between beats.
   """
 
-  def __init__(self, client, process_index: int, process_count: int, timeout_s: float,
-               workdir: str, beat_s: float = 1.0):
+  def __init__(
+    self,
+    client,
+    process_index: int,
+    process_count: int,
+    timeout_s: float,
+    workdir: str,
+    beat_s: float = 1.0,
+  ):
     self.client = client
     self.index = process_index
     self.count = process_count
@@ -82,10 +91,8 @@ class PeerWatch:
     """Leaving normally (or on an error that is not a lost peer): the others stop watching us."""
     self._stop.set()
     self._thread.join()
-    try:
+    with contextlib.suppress(Exception):  # the store may have left with process 0
       self.client.key_value_set(_PREFIX + str(self.index), _DONE, allow_overwrite=True)
-    except Exception:  # pylint: disable=broad-except  # the store left with process 0
-      pass
 
   def _beat(self) -> None:
     self._beats += 1
@@ -95,7 +102,7 @@ class PeerWatch:
     """The store's value of ``key``; None while it is not set."""
     try:
       return self.client.key_value_try_get(key)
-    except Exception:  # pylint: disable=broad-except  # NOT_FOUND
+    except Exception:  # NOT_FOUND
       return None
 
   def _read(self, others) -> dict[int, str | None]:
@@ -111,7 +118,7 @@ class PeerWatch:
       try:
         self._beat()
         now, beat, reported = time.monotonic(), self._get(_PREFIX + str(watched)), self._get(_LOST)
-      except Exception as error:  # pylint: disable=broad-except
+      except Exception as error:
         self.give_up([0], f"the distributed key-value store it hosts is unreachable ({error})")
       if reported is not None:
         lost, why = reported.split(":", 1)
@@ -129,7 +136,7 @@ class PeerWatch:
       before = self._read(others)
       time.sleep(wait_s)
       after = self._read(others)
-    except Exception:  # pylint: disable=broad-except  # the store went with process 0
+    except Exception:  # the store went with process 0
       return [0]
     return [other for other in others if before[other] == after[other] != _DONE]
 
@@ -139,15 +146,17 @@ class PeerWatch:
     processes first."""
     names = ",".join(str(i) for i in lost)
     if report:
-      try:
+      with contextlib.suppress(Exception):  # if not, the others learn it from JAX
         self.client.key_value_set(_LOST, f"{names}:{why}", allow_overwrite=True)
-      except Exception:  # pylint: disable=broad-except  # the others learn it from JAX
-        pass
       if self.index == 0:  # the store leaves with process 0: let the others read the report
         time.sleep(2 * self.beat_s)
     which = f"process {names}" if len(lost) == 1 else f"processes {names}"
-    print(f"error: {which} of {self.count} lost ({why}); this run cannot continue without it: "
-          f"restart all {self.count} processes with the same --workdir={self.workdir} to resume "
-          f"from its newest checkpoint", file=sys.stderr, flush=True)
+    print(
+      f"error: {which} of {self.count} lost ({why}); this run cannot continue without it: "
+      f"restart all {self.count} processes with the same --workdir={self.workdir} to resume "
+      f"from its newest checkpoint",
+      file=sys.stderr,
+      flush=True,
+    )
     sys.stdout.flush()
-    os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
+    os._exit(EXIT_PEER_LOST)

@@ -15,7 +15,6 @@ pipeline reads from (see ``experiments.input.images.tfds_data_dir``). Exit code 
 
 from __future__ import annotations
 
-
 from absl import app, flags
 
 from experiments.cli import fail
@@ -23,7 +22,8 @@ from experiments.input import cifar_archive, images
 from experiments.input.base import DataError
 
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "Data folder; default $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
+  "data_dir", None, "Data folder; default $TFDS_DATA_DIR, else ~/tensorflow_datasets."
+)
 _DATASETS = flags.DEFINE_list("datasets", ["cifar10", "cifar100"], "Datasets to prepare.")
 
 
@@ -32,8 +32,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   unknown = [name for name in _DATASETS.value if name not in cifar_archive.ARCHIVES]
   if unknown:
-    raise app.UsageError(f"unknown datasets {unknown}; supported: "
-                         f"{', '.join(cifar_archive.ARCHIVES)}")
+    raise app.UsageError(
+      f"unknown datasets {unknown}; supported: {', '.join(cifar_archive.ARCHIVES)}"
+    )
   data_dir = images.tfds_data_dir(_DATA_DIR.value)
   for name in _DATASETS.value:
     try:

@@ -52,6 +52,7 @@ EXIT_MARKDOWN = "exit_sweep.md"
 EXIT_JSON = "exit_sweep.json"
 EXIT_PLOT = "exit_sweep.png"
 
+
 def plot(rows: list[efficiency.LayerRow], path: str) -> None:
   """Writes a PNG with two bar charts: firing rate per neuron layer, SOPs per synaptic layer."""
   neurons = [row for row in rows if row.kind not in ("conv", "dense", "seca")]
@@ -62,16 +63,18 @@ def plot(rows: list[efficiency.LayerRow], path: str) -> None:
   top.barh([row.name for row in neurons], [row.rate for row in neurons], color="tab:blue")
   top.set_xlabel("firing rate (fraction of non-zero spikes)")
   top.invert_yaxis()
-  bottom.barh([row.name for row in synapses], [row.sops / 1e6 for row in synapses],
-              color="tab:orange")
+  bottom.barh(
+    [row.name for row in synapses], [row.sops / 1e6 for row in synapses], color="tab:orange"
+  )
   bottom.set_xlabel("SOPs per example (millions, all steps)")
   bottom.invert_yaxis()
   with atomic_file(path, "wb") as f:
     figure.savefig(f, format="png", dpi=120)
 
 
-def network_inputs(batches: Iterable[tuple[np.ndarray, np.ndarray]], time_steps: int, *,
-                   max_batches: int | None) -> Iterator[jax.Array]:
+def network_inputs(
+  batches: Iterable[tuple[np.ndarray, np.ndarray]], time_steps: int, *, max_batches: int | None
+) -> Iterator[jax.Array]:
   """Time-major network inputs [T, B', ...] from evaluation batches (x, y), padding dropped.
 
   ``x`` is a batch of static images [B, H, W, C] (fed unchanged at each of the T steps) or of
@@ -83,22 +86,27 @@ def network_inputs(batches: Iterable[tuple[np.ndarray, np.ndarray]], time_steps:
     if max_batches is not None and used >= max_batches:
       return
     if np.ndim(x) not in (4, 5):
-      raise ValueError(f"expected images [B, H, W, C] or sequences [B, T, H, W, C]; got a batch "
-                       f"of shape {np.shape(x)}")
+      raise ValueError(
+        f"expected images [B, H, W, C] or sequences [B, T, H, W, C]; got a batch "
+        f"of shape {np.shape(x)}"
+      )
     keep = valid_mask(np.asarray(y))
     if not keep.any():
       continue
     x = np.asarray(x)[keep]
     if x.ndim == 5 and x.shape[1] != time_steps:
-      raise ValueError(f"the examples have {x.shape[1]} time steps; the network has "
-                       f"T={time_steps}")
+      raise ValueError(f"the examples have {x.shape[1]} time steps; the network has T={time_steps}")
     used += 1
     yield time_major(x, time_steps, static=x.ndim == 4)
 
 
-def write_efficiency_report(model: SpikingNetwork,
-                            batches: Iterable[tuple[np.ndarray, np.ndarray]], workdir: str, *,
-                            max_batches: int | None = DEFAULT_MAX_BATCHES) -> dict[str, Any]:
+def write_efficiency_report(
+  model: SpikingNetwork,
+  batches: Iterable[tuple[np.ndarray, np.ndarray]],
+  workdir: str,
+  *,
+  max_batches: int | None = DEFAULT_MAX_BATCHES,
+) -> dict[str, Any]:
   """Measures ``model`` on evaluation batches and writes the report files into ``workdir``.
 
   Args:
@@ -118,19 +126,26 @@ def write_efficiency_report(model: SpikingNetwork,
     ValueError: no batch with a real example, or inputs of the wrong rank or number of steps.
   """
   report = efficiency.measure(
-      model, network_inputs(batches, model.time_steps, max_batches=max_batches))
+    model, network_inputs(batches, model.time_steps, max_batches=max_batches)
+  )
   rows = efficiency.layer_rows(report)
   muls, adds = report.neuron_ops
   result = {
-      "samples": report.samples,
-      "time_steps": report.time_steps,
-      "spike_bits": report.spike_bits,
-      "energy_pj_per_op": {"AC": efficiency.AC_ENERGY_PJ, "MAC": efficiency.MAC_ENERGY_PJ},
-      "layers": [dataclasses.asdict(row) for row in rows],
-      "totals": {"sops": report.sops, "acs": report.acs, "macs": report.macs,
-                 "neuron_muls": muls, "neuron_adds": adds, "firing_rate": report.firing_rate,
-                 "energy_authors_pj": report.energy_authors_pj,
-                 "energy_full_pj": report.energy_full_pj},
+    "samples": report.samples,
+    "time_steps": report.time_steps,
+    "spike_bits": report.spike_bits,
+    "energy_pj_per_op": {"AC": efficiency.AC_ENERGY_PJ, "MAC": efficiency.MAC_ENERGY_PJ},
+    "layers": [dataclasses.asdict(row) for row in rows],
+    "totals": {
+      "sops": report.sops,
+      "acs": report.acs,
+      "macs": report.macs,
+      "neuron_muls": muls,
+      "neuron_adds": adds,
+      "firing_rate": report.firing_rate,
+      "energy_authors_pj": report.energy_authors_pj,
+      "energy_full_pj": report.energy_full_pj,
+    },
   }
   os.makedirs(workdir, exist_ok=True)
   atomic_write(os.path.join(workdir, MARKDOWN), efficiency.to_markdown(report, rows))
@@ -147,19 +162,28 @@ def exit_markdown(rows: list[dict[str, Any]], title: str) -> str:
   """The sweep as a Markdown table; ``rows`` as :func:`experiments.deploy.evaluate_bundle`'s
   ``exit_sweep`` (the all-steps row has rule None)."""
   steps = len(rows[0]["stopped_per_step"])
-  lines = [f"# Early exit: {title}", "",
-           f"Per test example, T = {steps} steps at most; operations and energy counted over the "
-           "steps each example ran (deployed runner, efficiency conventions). Rules act on the "
-           "mean output c_t / t: softmax = top softmax probability >= threshold, margin = top-1 "
-           "minus top-2 >= threshold.", "",
-           "| rule | accuracy (%) | mean steps | stopping at t = 1..T (%) | SOPs (M) | "
-           "energy, authors (uJ) | energy, full (uJ) |", "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# Early exit: {title}",
+    "",
+    f"Per test example, T = {steps} steps at most; operations and energy counted over the "
+    "steps each example ran (deployed runner, efficiency conventions). Rules act on the "
+    "mean output c_t / t: softmax = top softmax probability >= threshold, margin = top-1 "
+    "minus top-2 >= threshold.",
+    "",
+    "| rule | accuracy (%) | mean steps | stopping at t = 1..T (%) | SOPs (M) | "
+    "energy, authors (uJ) | energy, full (uJ) |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for row in rows:
     stopped = ", ".join(f"{100 * f:.1f}" for f in row["stopped_per_step"])
-    energies = " | ".join(efficiency.format_value(row[key], efficiency.MICRO)
-                          for key in ("sops", "energy_authors_pj", "energy_full_pj"))
-    lines.append(f"| {_rule_name(row)} | {100 * row['accuracy']:.2f} | {row['mean_steps']:.3f} | "
-                 f"{stopped} | {energies} |")
+    energies = " | ".join(
+      efficiency.format_value(row[key], efficiency.MICRO)
+      for key in ("sops", "energy_authors_pj", "energy_full_pj")
+    )
+    lines.append(
+      f"| {_rule_name(row)} | {100 * row['accuracy']:.2f} | {row['mean_steps']:.3f} | "
+      f"{stopped} | {energies} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -169,17 +193,24 @@ def exit_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
   figure = Figure(figsize=(13, 4), layout="constrained")
   axes = figure.subplots(1, 3, sharey=True)
   reference = next(row for row in rows if row["rule"] is None)
-  columns = (("mean_steps", "mean steps per example", 1.0),
-             ("energy_authors_pj", "energy per example, authors (uJ)", efficiency.MICRO),
-             ("energy_full_pj", "energy per example, full (uJ)", efficiency.MICRO))
+  columns = (
+    ("mean_steps", "mean steps per example", 1.0),
+    ("energy_authors_pj", "energy per example, authors (uJ)", efficiency.MICRO),
+    ("energy_full_pj", "energy per example, full (uJ)", efficiency.MICRO),
+  )
   for ax, (key, label, scale) in zip(axes, columns, strict=True):
     for kind, marker in (("softmax", "o-"), ("margin", "s-")):
       family = sorted((row for row in rows if row["rule"] == kind), key=lambda row: row[key])
       if family:
-        ax.plot([row[key] * scale for row in family], [100 * row["accuracy"] for row in family],
-                marker, label=f"{kind} rule")
-    ax.plot(reference[key] * scale, 100 * reference["accuracy"], "k*", markersize=12,
-            label="all steps")
+        ax.plot(
+          [row[key] * scale for row in family],
+          [100 * row["accuracy"] for row in family],
+          marker,
+          label=f"{kind} rule",
+        )
+    ax.plot(
+      reference[key] * scale, 100 * reference["accuracy"], "k*", markersize=12, label="all steps"
+    )
     ax.set_xlabel(label)
     ax.grid(alpha=0.3)
   accuracies = [100 * row["accuracy"] for row in rows]

@@ -28,14 +28,16 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from empf_jax import accounting, dispatch, models, training
 from experiments import diagnose, report
@@ -46,14 +48,26 @@ from experiments.files import atomic_file
 from experiments.interrupt import Interrupt
 from experiments.metrics import MetricWriter
 
-HARMLESS_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-                 "eval_every_epochs", "progress", "data_dir", "bn_check_batches", "input_workers")
+HARMLESS_KEYS = (
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "log_every_steps",
+  "eval_every_epochs",
+  "progress",
+  "data_dir",
+  "bn_check_batches",
+  "input_workers",
+)
 # Keys added after the first release, with the value that reproduces runs made without them: left
 # out of the fingerprint while they hold it, so that those runs' workdirs still resume.
-ADDED_KEYS = {"model.step_stats": False, "bn_recalibration_batches": 0,
-              "model.latent_init": 1e-3, "model.symmetric_init": False,
-              "decay_latent_weights": True,
-              "bn_check_batches": 64}
+ADDED_KEYS = {
+  "model.step_stats": False,
+  "bn_recalibration_batches": 0,
+  "model.latent_init": 1e-3,
+  "model.symmetric_init": False,
+  "decay_latent_weights": True,
+  "bn_check_batches": 64,
+}
 # The first release wrote "floating-point spikes" as model.spike_bits=0 and "the network's default
 # stem" as model.stem="", where the library (and the config now) write None: the fingerprint
 # hashes None as the old spelling, so that those runs' workdirs still resume, and saved configs
@@ -75,8 +89,9 @@ class NumericalError(FloatingPointError):
     checkpoint: step of the newest checkpoint kept (all of them are finite), or None.
   """
 
-  def __init__(self, message: str, *, step: int, fault: diagnose.Fault | None,
-               checkpoint: int | None):
+  def __init__(
+    self, message: str, *, step: int, fault: diagnose.Fault | None, checkpoint: int | None
+  ):
     super().__init__(message)
     self.step = step
     self.fault = fault
@@ -137,8 +152,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -152,6 +166,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: one line naming the first bad key, its value and what is allowed.
   """
+
   def fail(key, value, allowed):
     raise ConfigError(f"config.{key}={value!r} is not allowed; allowed: {allowed}")
 
@@ -164,8 +179,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       fail(key, given[key], f"the keys of experiments/configs/common.py{hint}")
   for key in known:
     if key not in given:
-      raise ConfigError(f"config.{key} is missing; every key of experiments/configs/common.py "
-                        "is required")
+      raise ConfigError(
+        f"config.{key} is missing; every key of experiments/configs/common.py is required"
+      )
 
   if config.dataset not in data_input.LOADERS:
     fail("dataset", config.dataset, ", ".join(sorted(data_input.LOADERS)))
@@ -177,13 +193,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("data_dir", given["data_dir"], "a string ('' for the default)")
   if given["model.stem"] is not None and not isinstance(given["model.stem"], str):
     fail("model.stem", given["model.stem"], "None (the network's default), a string")
-  for key in ("augment", "nesterov", "mix", "progress", "model.mem_bn", "model.parallel",
-              "model.learnable_lif", "model.step_stats", "model.symmetric_init",
-              "decay_latent_weights"):
+  for key in (
+    "augment",
+    "nesterov",
+    "mix",
+    "progress",
+    "model.mem_bn",
+    "model.parallel",
+    "model.learnable_lif",
+    "model.step_stats",
+    "model.symmetric_init",
+    "decay_latent_weights",
+  ):
     if not isinstance(given[key], bool):
       fail(key, given[key], "True, False")
-  for key in ("time_steps", "batch_size", "epochs", "checkpoint_every_steps",
-              "keep_checkpoints", "log_every_steps", "eval_every_epochs"):
+  for key in (
+    "time_steps",
+    "batch_size",
+    "epochs",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "log_every_steps",
+    "eval_every_epochs",
+  ):
     if not _is_int(given[key]) or given[key] < 1:
       fail(key, given[key], "an integer >= 1")
   for key in ("warmup_epochs", "seed", "bn_recalibration_batches", "bn_check_batches"):
@@ -204,8 +236,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   net_options(config, num_classes=1, step_shape=(1,))
   devices = jax.device_count()
   if config.batch_size % devices:
-    fail("batch_size", config.batch_size,
-         f"a multiple of the device count {devices} (data-parallel over all devices)")
+    fail(
+      "batch_size",
+      config.batch_size,
+      f"a multiple of the device count {devices} (data-parallel over all devices)",
+    )
 
 
 def step_shape(data: data_input.Batches) -> tuple[int, ...]:
@@ -213,8 +248,9 @@ def step_shape(data: data_input.Batches) -> tuple[int, ...]:
   return tuple(data.input_shape[1:] if data.time_major else data.input_shape)
 
 
-def net_options(config: ml_collections.ConfigDict, num_classes: int,
-                step_shape: tuple[int, ...]) -> models.NetOptions:
+def net_options(
+  config: ml_collections.ConfigDict, num_classes: int, step_shape: tuple[int, ...]
+) -> models.NetOptions:
   """The network of ``config.model`` for examples of ``step_shape`` per time step: the one place
   a config becomes :class:`empf_jax.models.NetOptions` (which checks the options).
 
@@ -223,16 +259,21 @@ def net_options(config: ml_collections.ConfigDict, num_classes: int,
   """
   m = config.model
   options = {key: m[key] for key in m if key != "name"}
-  options.update(time_steps=config.time_steps, num_classes=num_classes,
-                 in_channels=step_shape[-1], in_features=math.prod(step_shape))
+  options.update(
+    time_steps=config.time_steps,
+    num_classes=num_classes,
+    in_channels=step_shape[-1],
+    in_features=math.prod(step_shape),
+  )
   try:
     return models.NetOptions.of(m.name, **options)
   except models.ConfigError as error:
     raise ConfigError(f"config.model.{error}") from None
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, step_shape: tuple[int, ...]
-                ) -> models.SpikingNetwork:
+def build_model(
+  config: ml_collections.ConfigDict, num_classes: int, step_shape: tuple[int, ...]
+) -> models.SpikingNetwork:
   """The network of ``config.model`` (options checked by :func:`net_options`)."""
   return models.create(net_options(config, num_classes, step_shape), rngs=nnx.Rngs(config.seed))
 
@@ -245,8 +286,11 @@ def _batch_parts(batch):
 
 def _all_finite(tree: Any) -> jax.Array:
   """True iff every floating-point leaf of ``tree`` is finite (one reduction on the device)."""
-  checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  checks = [
+    jnp.all(jnp.isfinite(leaf))
+    for leaf in jax.tree.leaves(tree)
+    if jnp.issubdtype(leaf.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
@@ -257,9 +301,11 @@ def checked_step(train_step: Callable) -> Callable:
   A non-finite gradient always reaches the parameters through the update, so this covers losses
   and gradients; the reduction is fused into the step.
   """
+
   def step(state, x, labels, learning_rate, seed_key):
     state, out = train_step(state, x, labels, learning_rate, seed_key)
     return state, out, jnp.isfinite(out.loss) & _all_finite(state)
+
   return step
 
 
@@ -290,78 +336,124 @@ class Trainer:
     self.workdir = workdir
     self.process_index = jax.process_index()
     self.process_count = jax.process_count()
-    common = dict(seed=config.seed, data_dir=config.data_dir or None,
-                  process_index=self.process_index, process_count=self.process_count,
-                  num_workers=None if config.input_workers < 0 else config.input_workers)
-    self.train_data = data_input.load(config.dataset, "train", batch_size=config.batch_size,
-                                      train=True, augment=config.augment, **common)
-    self.test_data = data_input.load(config.dataset, "test", batch_size=config.batch_size,
-                                     train=False, augment=False, **common)
+    common = dict(
+      seed=config.seed,
+      data_dir=config.data_dir or None,
+      process_index=self.process_index,
+      process_count=self.process_count,
+      num_workers=None if config.input_workers < 0 else config.input_workers,
+    )
+    self.train_data = data_input.load(
+      config.dataset,
+      "train",
+      batch_size=config.batch_size,
+      train=True,
+      augment=config.augment,
+      **common,
+    )
+    self.test_data = data_input.load(
+      config.dataset, "test", batch_size=config.batch_size, train=False, augment=False, **common
+    )
     shape = self.train_data.input_shape
     if self.train_data.time_major and shape[0] != config.time_steps:
-      raise ConfigError(f"config.time_steps={config.time_steps} is not allowed for "
-                        f"{config.dataset!r}; allowed: {shape[0]} (its examples have "
-                        f"{shape[0]} time steps)")
+      raise ConfigError(
+        f"config.time_steps={config.time_steps} is not allowed for "
+        f"{config.dataset!r}; allowed: {shape[0]} (its examples have "
+        f"{shape[0]} time steps)"
+      )
     self.step_config = training.StepConfig(
-        mode=config.mode, time_steps=config.time_steps, num_classes=self.train_data.num_classes,
-        static_input=not self.train_data.time_major, label_smoothing=config.label_smoothing,
-        mix=config.mix, compute_dtype=DTYPES[config.compute_dtype])
-    self.optimizer = training.make_optimizer(momentum=config.momentum,
-                                             weight_decay=config.weight_decay,
-                                             nesterov=config.nesterov,
-                                             learning_rate=config.learning_rate,
-                                             decay_latent=config.decay_latent_weights)
-    self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                              axis_types=(jax.sharding.AxisType.Auto,))
+      mode=config.mode,
+      time_steps=config.time_steps,
+      num_classes=self.train_data.num_classes,
+      static_input=not self.train_data.time_major,
+      label_smoothing=config.label_smoothing,
+      mix=config.mix,
+      compute_dtype=DTYPES[config.compute_dtype],
+    )
+    self.optimizer = training.make_optimizer(
+      momentum=config.momentum,
+      weight_decay=config.weight_decay,
+      nesterov=config.nesterov,
+      learning_rate=config.learning_rate,
+      decay_latent=config.decay_latent_weights,
+    )
+    self.mesh = jax.make_mesh(
+      (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
     self.state = self.initial_state()
     self.seed_key = jax.random.key(config.seed)
     self._learning_rates: dict[int, float] = {}
-    self._train_step = OnMesh(self.mesh, jax.jit(
+    self._train_step = OnMesh(
+      self.mesh,
+      jax.jit(
         checked_step(training.make_train_step(self.graphdef, self.optimizer, self.step_config)),
         in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding, None, None),
-        out_shardings=(self.replicated, self.replicated, self.replicated), donate_argnums=0))
-    self._recalibrate_step = OnMesh(self.mesh, jax.jit(
+        out_shardings=(self.replicated, self.replicated, self.replicated),
+        donate_argnums=0,
+      ),
+    )
+    self._recalibrate_step = OnMesh(
+      self.mesh,
+      jax.jit(
         training.make_recalibrate_step(self.graphdef, self.step_config),
-        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated))
-    self._eval_step = OnMesh(self.mesh, jax.jit(
+        in_shardings=(self.replicated, self.batch_sharding),
+        out_shardings=self.replicated,
+      ),
+    )
+    self._eval_step = OnMesh(
+      self.mesh,
+      jax.jit(
         training.make_eval_step(self.graphdef, self.step_config),
-        in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding,
-                      self.batch_sharding),
-        out_shardings=self.replicated))
+        in_shardings=(
+          self.replicated,
+          self.batch_sharding,
+          self.batch_sharding,
+          self.batch_sharding,
+        ),
+        out_shardings=self.replicated,
+      ),
+    )
 
   def initial_state(self) -> training.TrainState:
     """The state before training (a fresh model from the seed), replicated on the mesh; also
     sets ``self.model`` and ``self.graphdef``."""
-    self.model = build_model(self.config, self.train_data.num_classes,
-                             step_shape(self.train_data))
+    self.model = build_model(self.config, self.train_data.num_classes, step_shape(self.train_data))
     self.graphdef, state = training.create_train_state(self.model, self.optimizer)
     return jax.device_put(state, self.replicated)
 
   def learning_rate(self, epoch: int) -> float:
     if epoch not in self._learning_rates:
       c = self.config
-      self._learning_rates[epoch] = float(training.epoch_learning_rate(
-          epoch, base=c.learning_rate, epochs=c.epochs, warmup_epochs=c.warmup_epochs,
-          warmup_start=c.warmup_start))
+      self._learning_rates[epoch] = float(
+        training.epoch_learning_rate(
+          epoch,
+          base=c.learning_rate,
+          epochs=c.epochs,
+          warmup_epochs=c.warmup_epochs,
+          warmup_start=c.warmup_start,
+        )
+      )
     return self._learning_rates[epoch]
 
   def global_batch(self, *arrays: np.ndarray) -> list[jax.Array]:
     """Assembles each process's slice of the global batch into one sharded array."""
-    return [jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(a))
-            for a in arrays]
+    return [
+      jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(a)) for a in arrays
+    ]
 
-  def train_batch(self, x: np.ndarray, y: np.ndarray, epoch: int
-                  ) -> tuple[training.StepOutput, jax.Array]:
+  def train_batch(
+    self, x: np.ndarray, y: np.ndarray, epoch: int
+  ) -> tuple[training.StepOutput, jax.Array]:
     """One training step on this process's slice of a global batch: (metrics, finite flag).
 
     Both are left on the device (read them later, so that the next step is already queued).
     """
     x, y = self.global_batch(x, y.astype(np.int32))
-    self.state, out, finite = self._train_step(self.state, x, y,
-                                               jnp.float32(self.learning_rate(epoch)),
-                                               self.seed_key)
+    self.state, out, finite = self._train_step(
+      self.state, x, y, jnp.float32(self.learning_rate(epoch)), self.seed_key
+    )
     return out, finite
 
   def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -398,12 +490,15 @@ class Trainer:
     used = self.config.bn_recalibration_batches
     start = used if used + count <= self.train_data.batches_per_epoch else 0
     result = self.evaluate(self.reestimated(count, start=start), details=False)
-    return {"accuracy_reestimated": result["accuracy"],
-            "accuracy_per_step_reestimated": result["accuracy_per_step"],
-            "loss_reestimated": result["loss"]}
+    return {
+      "accuracy_reestimated": result["accuracy"],
+      "accuracy_per_step_reestimated": result["accuracy_per_step"],
+      "loss_reestimated": result["loss"],
+    }
 
-  def evaluate(self, state: training.TrainState | None = None, *, details: bool = True
-               ) -> dict[str, Any]:
+  def evaluate(
+    self, state: training.TrainState | None = None, *, details: bool = True
+  ) -> dict[str, Any]:
     """Accuracy at every step, loss, firing rate per layer, learned decay/threshold, of
     ``state`` (default: the current one); ``details=False`` leaves out the neuron scalars."""
     state = self.state if state is None else state
@@ -416,14 +511,15 @@ class Trainer:
     totals = jax.device_get(totals)
     count = float(totals.count)
     accuracy = [float(c) / count for c in totals.correct]
-    rates = {name: float(totals.spikes[name]) / float(totals.elements[name])
-             for name in totals.spikes}
+    rates = {
+      name: float(totals.spikes[name]) / float(totals.elements[name]) for name in totals.spikes
+    }
     result = {
-        "accuracy_per_step": accuracy,
-        "accuracy": accuracy[-1],
-        "loss": float(totals.loss) / count,
-        "examples": int(count),
-        "firing_rate": rates,
+      "accuracy_per_step": accuracy,
+      "accuracy": accuracy[-1],
+      "loss": float(totals.loss) / count,
+      "examples": int(count),
+      "firing_rate": rates,
     }
     if details:
       model = training.merge(self.graphdef, jax.device_get(state))
@@ -434,21 +530,31 @@ class Trainer:
     """Flat {``latent_abs_<stat>/<kernel>``: value} of the binary/ternary latent kernels'
     magnitudes (:func:`empf_jax.training.latent_magnitudes`)."""
     magnitudes = training.latent_magnitudes(jax.device_get(self.state.params))
-    return {f"latent_abs_{stat}/{name}": value for name, entry in magnitudes.items()
-            for stat, value in entry.items()}
+    return {
+      f"latent_abs_{stat}/{name}": value
+      for name, entry in magnitudes.items()
+      for stat, value in entry.items()
+    }
 
   def model_sizes(self) -> dict[str, float]:
-    return {"params_mb_paper": accounting.param_megabytes(self.model),
-            "params_mb_packed": accounting.packed_megabytes(self.model)}
+    return {
+      "params_mb_paper": accounting.param_megabytes(self.model),
+      "params_mb_packed": accounting.packed_megabytes(self.model),
+    }
 
 
 def _meta(config, step, epoch, position) -> dict:
-  return {"step": int(step), "epoch": int(epoch), "batch_in_epoch": int(position),
-          "fingerprint": fingerprint(config)}
+  return {
+    "step": int(step),
+    "epoch": int(epoch),
+    "batch_in_epoch": int(position),
+    "fingerprint": fingerprint(config),
+  }
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str, allow_other_config: bool
-                  ) -> None:
+def check_workdir(
+  config: ml_collections.ConfigDict, workdir: str, allow_other_config: bool
+) -> None:
   """Refuses a workdir that holds a run of a different config (fingerprint mismatch); reads only.
 
   Raises:
@@ -461,9 +567,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, allow_other_c
     saved = json.load(f)
   if saved.get("fingerprint") != fingerprint(config) and not allow_other_config:
     raise ConfigError(
-        f"workdir {workdir} holds a run of a different config (fingerprint "
-        f"{saved.get('fingerprint')} != {fingerprint(config)}); use another --workdir, or pass "
-        "--allow_config_change to continue this run with the new config")
+      f"workdir {workdir} holds a run of a different config (fingerprint "
+      f"{saved.get('fingerprint')} != {fingerprint(config)}); use another --workdir, or pass "
+      "--allow_config_change to continue this run with the new config"
+    )
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -473,12 +580,18 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   with atomic_file(path) as f:
-    json.dump({"fingerprint": fingerprint(config), "config": config.to_dict()}, f, indent=2,
-              default=str)
+    json.dump(
+      {"fingerprint": fingerprint(config), "config": config.to_dict()}, f, indent=2, default=str
+    )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, eval_only: bool = False,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  eval_only: bool = False,
+  allow_config_change: bool = False,
+) -> dict[str, Any]:
   """Trains (resuming if ``workdir`` has checkpoints), evaluates and returns the summary.
 
   The summary is ``{"interrupted": signal number}`` if a signal stopped training (after a
@@ -496,18 +609,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, eval_
   trainer = Trainer(config, workdir)
   if not eval_only:
     write_config(config, workdir)
-  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                            keep=config.keep_checkpoints)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          trainer.state)
+  checkpoints = Checkpoints(
+    os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.keep_checkpoints
+  )
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), trainer.state
+  )
   writer = None
   try:
     restored = checkpoints.restore_latest(abstract, delete_unreadable=True)
     start_step = 0
     if restored is not None:
       start_step, trainer.state, meta = restored
-      print(f"resuming from step {start_step} (epoch {meta['epoch']}, batch "
-            f"{meta['batch_in_epoch']})", flush=True)
+      print(
+        f"resuming from step {start_step} (epoch {meta['epoch']}, batch {meta['batch_in_epoch']})",
+        flush=True,
+      )
     elif eval_only:
       raise ConfigError(f"--eval_only: no checkpoint in {workdir}/checkpoints")
     if eval_only:
@@ -519,9 +636,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, eval_
       except _NonFinite as nonfinite:
         error = _locate_fault(trainer, checkpoints, abstract, nonfinite.step)
         located = error.fault._asdict() if error.fault is not None else {}
-        writer.write("fault", {"step": error.step, "checkpoint": error.checkpoint,
-                               "time_step": located.get("time_step"),
-                               "where": located.get("where"), "value": located.get("kind")})
+        writer.write(
+          "fault",
+          {
+            "step": error.step,
+            "checkpoint": error.checkpoint,
+            "time_step": located.get("time_step"),
+            "where": located.get("where"),
+            "value": located.get("kind"),
+          },
+        )
         raise error from None
       if signum is not None:
         return {"interrupted": signum}
@@ -532,8 +656,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, eval_
       model = training.merge(trainer.graphdef, jax.device_get(trainer.state))
       efficiency = report.write_efficiency_report(model, trainer.test_data.epoch(0), workdir)
       summary["energy_pj_per_example"] = {
-          "authors": efficiency["totals"]["energy_authors_pj"],
-          "full": efficiency["totals"]["energy_full_pj"]}
+        "authors": efficiency["totals"]["energy_authors_pj"],
+        "full": efficiency["totals"]["energy_full_pj"],
+      }
     writer.write_summary(summary)
     return summary
   finally:
@@ -550,8 +675,9 @@ class _NonFinite(Exception):
     self.step = step
 
 
-def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter,
-                start_step: int) -> int | None:
+def _train_loop(
+  trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter, start_step: int
+) -> int | None:
   """Runs the remaining epochs; returns the signal number if one stopped it (after a checkpoint).
 
   Raises:
@@ -600,13 +726,21 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
             means = _window_means(current, logged, in_window)
             logged = current
             rate = seen / (time.perf_counter() - tick)
-            record = {"step": step, "epoch": epoch, "loss": float(means.loss),
-                      "train_accuracy": float(means.accuracy), "images_per_second": rate,
-                      "learning_rate": trainer.learning_rate(epoch),
-                      **_prefixed("code_change", means.code_change)}
+            record = {
+              "step": step,
+              "epoch": epoch,
+              "loss": float(means.loss),
+              "train_accuracy": float(means.accuracy),
+              "images_per_second": rate,
+              "learning_rate": trainer.learning_rate(epoch),
+              **_prefixed("code_change", means.code_change),
+            }
             writer.write("train", record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
-                            img_s=f"{rate:.0f}")
+            bar.set_postfix(
+              loss=f"{record['loss']:.3f}",
+              acc=f"{record['train_accuracy']:.3f}",
+              img_s=f"{rate:.0f}",
+            )
             tick, seen, in_window = time.perf_counter(), 0, 0
           bar.update(1)
           if step % config.checkpoint_every_steps == 0:
@@ -615,43 +749,71 @@ def _train_loop(trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter
           if signum is not None:
             save()
             bar.close()
-            print(f"\nstopped by signal {signum} at step {step}; checkpoint saved, "
-                  "rerun with the same --workdir to resume", flush=True)
+            print(
+              f"\nstopped by signal {signum} at step {step}; checkpoint saved, "
+              "rerun with the same --workdir to resume",
+              flush=True,
+            )
             return signum
         confirm_finite(inflight.drain())
         train_seconds = time.perf_counter() - epoch_start
         if counted:
           code_change, update_ratio = jax.tree.map(
-              lambda v: float(v) / counted, jax.device_get((sums.code_change, sums.update_ratio)))
-          writer.write("weights", {"step": step, "epoch": epoch, "batches": counted,
-                                   **_prefixed("code_change", code_change),
-                                   **_prefixed("update_ratio", update_ratio),
-                                   **trainer.weight_statistics()})
-          writer.histograms("latent_weights", {
-              name: np.asarray(w) for name, (_, w) in
-              training.quantized_kernels(jax.device_get(trainer.state.params)).items()}, step)
+            lambda v, n=counted: float(v) / n, jax.device_get((sums.code_change, sums.update_ratio))
+          )
+          writer.write(
+            "weights",
+            {
+              "step": step,
+              "epoch": epoch,
+              "batches": counted,
+              **_prefixed("code_change", code_change),
+              **_prefixed("update_ratio", update_ratio),
+              **trainer.weight_statistics(),
+            },
+          )
+          writer.histograms(
+            "latent_weights",
+            {
+              name: np.asarray(w)
+              for name, (_, w) in training.quantized_kernels(
+                jax.device_get(trainer.state.params)
+              ).items()
+            },
+            step,
+          )
         tick = time.perf_counter()
         trainer.recalibrate_batch_stats()
         recalibration_seconds = time.perf_counter() - tick
         save()
         if (epoch + 1) % config.eval_every_epochs == 0 or step == total:
           result = trainer.evaluate()
-          record = {"step": step, "epoch": epoch, "accuracy": result["accuracy"],
-                    "loss": result["loss"], "accuracy_per_step": result["accuracy_per_step"],
-                    "train_seconds": train_seconds,
-                    "recalibration_seconds": recalibration_seconds}
+          record = {
+            "step": step,
+            "epoch": epoch,
+            "accuracy": result["accuracy"],
+            "loss": result["loss"],
+            "accuracy_per_step": result["accuracy_per_step"],
+            "train_seconds": train_seconds,
+            "recalibration_seconds": recalibration_seconds,
+          }
           check = trainer.check_batch_stats()
           text = ""
           if check is not None:
             record.update(check)
             record["bn_gap"] = check["accuracy_reestimated"] - result["accuracy"]
-            text = (f"; {100 * check['accuracy_reestimated']:.2f} % with BatchNorm averages "
-                    f"re-estimated from {config.bn_check_batches} batches")
+            text = (
+              f"; {100 * check['accuracy_reestimated']:.2f} % with BatchNorm averages "
+              f"re-estimated from {config.bn_check_batches} batches"
+            )
           writer.write("eval", record)
-          bar.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy "
-                    f"{100 * result['accuracy']:.2f} % (per step: "
-                    + ", ".join(f"{100 * a:.1f}" for a in result["accuracy_per_step"]) + ")"
-                    + text)
+          bar.write(
+            f"epoch {epoch + 1}/{config.epochs}: test accuracy "
+            f"{100 * result['accuracy']:.2f} % (per step: "
+            + ", ".join(f"{100 * a:.1f}" for a in result["accuracy_per_step"])
+            + ")"
+            + text
+          )
     finally:
       bar.close()
   return None
@@ -671,8 +833,9 @@ def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, float]:
   return {f"{prefix}/{name}": float(value) for name, value in values.items()}
 
 
-def _locate_fault(trainer: Trainer, checkpoints: Checkpoints, abstract: Any,
-                  step: int) -> NumericalError:
+def _locate_fault(
+  trainer: Trainer, checkpoints: Checkpoints, abstract: Any, step: int
+) -> NumericalError:
   """Restores the last good checkpoint before global step ``step``, replays the fused steps up to
   the failing batch and locates that batch's first non-finite value; returns the error to raise."""
   restored = checkpoints.restore_latest(abstract, before=step, delete_unreadable=True)
@@ -689,21 +852,37 @@ def _locate_fault(trainer: Trainer, checkpoints: Checkpoints, abstract: Any,
   x, y = trainer.batch(step)
   x, y = trainer.global_batch(x, y.astype(np.int32))
   try:
-    fault = diagnose.first_nonfinite(trainer.graphdef, trainer.optimizer, trainer.step_config,
-                                     trainer.state, x, y, trainer.learning_rate(epoch),
-                                     trainer.seed_key)
-    where = (fault.describe(trainer.config.time_steps) if fault is not None else
-             "the step-by-step replay of this batch stays finite (it rounds differently from "
-             "the fused step), so the time step and layer are unknown")
-  except Exception as error:  # pylint: disable=broad-except
+    fault = diagnose.first_nonfinite(
+      trainer.graphdef,
+      trainer.optimizer,
+      trainer.step_config,
+      trainer.state,
+      x,
+      y,
+      trainer.learning_rate(epoch),
+      trainer.seed_key,
+    )
+    where = (
+      fault.describe(trainer.config.time_steps)
+      if fault is not None
+      else "the step-by-step replay of this batch stays finite (it rounds differently from "
+      "the fused step), so the time step and layer are unknown"
+    )
+  except Exception as error:
     # The global step and the kept checkpoint are known; a failed diagnosis must not hide them.
     fault, where = None, f"locating it failed ({type(error).__name__}: {error})"
-  kept = (f"the last good checkpoint, step {good}, is kept in {checkpoints.directory}"
-          if good is not None else "no checkpoint was written before it")
+  kept = (
+    f"the last good checkpoint, step {good}, is kept in {checkpoints.directory}"
+    if good is not None
+    else "no checkpoint was written before it"
+  )
   return NumericalError(
-      f"non-finite value at global step {step} (epoch {epoch + 1}, batch {position + 1} of "
-      f"{per_epoch}), {where}; {kept}; lower the learning rate or check the data",
-      step=step, fault=fault, checkpoint=good)
+    f"non-finite value at global step {step} (epoch {epoch + 1}, batch {position + 1} of "
+    f"{per_epoch}), {where}; {kept}; lower the learning rate or check the data",
+    step=step,
+    fault=fault,
+    checkpoint=good,
+  )
 
 
 def exit_code(summary: dict) -> int:

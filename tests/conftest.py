@@ -2,15 +2,16 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
 
 from empf_jax import xla_defaults
 
 xla_defaults.apply_cpu_defaults()  # what the programs do before JAX starts
-
-import pytest
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +21,8 @@ def digits_one_epoch(tmp_path_factory):
 
   Tests must not change it (copy it first); writing next to it (an export) is allowed.
   """
-  from test_experiment import ONE_EPOCH, run  # pylint: disable=import-outside-toplevel
+  from test_experiment import ONE_EPOCH, run
+
   workdir = tmp_path_factory.mktemp("digits_one_epoch")
   result = run(str(workdir), *ONE_EPOCH)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -32,9 +34,11 @@ def deploy_main(capsys):
   """``python -m experiments.deploy ARGS`` in this process (the program's own flag parsing and
   main, absl's flags reset before and after): ``run(*args)`` returns a CompletedProcess with the
   exit code and what the program printed. A subprocess would spend seconds importing JAX."""
-  import subprocess  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from experiments import deploy  # pylint: disable=import-outside-toplevel
+  import subprocess
+
+  from absl import flags
+
+  from experiments import deploy
 
   def run(*args):
     capsys.readouterr()

@@ -13,36 +13,41 @@ import pytest
 from flax import nnx
 
 from empf_jax import accounting, bundle, deploy, layers, models, testing
+from empf_jax.efficiency import recorded_run
 from empf_jax.layers import EMPFNeuron, ParallelNeuron, QConv, StepBatchNorm
 from empf_jax.quantize import quantize_spike
-from empf_jax.efficiency import recorded_run
 
 ATOL, RTOL = 1e-5, 1e-4
 TIE_WINDOW = 1e-4  # |4 s - (k + 1/2)| below this is a rounding tie a float difference may flip
 
-INPUTS = {"convnet_small": (8, 8, 1), "resnet18": (16, 16, 3), "resnet19": (16, 16, 3),
-          "vgg_snn": (48, 48, 2), "mlp": (2, 6, 1)}
+INPUTS = {
+  "convnet_small": (8, 8, 1),
+  "resnet18": (16, 16, 3),
+  "resnet19": (16, 16, 3),
+  "vgg_snn": (48, 48, 2),
+  "mlp": (2, 6, 1),
+}
 
 # Pairwise cover of weights x neuron x mem_bn x parallel x spike_bits x seca (and the networks).
 CASES = [
-    ("convnet_small", dict(weights="binary")),
-    ("convnet_small", dict(weights="ternary", mem_bn=True, spike_bits=4, seca=1)),
-    ("convnet_small", dict(weights="float", neuron="lif", learnable_lif=True, seca=1)),
-    ("resnet18", dict(weights="binary", mem_bn=True, parallel=True, seca=2)),
-    ("resnet18", dict(weights="ternary", parallel=True, spike_bits=4)),
-    ("resnet18", dict(weights="float", mem_bn=True, spike_bits=4)),
-    ("resnet18", dict(weights="binary", neuron="lif", seca=1)),
-    ("resnet19", dict(weights="binary", mem_bn=True, parallel=True, spike_bits=4, seca=1)),
-    ("resnet19", dict(weights="ternary", neuron="lif", learnable_lif=True, seca=2)),
-    ("resnet19", dict(weights="float", parallel=True, seca=2)),
-    ("resnet19", dict(weights="binary", spike_bits=4, seca=2)),
-    ("vgg_snn", dict(weights="binary", mem_bn=True, seca=1)),
-    ("vgg_snn", dict(weights="ternary", neuron="lif")),
-    ("vgg_snn", dict(weights="float", spike_bits=4)),
-    ("mlp", dict(weights="binary", step_stats=True, mem_bn=True)),
-    ("mlp", dict(weights="float", neuron="lif", step_stats=True)),
-    ("convnet_small", dict(weights="ternary", step_stats=True, spike_bits=4)),
-    ("resnet18", dict(weights="binary", step_stats=True, parallel=True)),
+  ("convnet_small", dict(weights="binary")),
+  ("convnet_small", dict(weights="ternary", mem_bn=True, spike_bits=4, seca=1)),
+  ("convnet_small", dict(weights="float", neuron="lif", learnable_lif=True, seca=1)),
+  ("resnet18", dict(weights="binary", mem_bn=True, parallel=True, seca=2)),
+  ("resnet18", dict(weights="ternary", parallel=True, spike_bits=4)),
+  ("resnet18", dict(weights="float", mem_bn=True, spike_bits=4)),
+  ("resnet18", dict(weights="binary", neuron="lif", seca=1)),
+  ("resnet19", dict(weights="binary", mem_bn=True, parallel=True, spike_bits=4, seca=1)),
+  ("resnet19", dict(weights="ternary", neuron="lif", learnable_lif=True, seca=2)),
+  ("resnet19", dict(weights="float", parallel=True, seca=2)),
+  ("resnet19", dict(weights="binary", spike_bits=4, seca=2)),
+  ("vgg_snn", dict(weights="binary", mem_bn=True, seca=1)),
+  ("vgg_snn", dict(weights="ternary", neuron="lif")),
+  ("vgg_snn", dict(weights="float", spike_bits=4)),
+  ("mlp", dict(weights="binary", step_stats=True, mem_bn=True)),
+  ("mlp", dict(weights="float", neuron="lif", step_stats=True)),
+  ("convnet_small", dict(weights="ternary", step_stats=True, spike_bits=4)),
+  ("resnet18", dict(weights="binary", step_stats=True, parallel=True)),
 ]
 QUICK = {0, 1, 3, 14, 15, 16}
 
@@ -53,9 +58,10 @@ def _case_id(case):
 
 
 def _params(cases):
-  return [pytest.param(case, id=_case_id(case),
-                       marks=() if i in QUICK else pytest.mark.slow)
-          for i, case in enumerate(cases)]
+  return [
+    pytest.param(case, id=_case_id(case), marks=() if i in QUICK else pytest.mark.slow)
+    for i, case in enumerate(cases)
+  ]
 
 
 def _randomize_kernels(model: nnx.Module, key: jax.Array) -> None:
@@ -63,10 +69,11 @@ def _randomize_kernels(model: nnx.Module, key: jax.Array) -> None:
   of order one (the default latent init has all signs +1 and tiny currents)."""
   for path, node in nnx.iter_graph(model):
     if isinstance(node, QConv):
-      fan_in = node.kernel_size ** 2 * node.in_features
+      fan_in = node.kernel_size**2 * node.in_features
       k = jax.random.fold_in(key, zlib.crc32(repr(path).encode()) % 2**31)
-      node.kernel[...] = math.sqrt(2.0 / fan_in) * layers.draw(jax.random.normal, k,
-                                                               node.kernel.shape)
+      node.kernel[...] = math.sqrt(2.0 / fan_in) * layers.draw(
+        jax.random.normal, k, node.kernel.shape
+      )
 
 
 def _build(name, options, seed=0, time_steps=2):
@@ -168,9 +175,10 @@ def test_folded_parameters_follow_the_spec():
   np.testing.assert_allclose(deployed.params["unit2.conv.bias"], c, rtol=1e-6, atol=1e-7)
   signs = np.where(kernel >= 0, 1.0, -1.0)
   np.testing.assert_array_equal(
-      deploy.unpack_binary(jnp.asarray(deployed.params["unit2.conv.bits"]), kernel.shape), signs)
+    deploy.unpack_binary(jnp.asarray(deployed.params["unit2.conv.bits"]), kernel.shape), signs
+  )
   membn = model.unit2.neuron.mem_bn
-  sig = lambda v: 1 / (1 + np.exp(-np.asarray(v, np.float64)))  # noqa: E731
+  sig = lambda v: 1 / (1 + np.exp(-np.asarray(v, np.float64)))
   am = np.asarray(membn.scale[...]) / np.sqrt(np.asarray(membn.var[...]) + 1e-5)
   cm = np.asarray(membn.bias[...]) - am * np.asarray(membn.mean[...])
   k = sig(membn.d[...])[:, None] + sig(membn.c[...])[:, None] * am
@@ -179,12 +187,12 @@ def test_folded_parameters_follow_the_spec():
   np.testing.assert_allclose(deployed.params["unit2.neuron.decay"], k * lam, rtol=1e-5)
   np.testing.assert_allclose(deployed.params["unit2.neuron.gain"], k, rtol=1e-5)
   np.testing.assert_allclose(deployed.params["unit2.neuron.offset"], h, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(deployed.params["unit2.neuron.threshold"],
-                             sig(model.unit2.neuron.b[...]), rtol=1e-6)
+  np.testing.assert_allclose(
+    deployed.params["unit2.neuron.threshold"], sig(model.unit2.neuron.b[...]), rtol=1e-6
+  )
   stem = np.asarray(model.unit1.conv.kernel[...])
   a1, _ = model.unit1.bn.affine()
-  np.testing.assert_allclose(deployed.params["unit1.conv.kernel"], stem * np.asarray(a1),
-                             rtol=1e-6)
+  np.testing.assert_allclose(deployed.params["unit1.conv.kernel"], stem * np.asarray(a1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 4, 8), (1, 1, 3, 5), (3, 3, 1, 3)])
@@ -193,8 +201,9 @@ def test_pack_unpack_roundtrip(shape):
   w.reshape(-1)[0] = 0.0  # sign(0) = +1
   bits = deploy.pack_binary(w)
   assert bits.dtype == np.uint8 and bits.size == math.ceil(w.size / 8)
-  np.testing.assert_array_equal(deploy.unpack_binary(jnp.asarray(bits), shape),
-                                np.where(w >= 0, 1.0, -1.0))
+  np.testing.assert_array_equal(
+    deploy.unpack_binary(jnp.asarray(bits), shape), np.where(w >= 0, 1.0, -1.0)
+  )
   codes = np.sign(np.round(w))
   packed = deploy.pack_ternary(codes)
   assert packed.size == math.ceil(2 * w.size / 8)
@@ -205,11 +214,15 @@ def test_deploy_rejects_mismatched_options():
   model = models.create("convnet_small", num_classes=3, time_steps=2, width=1 / 8, mem_bn=True)
   with pytest.raises(deploy.DeployError, match="unit1.neuron.mem_bn"):
     deploy.deploy(model, "convnet_small", num_classes=3, time_steps=2, width=1 / 8)
-  with pytest.raises(deploy.DeployError, match="fc.out_features: the model has 3, these options "
-                     "give 4"):
+  with pytest.raises(
+    deploy.DeployError, match="fc.out_features: the model has 3, these options give 4"
+  ):
     deploy.deploy(model, "convnet_small", num_classes=4, time_steps=2, width=1 / 8, mem_bn=True)
-  with pytest.raises(deploy.DeployError, match=r"variables unit1.neuron.a: the model has "
-                     r"'NeuronParam \[2\]', these options give 'NeuronParam \[3\]'"):
+  with pytest.raises(
+    deploy.DeployError,
+    match=r"variables unit1.neuron.a: the model has "
+    r"'NeuronParam \[2\]', these options give 'NeuronParam \[3\]'",
+  ):
     deploy.deploy(model, "convnet_small", num_classes=3, time_steps=3, width=1 / 8, mem_bn=True)
   with pytest.raises(models.ConfigError, match="unknown create"):
     deploy.deploy(model, "convnet_small", num_classes=3, time_steps=2, depth=3)
@@ -248,17 +261,17 @@ def _header_end(data: bytes) -> int:
 def _corruption_positions(data):
   header_end = _header_end(data)
   return {
-      "magic": (0, "wrong magic"),
-      "version": (8, "format version"),
-      "header length": (12, "declares"),
-      "payload length": (17, "declares"),
-      "header start": (24, "checksum mismatch"),
-      "header middle": ((24 + header_end) // 2, "checksum mismatch"),
-      "payload start": (header_end, "checksum mismatch"),
-      "payload middle": ((header_end + len(data)) // 2, "checksum mismatch"),
-      "payload end": (len(data) - 33, "checksum mismatch"),
-      "checksum first": (len(data) - 32, "checksum mismatch"),
-      "checksum last": (len(data) - 1, "checksum mismatch"),
+    "magic": (0, "wrong magic"),
+    "version": (8, "format version"),
+    "header length": (12, "declares"),
+    "payload length": (17, "declares"),
+    "header start": (24, "checksum mismatch"),
+    "header middle": ((24 + header_end) // 2, "checksum mismatch"),
+    "payload start": (header_end, "checksum mismatch"),
+    "payload middle": ((header_end + len(data)) // 2, "checksum mismatch"),
+    "payload end": (len(data) - 33, "checksum mismatch"),
+    "checksum first": (len(data) - 32, "checksum mismatch"),
+    "checksum last": (len(data) - 1, "checksum mismatch"),
   }
 
 
@@ -290,11 +303,16 @@ def test_bundle_detects_truncation(small_bundle):
 def _rewrite(data: bytes, *, version=None, header=None) -> bytes:
   """A bundle with a new version or header and a valid checksum."""
   magic, old_version, header_len, payload_len = struct.unpack_from("<8sIIQ", data)
-  old_header = data[24:24 + header_len]
-  payload = data[24 + header_len:-32]
+  old_header = data[24 : 24 + header_len]
+  payload = data[24 + header_len : -32]
   header = old_header if header is None else header
-  body = (struct.pack("<8sIIQ", magic, old_version if version is None else version, len(header),
-                      payload_len) + header + payload)
+  body = (
+    struct.pack(
+      "<8sIIQ", magic, old_version if version is None else version, len(header), payload_len
+    )
+    + header
+    + payload
+  )
   return body + hashlib.sha256(body).digest()
 
 
@@ -304,14 +322,15 @@ def test_bundle_rejects_other_versions_and_bad_headers(small_bundle):
     bundle.from_bytes(_rewrite(data, version=2))
   with pytest.raises(bundle.BundleError, match="wrong magic"):
     bundle.from_bytes(b"NOTABNDL" + data[8:])
-  header = data[24:_header_end(data)]
+  header = data[24 : _header_end(data)]
   with pytest.raises(bundle.BundleError, match="malformed header"):
     bundle.from_bytes(_rewrite(data, header=header[:-1]))
   with pytest.raises(bundle.BundleError, match="needs"):
     bundle.from_bytes(_rewrite(data, header=header.replace(b'"shape":[8]', b'"shape":[2,4]', 1)))
   with pytest.raises(bundle.BundleError, match="unexpected array"):
-    bundle.from_bytes(_rewrite(data, header=header.replace(b'"blocks.0.conv1.bias"',
-                                                           b'"blocks.0.conv1.bogus"', 1)))
+    bundle.from_bytes(
+      _rewrite(data, header=header.replace(b'"blocks.0.conv1.bias"', b'"blocks.0.conv1.bogus"', 1))
+    )
 
 
 @pytest.mark.slow
@@ -320,15 +339,22 @@ def test_default_resnet18_bundle_size():
   model = models.create("resnet18", num_classes=10, time_steps=4)
   data = bundle.to_bytes(deploy.deploy(model, "resnet18", num_classes=10, time_steps=4))
   counts = accounting.weight_counts(model)
-  bn_channels = sum(node.features for _, node in nnx.iter_graph(model)
-                    if isinstance(node, StepBatchNorm))
+  bn_channels = sum(
+    node.features for _, node in nnx.iter_graph(model) if isinstance(node, StepBatchNorm)
+  )
   # packed signs + float weights (stem, FC) + scale and bias per BN channel (the stem has no scale)
-  expected = (counts["BinaryWeight"] / 8 + 4 * counts["FloatWeight"]
-              + 8 * bn_channels - 4 * model.stem.bn.features)
+  expected = (
+    counts["BinaryWeight"] / 8
+    + 4 * counts["FloatWeight"]
+    + 8 * bn_channels
+    - 4 * model.stem.bn.features
+  )
   assert abs(len(data) - expected) / expected < 0.05, (len(data), expected)
   assert len(data) / 1e6 < 0.55 * accounting.param_megabytes(model)
-  print(f"default ResNet-18 bundle: {len(data)} bytes = {len(data) / 1e6:.4f} MB "
-        f"(paper rule {accounting.param_megabytes(model):.2f} MB)")
+  print(
+    f"default ResNet-18 bundle: {len(data)} bytes = {len(data) / 1e6:.4f} MB "
+    f"(paper rule {accounting.param_megabytes(model):.2f} MB)"
+  )
 
 
 # Bundles written by the format-1 writer of 2025-12 (convnet_small ternary + Mem-BN + 4-bit
@@ -342,6 +368,10 @@ def test_bundles_written_before_load_and_compute_the_same(name):
   data = OLD_BUNDLES[f"{name}.bundle"].tobytes()
   deployed = bundle.from_bytes(data)
   assert deployed.arch.name == name
-  np.testing.assert_allclose(deploy.run(deployed, jnp.asarray(OLD_BUNDLES[f"{name}.input"])),
-                             OLD_BUNDLES[f"{name}.logits"], atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(
+    deploy.run(deployed, jnp.asarray(OLD_BUNDLES[f"{name}.input"])),
+    OLD_BUNDLES[f"{name}.logits"],
+    atol=1e-6,
+    rtol=1e-6,
+  )
   assert bundle.to_bytes(deployed) == data

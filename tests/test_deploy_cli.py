@@ -14,9 +14,9 @@ import subprocess
 import sys
 
 import chex
-import ml_collections
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -41,9 +41,15 @@ def env(devices):
 
 
 def cli(*flags, devices=1, timeout=120):
-  return subprocess.run([sys.executable, "-m", "experiments.deploy", *flags], check=False,
-                        cwd=ROOT, env=env(devices), capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.deploy", *flags],
+    check=False,
+    cwd=ROOT,
+    env=env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def assert_one_line_error(result, *fragments):
@@ -87,7 +93,7 @@ def table_rows(markdown):
   lines = markdown.splitlines()
   start = next(i for i, line in enumerate(lines) if line.startswith("| layer |"))
   rows = []
-  for line in lines[start + 2:]:
+  for line in lines[start + 2 :]:
     if not line.startswith("|"):
       break
     rows.append([cell.strip() for cell in line.strip("|").split("|")])
@@ -104,22 +110,44 @@ def test_report_matches_measure_without_padding_in_forward_order(tmp_path):
   assert result["samples"] == expected.samples == 10
   totals = result["totals"]
   np.testing.assert_allclose(
-      [totals["sops"], totals["macs"], totals["energy_authors_pj"], totals["energy_full_pj"],
-       totals["firing_rate"]],
-      [expected.sops, expected.macs, expected.energy_authors_pj, expected.energy_full_pj,
-       expected.firing_rate], rtol=1e-6)
+    [
+      totals["sops"],
+      totals["macs"],
+      totals["energy_authors_pj"],
+      totals["energy_full_pj"],
+      totals["firing_rate"],
+    ],
+    [
+      expected.sops,
+      expected.macs,
+      expected.energy_authors_pj,
+      expected.energy_full_pj,
+      expected.firing_rate,
+    ],
+    rtol=1e-6,
+  )
   names = [layer["name"] for layer in result["layers"]]
-  assert names == ["unit1.conv", "unit1.neuron", "unit2.conv", "unit2.neuron", "unit3.conv",
-                   "unit3.neuron", "fc"]
+  assert names == [
+    "unit1.conv",
+    "unit1.neuron",
+    "unit2.conv",
+    "unit2.neuron",
+    "unit3.conv",
+    "unit3.neuron",
+    "fc",
+  ]
   # The rows add up to the library's totals, in both energy columns.
   layers = result["layers"]
-  np.testing.assert_allclose(sum(r["energy_authors_pj"] for r in layers),
-                             expected.energy_authors_pj, rtol=1e-6)
-  np.testing.assert_allclose(sum(r["energy_full_pj"] for r in layers), expected.energy_full_pj,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    sum(r["energy_authors_pj"] for r in layers), expected.energy_authors_pj, rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    sum(r["energy_full_pj"] for r in layers), expected.energy_full_pj, rtol=1e-6
+  )
   np.testing.assert_allclose(sum(r["sops"] for r in layers), expected.sops, rtol=1e-6)
-  np.testing.assert_allclose(sum(r["acs"] + r["macs"] for r in layers),
-                             expected.acs + expected.macs, rtol=1e-6)
+  np.testing.assert_allclose(
+    sum(r["acs"] + r["macs"] for r in layers), expected.acs + expected.macs, rtol=1e-6
+  )
   for row in layers:  # authors' convention: spike-fed operations at 0.9 pJ, nothing else
     np.testing.assert_allclose(row["energy_authors_pj"], row["sops"] * 0.9, rtol=1e-6)
   assert layers[0]["sops"] == 0 and layers[0]["macs"] > 0  # float stem fed by currents
@@ -149,8 +177,9 @@ def test_report_time_major_examples_and_four_bit_discount(tmp_path):
 def test_report_refuses_inputs_that_do_not_fit(tmp_path):
   model, _ = small_digits_net()
   with pytest.raises(ValueError, match="3 time steps; the network has T=4"):
-    report.write_efficiency_report(model, [(np.zeros((2, 3, 8, 8, 1)), np.zeros(2, np.int32))],
-                                   str(tmp_path))
+    report.write_efficiency_report(
+      model, [(np.zeros((2, 3, 8, 8, 1)), np.zeros(2, np.int32))], str(tmp_path)
+    )
   only_padding = [(np.zeros((2, 8, 8, 1)), np.full(2, data_input.PAD_LABEL, np.int32))]
   with pytest.raises(ValueError, match="at least one batch"):
     report.write_efficiency_report(model, only_padding, str(tmp_path))
@@ -185,14 +214,17 @@ def test_workdir_without_checkpoint_and_bundle_without_dataset(tmp_path, random_
     deploy_cli.restore_model(str(tmp_path), digits.get_config(), 10, (8, 8, 1))
   assert not (tmp_path / "checkpoints").exists()  # nothing is created in the workdir
   with pytest.raises(deploy_cli.UsageError, match="pass --dataset"):
-    deploy_cli.evaluate(str(random_bundle), dataset=None, data_dir=None, batch_size=8,
-                        report_dir=str(tmp_path))
+    deploy_cli.evaluate(
+      str(random_bundle), dataset=None, data_dir=None, batch_size=8, report_dir=str(tmp_path)
+    )
   assert not os.path.exists(tmp_path / deploy_cli.EVALUATION)
   three_classes, options = small_digits_net(num_classes=3)
   arch = deploy.deploy(three_classes, "convnet_small", **options).arch
   test = data_input.load("digits", "test", batch_size=8, train=False, seed=0)
-  with pytest.raises(deploy_cli.UsageError, match="has num_classes=10, the bundle's network "
-                     "convnet_small has num_classes=3"):
+  with pytest.raises(
+    deploy_cli.UsageError,
+    match="has num_classes=10, the bundle's network convnet_small has num_classes=3",
+  ):
     deploy_cli.check_fits(arch, test, "digits")
 
 
@@ -220,8 +252,15 @@ def test_export_writes_bundle_sidecar_and_report(exported):
   assert sidecar["dataset"] == "digits" and sidecar["bytes"] == size
   assert sidecar["step"] == 1437 // 32  # one epoch: the full batches of 1,437 training images
   rows = table_rows((out.parent / report.MARKDOWN).read_text())
-  assert [row[0] for row in rows] == ["unit1.conv", "unit1.neuron", "unit2.conv",
-                                      "unit2.neuron", "unit3.conv", "unit3.neuron", "fc"]
+  assert [row[0] for row in rows] == [
+    "unit1.conv",
+    "unit1.neuron",
+    "unit2.conv",
+    "unit2.neuron",
+    "unit3.conv",
+    "unit3.neuron",
+    "fc",
+  ]
   assert (out.parent / report.PLOT).exists()
 
 
@@ -237,8 +276,9 @@ def test_bundle_accuracy_equals_training_summary(exported, tmp_path, deploy_main
   assert evaluation["examples"] == summary["examples"] == TEST_EXAMPLES
   assert summary["accuracy"] > 0.5  # trained, so that the comparison means something
   # Logits agree to ~1e-6, so at most an exact tie of two classes could change one prediction.
-  np.testing.assert_allclose(evaluation["accuracy_per_step"], summary["accuracy_per_step"],
-                             atol=1.0 / TEST_EXAMPLES + 1e-12)
+  np.testing.assert_allclose(
+    evaluation["accuracy_per_step"], summary["accuracy_per_step"], atol=1.0 / TEST_EXAMPLES + 1e-12
+  )
   assert re.search(r"accuracy at t = T: \d+\.\d\d %", result.stdout)
 
 
@@ -252,7 +292,7 @@ def test_bundle_logits_equal_trained_model(exported):
   graphdef, state = nnx.split(model)
   eval_logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=False))
   test = data_input.load("digits", "test", batch_size=120, train=False, seed=0)
-  for x, y in test.epoch(0):
+  for x, _ in test.epoch(0):
     x_seq = training.time_major(jnp.asarray(x), 4, static=True)
     expected = eval_logits(state, x_seq)
     got = deploy.run(deployed, x_seq)
@@ -293,8 +333,9 @@ def test_config_of_a_workdir_written_with_the_old_sentinels_reads_as_none_and_re
   # The fingerprint maps only None, so of the old values it is the one the first release wrote.
   old_fingerprint = driver.fingerprint(ml_collections.ConfigDict(legacy))
   assert driver.fingerprint(config) == old_fingerprint
-  (tmp_path / "config.json").write_text(json.dumps({"fingerprint": old_fingerprint,
-                                                    "config": legacy}))
+  (tmp_path / "config.json").write_text(
+    json.dumps({"fingerprint": old_fingerprint, "config": legacy})
+  )
   read, fingerprint = deploy_cli.read_run_config(str(tmp_path))
   assert read.model.spike_bits is None and read.model.stem is None
   assert driver.fingerprint(read) == fingerprint == old_fingerprint
@@ -305,8 +346,9 @@ def test_config_of_a_workdir_written_with_the_old_sentinels_reads_as_none_and_re
 
 
 @pytest.mark.timeout(300)
-def test_onnx_of_the_trained_digits_bundle_predicts_like_the_runtime(exported, tmp_path,
-                                                                     deploy_main):
+def test_onnx_of_the_trained_digits_bundle_predicts_like_the_runtime(
+  exported, tmp_path, deploy_main
+):
   """The command writes a file that passes ONNX's full check; onnxruntime's predictions on the
   whole digits test set equal deploy.run's at every step."""
   onnx = pytest.importorskip("onnx")
@@ -352,16 +394,21 @@ def test_onnx_refuses_bad_files_and_shapes(random_bundle, tmp_path, deploy_main)
   foreign = tmp_path / "foreign.onnx"
   foreign.write_bytes(b"\x08\x07" + bytes(100))  # not a bundle (an ONNX-like protobuf)
   out = tmp_path / "out.onnx"
-  assert_one_line_error(deploy_main(f"--bundle={damaged}", f"--onnx={out}"),
-                        "not a valid bundle")
-  assert_one_line_error(deploy_main(f"--bundle={foreign}", f"--onnx={out}"),
-                        "not a valid bundle")
-  assert_one_line_error(deploy_main(f"--bundle={random_bundle}", f"--onnx={out}"),
-                        "does not name the dataset", "--input_shape")
-  assert_one_line_error(deploy_main(f"--bundle={random_bundle}", f"--onnx={out}",
-                                    "--input_shape=8,x,1"), "--input_shape=8,x,1")
-  assert_one_line_error(deploy_main(f"--bundle={random_bundle}", f"--onnx={out}", "--evaluate"),
-                        "--onnx=OUT.onnx goes with --bundle=FILE alone")
+  assert_one_line_error(deploy_main(f"--bundle={damaged}", f"--onnx={out}"), "not a valid bundle")
+  assert_one_line_error(deploy_main(f"--bundle={foreign}", f"--onnx={out}"), "not a valid bundle")
+  assert_one_line_error(
+    deploy_main(f"--bundle={random_bundle}", f"--onnx={out}"),
+    "does not name the dataset",
+    "--input_shape",
+  )
+  assert_one_line_error(
+    deploy_main(f"--bundle={random_bundle}", f"--onnx={out}", "--input_shape=8,x,1"),
+    "--input_shape=8,x,1",
+  )
+  assert_one_line_error(
+    deploy_main(f"--bundle={random_bundle}", f"--onnx={out}", "--evaluate"),
+    "--onnx=OUT.onnx goes with --bundle=FILE alone",
+  )
   assert not out.exists()
   result = deploy_main(f"--bundle={random_bundle}", f"--onnx={out}", "--input_shape=8,8,1")
   assert result.returncode == 0, result.stderr[-3000:]

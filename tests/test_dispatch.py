@@ -57,11 +57,11 @@ def test_in_flight_rejects_a_bad_depth(depth):
 def test_accumulate_is_one_program_for_every_leaf():
   tree = {"a": jnp.arange(3.0), "b": (jnp.float32(2.0), jnp.int32(1))}
   assert dispatch.accumulate(None, tree) is tree
-  before = dispatch._add._cache_size()  # pylint: disable=protected-access
+  before = dispatch._add._cache_size()
   total = tree
   for _ in range(4):
     total = dispatch.accumulate(total, tree)
-  assert dispatch._add._cache_size() == before + 1  # pylint: disable=protected-access
+  assert dispatch._add._cache_size() == before + 1
   chex.assert_trees_all_close(total, jax.tree.map(lambda v: 5 * v, tree))
 
 
@@ -98,10 +98,15 @@ print("finished", float(jax.device_get(total)["sum"]), flush=True)
 
 
 def test_collective_loop_through_the_helper_finishes_on_two_host_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _LOOP, "400", "2"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-c", _LOOP, "400", "2"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   x = np.ones((256, 512), np.float32) * np.arange(8, dtype=np.float32)[:, None, None] / 8
   h = np.tanh(x * 0.5)

@@ -20,8 +20,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = "experiments/configs/digits.py"
 # A short digits run: 2 epochs of 44 batches, checkpoints every 5 batches, a narrow network.
-SHORT = ["--config.epochs=2", "--config.checkpoint_every_steps=5", "--config.model.width=0.25",
-         "--config.progress=False", "--config.log_every_steps=1000"]
+SHORT = [
+  "--config.epochs=2",
+  "--config.checkpoint_every_steps=5",
+  "--config.model.width=0.25",
+  "--config.progress=False",
+  "--config.log_every_steps=1000",
+]
 
 
 # Compiled programs are shared between the subprocesses of one test session (each run would
@@ -41,13 +46,25 @@ def env(devices=2, **extra):
 
 
 def command(workdir, *flags, config=DIGITS):
-  return [sys.executable, "-m", "experiments.cifar", f"--workdir={workdir}",
-          f"--config={config}", *flags]
+  return [
+    sys.executable,
+    "-m",
+    "experiments.cifar",
+    f"--workdir={workdir}",
+    f"--config={config}",
+    *flags,
+  ]
 
 
 def run(workdir, *flags, devices=2, timeout=300, config=DIGITS):
-  return subprocess.run(command(workdir, *flags, config=config), cwd=ROOT, env=env(devices),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    command(workdir, *flags, config=config),
+    cwd=ROOT,
+    env=env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.fixture
@@ -88,8 +105,9 @@ def final_params(workdir):
   path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(path).item_metadata
-  state = checkpointer.restore(path, restore_args=jax.tree.map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata))
+  state = checkpointer.restore(
+    path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  )
   leaves = jax.tree.leaves({"params": state["params"], "rest": state["rest"]})
   return step, np.concatenate([np.ravel(leaf) for leaf in leaves])
 
@@ -114,10 +132,11 @@ def test_digits_trains_to_97_percent(tmp_path):
   assert len(summary["accuracy_per_step"]) == 4
   assert summary["params_mb_packed"] < summary["params_mb_paper"]
   assert set(summary["firing_rate"]) == {"unit1/neuron", "unit2/neuron", "unit3/neuron"}
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert {"train", "eval", "summary"} <= {r["kind"] for r in records}
-  assert any(name.startswith("events.out.tfevents")
-             for name in os.listdir(tmp_path / "tensorboard"))
+  assert any(
+    name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard")
+  )
   # The efficiency report is written at the end of every run.
   for name in ("efficiency.md", "efficiency.json", "efficiency.png"):
     assert (tmp_path / name).exists(), name
@@ -127,8 +146,13 @@ def test_digits_trains_to_97_percent(tmp_path):
 @pytest.mark.timeout(400)
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, uninterrupted, spawn):
   workdir = str(tmp_path)
-  process = spawn(command(workdir, *SHORT), cwd=ROOT, env=env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  process = spawn(
+    command(workdir, *SHORT),
+    cwd=ROOT,
+    env=env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 240
   while time.time() < deadline and not any(s >= 15 for s in checkpoint_steps(workdir)):
     time.sleep(0.05)
@@ -148,8 +172,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, uninterru
 @pytest.mark.timeout(400)
 def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path, uninterrupted, spawn):
   workdir = str(tmp_path)
-  process = spawn(command(workdir, *SHORT), cwd=ROOT, env=env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  process = spawn(
+    command(workdir, *SHORT),
+    cwd=ROOT,
+    env=env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   deadline = time.time() + 240
   while time.time() < deadline and not any(s >= 6 for s in checkpoint_steps(workdir)):
     time.sleep(0.05)
@@ -166,13 +196,15 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path, uninter
 
 
 # random_step (the online rule's single-update variant) in the slow suite: the default suite's time.
-@pytest.fixture(scope="module", params=["online", pytest.param("random_step", marks=pytest.mark.slow),
-                                        "bptt"])
+@pytest.fixture(
+  scope="module", params=["online", pytest.param("random_step", marks=pytest.mark.slow), "bptt"]
+)
 def float_one_device(request, tmp_path_factory):
   """(rule, workdir) of one epoch of the short float-weight digits run on one device."""
   workdir = str(tmp_path_factory.mktemp(f"float_one_device_{request.param}"))
-  result = run(workdir, *ONE_EPOCH, f"--config.mode={request.param}", devices=1,
-               config=DIGITS + ":float")
+  result = run(
+    workdir, *ONE_EPOCH, f"--config.mode={request.param}", devices=1, config=DIGITS + ":float"
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return request.param, workdir
 
@@ -203,10 +235,23 @@ def test_two_devices_train_like_one_with_every_default(tmp_path, float_one_devic
 
 
 def two_processes(spawn, workdir, flags, port):
-  return [spawn(
-      command(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-              f"--process_id={i}"), cwd=ROOT, env=env(2), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  return [
+    spawn(
+      command(
+        workdir,
+        *flags,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      cwd=ROOT,
+      env=env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
 
 
 ONE_EPOCH = SHORT + ["--config.epochs=1"]
@@ -308,18 +353,28 @@ def test_kill_9_of_one_process_ends_the_other_then_both_resume(tmp_path, four_de
   assert_same_epoch(multi, four_devices)
 
 
-SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
-         "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+SLURM = {
+  "SLURM_JOB_ID": "7",
+  "SLURM_STEP_NODELIST": "localhost",
+  "SLURM_NTASKS": "2",
+  "SLURM_PROCID": "0",
+  "SLURM_LOCALID": "0",
+}
 
 
 def test_cluster_launcher_reads_srun_and_mpirun_environments():
-  from experiments import cli  # pylint: disable=import-outside-toplevel
+  from experiments import cli
+
   assert cli.cluster_launcher(SLURM) == "SLURM (srun)"
   assert cli.cluster_launcher({**SLURM, "SLURM_NTASKS": "1"}) is None  # srun -n 1, sbatch
-  assert cli.cluster_launcher({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}
-                                ) is None  # an sbatch shell outside any srun step
-  mpi = {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "4",
-         "OMPI_COMM_WORLD_RANK": "3"}
+  assert (
+    cli.cluster_launcher({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}) is None
+  )  # an sbatch shell outside any srun step
+  mpi = {
+    "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5000",
+    "OMPI_COMM_WORLD_SIZE": "4",
+    "OMPI_COMM_WORLD_RANK": "3",
+  }
   assert cli.cluster_launcher(mpi) == "Open MPI (mpirun)"
   assert cli.cluster_launcher({}) is None
   with pytest.raises(SystemExit):
@@ -344,10 +399,17 @@ def test_srun_launch_forms_one_run_without_flags(tmp_path, four_devices, spawn):
   each other and train like one process with four devices."""
   multi = str(tmp_path / "multi")
   job = _slurm_job_id_with_free_port()
-  processes = [spawn(
-      command(multi, *ONE_EPOCH), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True, env=env(2, **{**SLURM, "SLURM_JOB_ID": job, "SLURM_PROCID": str(i),
-                               "SLURM_LOCALID": str(i)})) for i in range(2)]
+  processes = [
+    spawn(
+      command(multi, *ONE_EPOCH),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env(2, **{**SLURM, "SLURM_JOB_ID": job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}),
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   for i, (p, output) in enumerate(zip(processes, outputs)):
     assert p.returncode == 0, output[-3000:]

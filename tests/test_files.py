@@ -18,9 +18,8 @@ def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
 def test_a_failed_write_leaves_the_old_file_as_it_was(tmp_path):
   path = tmp_path / "out.txt"
   atomic_write(path, "old")
-  with pytest.raises(RuntimeError, match="stopped"):
-    with atomic_file(path) as f:
-      f.write("half of the new")
-      raise RuntimeError("stopped")
+  with pytest.raises(RuntimeError, match="stopped"), atomic_file(path) as f:
+    f.write("half of the new")
+    raise RuntimeError("stopped")
   assert path.read_text() == "old"
   assert os.listdir(tmp_path) == ["out.txt"]

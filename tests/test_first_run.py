@@ -24,18 +24,25 @@ import chex
 import filelock
 import numpy as np
 import pytest
+from test_experiment import ROOT, env
 
 from experiments import input as data
 from experiments.input import cifar_archive
 from experiments.input.base import DataError
-from test_experiment import ROOT, env
 
 CIFAR10 = os.path.join(ROOT, "experiments/configs/cifar10.py")
 # 2 training batches of 8 and one test batch on a width-1/4 convnet, T = 2.
-TINY = ["--config.model.name=convnet_small", "--config.model.width=0.25", "--config.epochs=1",
-        "--config.batch_size=8", "--config.time_steps=2", "--config.warmup_epochs=0",
-        "--config.bn_recalibration_batches=0", "--config.progress=False",
-        "--config.log_every_steps=1000"]
+TINY = [
+  "--config.model.name=convnet_small",
+  "--config.model.width=0.25",
+  "--config.epochs=1",
+  "--config.batch_size=8",
+  "--config.time_steps=2",
+  "--config.warmup_epochs=0",
+  "--config.bn_recalibration_batches=0",
+  "--config.progress=False",
+  "--config.log_every_steps=1000",
+]
 
 
 def cifar10_archive(path, train_per_batch=4, test=8, seed=0):
@@ -46,30 +53,41 @@ def cifar10_archive(path, train_per_batch=4, test=8, seed=0):
   """
   rng = np.random.default_rng(seed)
   members, written = {}, {"train": ([], []), "test": ([], [])}
-  for member, count, split in [(f"data_batch_{i}", train_per_batch, "train") for i in range(1, 6)
-                               ] + [("test_batch", test, "test")]:
+  for member, count, split in [
+    (f"data_batch_{i}", train_per_batch, "train") for i in range(1, 6)
+  ] + [("test_batch", test, "test")]:
     rows = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
     labels = [int(v) for v in rng.integers(0, 10, count)]
-    members[member] = {b"batch_label": member.encode(), b"labels": labels, b"data": rows,
-                       b"filenames": [b"%d.png" % i for i in range(count)]}
+    members[member] = {
+      b"batch_label": member.encode(),
+      b"labels": labels,
+      b"data": rows,
+      b"filenames": [b"%d.png" % i for i in range(count)],
+    }
     written[split][0].append(rows.reshape(count, 3, 32, 32).transpose(0, 2, 3, 1))
     written[split][1].append(labels)
-  members["batches.meta"] = {b"label_names": [b"class%d" % i for i in range(10)],
-                             b"num_cases_per_batch": train_per_batch, b"num_vis": 3072}
+  members["batches.meta"] = {
+    b"label_names": [b"class%d" % i for i in range(10)],
+    b"num_cases_per_batch": train_per_batch,
+    b"num_vis": 3072,
+  }
   with tarfile.open(path, "w:gz") as tar:
     for member, content in members.items():
       payload = pickle.dumps(content, protocol=2)
       info = tarfile.TarInfo(f"cifar-10-batches-py/{member}")
       info.size = len(payload)
       tar.addfile(info, io.BytesIO(payload))
-  arrays = {split: (np.concatenate(x), np.array(sum(y, []), np.int32))
-            for split, (x, y) in written.items()}
+  arrays = {
+    split: (np.concatenate(images), np.concatenate(labels).astype(np.int32))
+    for split, (images, labels) in written.items()
+  }
   return arrays, hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def expect_md5(monkeypatch, md5, name="cifar10"):
-  monkeypatch.setitem(cifar_archive.ARCHIVES, name,
-                      dataclasses.replace(cifar_archive.ARCHIVES[name], md5=md5))
+  monkeypatch.setitem(
+    cifar_archive.ARCHIVES, name, dataclasses.replace(cifar_archive.ARCHIVES[name], md5=md5)
+  )
 
 
 OPEN_URL = cifar_archive._open_url
@@ -78,8 +96,10 @@ OPEN_URL = cifar_archive._open_url
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
   """Every test runs offline unless it serves the download itself."""
+
   def unreachable(url):
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
   monkeypatch.setattr(cifar_archive, "_open_url", unreachable)
 
 
@@ -101,13 +121,22 @@ app.run(cifar.main, argv=["cifar"] + sys.argv[1:], flags_parser=cifar.parse_flag
 
 
 def cli(md5, *flags, timeout=300):
-  return subprocess.run([sys.executable, "-c", _CLI, md5, *flags], cwd=ROOT, env=env(2),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-c", _CLI, md5, *flags],
+    cwd=ROOT,
+    env=env(2),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def listing(folder):
-  return sorted(os.path.relpath(os.path.join(d, f), folder)
-                for d, dirs, files in os.walk(folder) for f in files + dirs)
+  return sorted(
+    os.path.relpath(os.path.join(d, f), folder)
+    for d, dirs, files in os.walk(folder)
+    for f in files + dirs
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,8 +148,12 @@ def test_first_run_prepares_the_archive_then_trains_and_later_runs_reuse_it(tmp_
   data_dir = tmp_path / "data"
   data_dir.mkdir()
   written, md5 = cifar10_archive(data_dir / "cifar-10-python.tar.gz")
-  flags = [f"--workdir={tmp_path / 'run'}", f"--config={CIFAR10}",
-           f"--config.data_dir={data_dir}", *TINY]
+  flags = [
+    f"--workdir={tmp_path / 'run'}",
+    f"--config={CIFAR10}",
+    f"--config.data_dir={data_dir}",
+    *TINY,
+  ]
   first = cli(md5, *flags)
   assert first.returncode == 0, first.stderr[-3000:]
   assert f"cifar10: preparing {data_dir / 'cifar10_npy'} from" in first.stdout
@@ -135,8 +168,11 @@ def test_first_run_prepares_the_archive_then_trains_and_later_runs_reuse_it(tmp_
   assert "prepar" not in second.stdout
   assert manifest.stat().st_mtime_ns == stamp
   # The local archive stays; the folder holds the archive, the prepared data and the lock file.
-  assert sorted(os.listdir(data_dir)) == [".cifar10_npy.lock", "cifar-10-python.tar.gz",
-                                         "cifar10_npy"]
+  assert sorted(os.listdir(data_dir)) == [
+    ".cifar10_npy.lock",
+    "cifar-10-python.tar.gz",
+    "cifar10_npy",
+  ]
   for split, (x, y) in written.items():
     images, labels = cifar_archive.read_prepared("cifar10", split, data_dir)
     chex.assert_type([images, labels], [np.uint8, np.int32])
@@ -145,15 +181,20 @@ def test_first_run_prepares_the_archive_then_trains_and_later_runs_reuse_it(tmp_
 
 
 @pytest.mark.timeout(60)
-def test_offline_without_data_fails_in_seconds_naming_folder_archive_and_offline_configs(
-    tmp_path):
+def test_offline_without_data_fails_in_seconds_naming_folder_archive_and_offline_configs(tmp_path):
   """Within 10 s of CPU time, the program's start included (the wall time on an idle machine; on
   a loaded one the wall time is longer, but then no retry loop hides behind it either)."""
   data_dir = tmp_path / "empty"
   data_dir.mkdir()
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  result = cli(cifar_archive.ARCHIVES["cifar10"].md5, f"--workdir={tmp_path / 'run'}",
-               f"--config={CIFAR10}", f"--config.data_dir={data_dir}", *TINY, timeout=50)
+  result = cli(
+    cifar_archive.ARCHIVES["cifar10"].md5,
+    f"--workdir={tmp_path / 'run'}",
+    f"--config={CIFAR10}",
+    f"--config.data_dir={data_dir}",
+    *TINY,
+    timeout=50,
+  )
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   assert result.returncode == 2, result.stderr[-3000:]
   assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 10.0
@@ -173,11 +214,18 @@ def test_workdir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
   path = tmp_path / "a_file"
   path.write_text("not a folder")
   for workdir in (path, path / "inside"):
-    result = subprocess.run([sys.executable, "-m", "experiments.cifar", f"--workdir={workdir}"],
-                            cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=50)
+    result = subprocess.run(
+      [sys.executable, "-m", "experiments.cifar", f"--workdir={workdir}"],
+      cwd=ROOT,
+      env=env(1),
+      capture_output=True,
+      text=True,
+      timeout=50,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.splitlines() == [
-        f"error: --workdir={workdir}: {path} is a file, not a folder"], result.stderr
+      f"error: --workdir={workdir}: {path} is a file, not a folder"
+    ], result.stderr
   assert path.read_text() == "not a folder"
 
 
@@ -201,8 +249,11 @@ def test_a_silent_download_host_counts_as_offline_after_the_connect_timeout(monk
   """No answer at all (a name lookup or connection that hangs): one try, given up after
   CONNECT_SECONDS."""
   attempts = []
-  monkeypatch.setattr(cifar_archive.urllib.request, "urlopen",
-                      lambda url, timeout: attempts.append(url) or time.sleep(30))
+  monkeypatch.setattr(
+    cifar_archive.urllib.request,
+    "urlopen",
+    lambda url, timeout: attempts.append(url) or time.sleep(30),
+  )
   monkeypatch.setattr(cifar_archive, "CONNECT_SECONDS", 0.5)
   start = time.perf_counter()
   with pytest.raises(TimeoutError, match="no answer within 0.5 s"):
@@ -231,8 +282,9 @@ def test_download_is_verified_converted_and_then_deleted(tmp_path, monkeypatch):
   source = tmp_path / "served.tar.gz"
   written, md5 = cifar10_archive(source, train_per_batch=2, test=3)
   opened = []
-  monkeypatch.setattr(cifar_archive, "_open_url",
-                      lambda url: opened.append(url) or _Response(source.read_bytes()))
+  monkeypatch.setattr(
+    cifar_archive, "_open_url", lambda url: opened.append(url) or _Response(source.read_bytes())
+  )
   data_dir = tmp_path / "data"
   expect_md5(monkeypatch, "0" * 32)
   with pytest.raises(DataError, match="downloaded cifar-10-python.tar.gz has md5 .*damaged"):
@@ -270,8 +322,14 @@ cifar_archive.prepare("cifar10", sys.argv[1])
 @pytest.mark.timeout(120)
 def test_killed_or_failed_preparation_leaves_nothing_read_as_a_dataset(tmp_path, monkeypatch):
   written, md5 = cifar10_archive(tmp_path / "cifar-10-python.tar.gz")
-  result = subprocess.run([sys.executable, "-c", _KILLED, str(tmp_path), md5], cwd=ROOT,
-                          env=env(1), capture_output=True, text=True, timeout=100)
+  result = subprocess.run(
+    [sys.executable, "-c", _KILLED, str(tmp_path), md5],
+    cwd=ROOT,
+    env=env(1),
+    capture_output=True,
+    text=True,
+    timeout=100,
+  )
   assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
   leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".cifar10_npy.tmp-")]
   assert len(leftovers) == 1
@@ -360,15 +418,26 @@ def test_a_second_process_waits_for_the_first_and_reuses_its_folder(tmp_path, mo
 
 def test_prepare_cifar_command_without_tensorflow(tmp_path):
   """The explicit preparation command; offline without an archive: one line, exit 2."""
-  result = subprocess.run([sys.executable, "-c", "import sys, urllib.error\n"
-                           "from absl import app\n"
-                           "from experiments import prepare_cifar\n"
-                           "from experiments.input import cifar_archive\n"
-                           "def unreachable(url): raise urllib.error.URLError('offline')\n"
-                           "cifar_archive._open_url = unreachable\n"
-                           "app.run(prepare_cifar.main, argv=sys.argv)",
-                           f"--data_dir={tmp_path}", "--datasets=cifar100"],
-                          cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=50)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "import sys, urllib.error\n"
+      "from absl import app\n"
+      "from experiments import prepare_cifar\n"
+      "from experiments.input import cifar_archive\n"
+      "def unreachable(url): raise urllib.error.URLError('offline')\n"
+      "cifar_archive._open_url = unreachable\n"
+      "app.run(prepare_cifar.main, argv=sys.argv)",
+      f"--data_dir={tmp_path}",
+      "--datasets=cifar100",
+    ],
+    cwd=ROOT,
+    env=env(1),
+    capture_output=True,
+    text=True,
+    timeout=50,
+  )
   assert result.returncode == 2, result.stderr[-3000:]
   lines = result.stderr.splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: cifar100: "), lines

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.input import dvs, images, imagenet, pipeline, sequential, tiny_imagenet
+from experiments.input import dvs, imagenet, images, pipeline, sequential, tiny_imagenet
 from experiments.input.base import PAD_LABEL, DataError
 
 FASHION_MNIST = Path(images.FASHION_MNIST_DIR)
@@ -66,30 +66,44 @@ def test_epoch_order_is_the_order_of_the_in_memory_pipeline():
   count, batch = 12, 4
   pixels = np.zeros((count, 2, 2, 1), np.uint8)
   labels = np.arange(count, dtype=np.int32)
-  arrays = pipeline.GrainBatches(images.ArrayReader(pixels, labels, mean=(0.0,), std=(1.0,)),
-                                 num_classes=count, batch_size=batch, train=True, seed=5)
+  arrays = pipeline.GrainBatches(
+    images.ArrayReader(pixels, labels, mean=(0.0,), std=(1.0,)),
+    num_classes=count,
+    batch_size=batch,
+    train=True,
+    seed=5,
+  )
   seen = np.stack([y for _, y in arrays.epoch(2)])
   np.testing.assert_array_equal(seen, batch_plan(count, batch, train=True, seed=5, epoch=2))
 
 
-def toy_pipeline(count, *, train, batch_size=4, process_index=0, process_count=1, augment=True,
-                 **options):
+def toy_pipeline(
+  count, *, train, batch_size=4, process_index=0, process_count=1, augment=True, **options
+):
   """Example i is the constant i + u with u ~ U(0, 1) from its generator (0 without one)."""
 
   def example(index, rng):
     noise = 0.0 if rng is None else rng.random()
     return np.full((2, 3), index + noise, np.float32), index
 
-  return pipeline.GrainBatches(pipeline.ExampleReader(example, count, (2, 3)), num_classes=count,
-                               batch_size=batch_size, train=train, seed=7,
-                               augment=augment and train, process_index=process_index,
-                               process_count=process_count, **options)
+  return pipeline.GrainBatches(
+    pipeline.ExampleReader(example, count, (2, 3)),
+    num_classes=count,
+    batch_size=batch_size,
+    train=train,
+    seed=7,
+    augment=augment and train,
+    process_index=process_index,
+    process_count=process_count,
+    **options,
+  )
 
 
 def test_record_batches_processes_split_each_global_batch_and_resume_exactly():
   single = list(toy_pipeline(10, train=True).epoch(1))
-  halves = [list(toy_pipeline(10, train=True, process_index=p, process_count=2).epoch(1))
-            for p in range(2)]
+  halves = [
+    list(toy_pipeline(10, train=True, process_index=p, process_count=2).epoch(1)) for p in range(2)
+  ]
   assert len(single) == 2 and all(len(h) == 2 for h in halves)
   for k, (x, y) in enumerate(single):
     chex.assert_shape(x, (4, 2, 3))
@@ -126,8 +140,9 @@ def test_threads_deliver_the_batches_of_one_thread_in_order(train):
 
 
 def test_record_batches_evaluation_counts_every_example_once():
-  batches = [list(toy_pipeline(7, train=False, process_index=p, process_count=2).epoch(0))
-             for p in range(2)]
+  batches = [
+    list(toy_pipeline(7, train=False, process_index=p, process_count=2).epoch(0)) for p in range(2)
+  ]
   labels = np.concatenate([y for process in batches for _, y in process])
   real = labels[labels != PAD_LABEL]
   assert sorted(real.tolist()) == list(range(7))
@@ -143,8 +158,9 @@ def test_record_batches_report_broken_examples_and_bad_arguments():
   def broken(index, rng):
     raise OSError("truncated file")
 
-  batches = pipeline.GrainBatches(pipeline.ExampleReader(broken, 4, (1,)), num_classes=2,
-                                  batch_size=2, train=False, seed=0)
+  batches = pipeline.GrainBatches(
+    pipeline.ExampleReader(broken, 4, (1,)), num_classes=2, batch_size=2, train=False, seed=0
+  )
   with pytest.raises(DataError, match="example 0: truncated file"):
     next(batches.epoch(0))
   with pytest.raises(DataError, match="fewer|global batch"):
@@ -163,7 +179,7 @@ def test_random_resized_crop_box_respects_scale_ratio_and_bounds():
   rng = np.random.default_rng(0)
   for _ in range(300):
     top, left, h, w = imagenet.random_resized_crop_box(375, 500, rng)
-    assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+    assert top >= 0 and top + h <= 375 and left >= 0 and left + w <= 500
     assert 0.08 * 0.97 <= h * w / (375 * 500) <= 1.0
     assert 3 / 4 * 0.97 <= w / h <= 4 / 3 * 1.03
 
@@ -208,8 +224,9 @@ def test_train_image_resamples_the_drawn_box_and_flips_with_the_drawn_coin():
     if flipped:
       expected = expected[::-1]
     # Edge columns also see the clamped image border; compare the inner ones.
-    np.testing.assert_allclose(to_pixels(out)[:, 4:-4], np.broadcast_to(
-        expected[None, 4:-4, None], (224, 216, 3)), atol=1.6)
+    np.testing.assert_allclose(
+      to_pixels(out)[:, 4:-4], np.broadcast_to(expected[None, 4:-4, None], (224, 216, 3)), atol=1.6
+    )
   assert any(flips) and not all(flips)
 
 
@@ -225,8 +242,9 @@ def test_train_image_decodes_large_jpegs_at_reduced_scale_in_the_right_place():
     expected = slope * (left + (np.arange(224) + 0.5) * w / 224 - 0.5)
     if replay.random() < 0.5:
       expected = expected[::-1]
-    np.testing.assert_allclose(to_pixels(out)[:, 8:-8], np.broadcast_to(
-        expected[None, 8:-8, None], (224, 208, 3)), atol=4.0)
+    np.testing.assert_allclose(
+      to_pixels(out)[:, 8:-8], np.broadcast_to(expected[None, 8:-8, None], (224, 208, 3)), atol=4.0
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,18 +264,26 @@ def write_imagenet(data_dir: Path, split_sizes: dict[str, int], file_format="arr
     payloads[split] = []
     if file_format == "array_record":
       writer = array_record_module.ArrayRecordWriter(
-          str(folder / f"imagenet2012-{split}.array_record-00000-of-00001"), "group_size:1")
+        str(folder / f"imagenet2012-{split}.array_record-00000-of-00001"), "group_size:1"
+      )
       for i in range(count):
         pixels = np.random.default_rng(i).integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
         data = encode(pixels, "JPEG", quality=90)
         payloads[split].append(data)
-        writer.write(builder.info.features.serialize_example(
-            {"image": data, "label": 3 * i + 1, "file_name": f"{split}_{i}.JPEG"}))
+        writer.write(
+          builder.info.features.serialize_example(
+            {"image": data, "label": 3 * i + 1, "file_name": f"{split}_{i}.JPEG"}
+          )
+        )
       writer.close()
-    template = tfds.core.ShardedFileTemplate(data_dir=folder, dataset_name="imagenet2012",
-                                             split=split, filetype_suffix=file_format)
-    splits.append(tfds.core.SplitInfo(name=split, shard_lengths=[count], num_bytes=0,
-                                      filename_template=template))
+    template = tfds.core.ShardedFileTemplate(
+      data_dir=folder, dataset_name="imagenet2012", split=split, filetype_suffix=file_format
+    )
+    splits.append(
+      tfds.core.SplitInfo(
+        name=split, shard_lengths=[count], num_bytes=0, filename_template=template
+      )
+    )
   builder.info.set_splits(tfds.core.SplitDict(splits))
   builder.info.write_to_directory(folder)
   return payloads
@@ -265,8 +291,9 @@ def write_imagenet(data_dir: Path, split_sizes: dict[str, int], file_format="arr
 
 def test_imagenet_reads_tfds_array_record_and_preprocesses_every_example(tmp_path):
   payloads = write_imagenet(tmp_path, {"train": 6, "validation": 5})
-  test = imagenet.load("test", batch_size=4, train=False, seed=0, data_dir=str(tmp_path),
-                       num_workers=1)  # a worker process unpickles the tfds data source
+  test = imagenet.load(
+    "test", batch_size=4, train=False, seed=0, data_dir=str(tmp_path), num_workers=1
+  )  # a worker process unpickles the tfds data source
   assert (test.num_classes, test.input_shape, test.time_major) == (1000, (224, 224, 3), False)
   batches = list(test.epoch(0))
   assert len(batches) == 2 == test.batches_per_epoch
@@ -276,11 +303,22 @@ def test_imagenet_reads_tfds_array_record_and_preprocesses_every_example(tmp_pat
   for i, data in enumerate(payloads["validation"]):
     np.testing.assert_array_equal(inputs[i], imagenet.eval_image(data))
 
-  train = [imagenet.load("train", batch_size=4, train=True, seed=1, data_dir=str(tmp_path),
-                         process_index=p, process_count=2, num_workers=0) for p in range(2)]
+  train = [
+    imagenet.load(
+      "train",
+      batch_size=4,
+      train=True,
+      seed=1,
+      data_dir=str(tmp_path),
+      process_index=p,
+      process_count=2,
+      num_workers=0,
+    )
+    for p in range(2)
+  ]
   assert train[0].batches_per_epoch == 1
-  (x0, y0), = train[0].epoch(0)
-  (x1, y1), = train[1].epoch(0)
+  ((x0, y0),) = train[0].epoch(0)
+  ((x1, y1),) = train[1].epoch(0)
   chex.assert_shape([x0, x1], (2, 224, 224, 3))
   assert len(set(y0.tolist()) | set(y1.tolist())) == 4
   assert set(y0.tolist()) | set(y1.tolist()) <= {1, 4, 7, 10, 13, 16}
@@ -336,8 +374,9 @@ def write_tiny_imagenet(root: Path, per_class: int = 2) -> list[str]:
 def test_tiny_imagenet_labels_are_indices_in_the_sorted_wnids(tmp_path):
   val_wnids = write_tiny_imagenet(tmp_path)
   order = sorted(TINY_WNIDS)
-  test = tiny_imagenet.load("test", batch_size=3, train=False, seed=0, data_dir=str(tmp_path),
-                            num_workers=0)
+  test = tiny_imagenet.load(
+    "test", batch_size=3, train=False, seed=0, data_dir=str(tmp_path), num_workers=0
+  )
   assert (test.num_classes, test.input_shape) == (3, (64, 64, 3))
   batches = list(test.epoch(0))
   labels = np.concatenate([y for _, y in batches])
@@ -345,30 +384,33 @@ def test_tiny_imagenet_labels_are_indices_in_the_sorted_wnids(tmp_path):
   np.testing.assert_array_equal(labels[:4], [order.index(w) for w in val_wnids])
   np.testing.assert_array_equal(labels[4:], [PAD_LABEL, PAD_LABEL])
   for i, wnid in enumerate(val_wnids[:3]):
-    np.testing.assert_allclose(to_pixels(inputs[i]).mean(axis=(0, 1)), TINY_COLOURS[wnid],
-                               atol=3.0)
+    np.testing.assert_allclose(to_pixels(inputs[i]).mean(axis=(0, 1)), TINY_COLOURS[wnid], atol=3.0)
   np.testing.assert_allclose(to_pixels(inputs[3]), 90.0, atol=2.0)  # grey -> RGB
 
-  train = tiny_imagenet.load("train", batch_size=2, train=True, seed=4, data_dir=str(tmp_path),
-                             augment=False, num_workers=0)
+  train = tiny_imagenet.load(
+    "train", batch_size=2, train=True, seed=4, data_dir=str(tmp_path), augment=False, num_workers=0
+  )
   for x, y in train.epoch(0):
     for image, label in zip(x, y):
-      np.testing.assert_allclose(to_pixels(image).mean(axis=(0, 1)), TINY_COLOURS[order[label]],
-                                 atol=3.0)
+      np.testing.assert_allclose(
+        to_pixels(image).mean(axis=(0, 1)), TINY_COLOURS[order[label]], atol=3.0
+      )
 
 
 def test_tiny_imagenet_augmentation_is_the_shared_crop_and_flip(tmp_path):
   write_tiny_imagenet(tmp_path, per_class=1)
-  batches = tiny_imagenet.load("train", batch_size=3, train=True, seed=2,
-                               data_dir=str(tmp_path), num_workers=0)
-  (x, y), = batches.epoch(5)
+  batches = tiny_imagenet.load(
+    "train", batch_size=3, train=True, seed=2, data_dir=str(tmp_path), num_workers=0
+  )
+  ((x, _),) = batches.epoch(5)
   plan = batch_plan(3, 3, train=True, seed=2, epoch=5)[0]
   paths, _ = tiny_imagenet.list_split(tmp_path, "train", sorted(TINY_WNIDS))
   for k, index in enumerate(plan):
     rng = np.random.default_rng(np.random.SeedSequence((2, 1, 5, int(index))))
     offsets, flips = images.draw_crop_flip(rng, 1, 4)
-    expected = images.crop_and_flip(tiny_imagenet.read_image(paths[index])[None], offsets, flips,
-                                    4)[0]
+    expected = images.crop_and_flip(
+      tiny_imagenet.read_image(paths[index])[None], offsets, flips, 4
+    )[0]
     np.testing.assert_allclose(to_pixels(x[k]), expected, atol=1e-3)
 
 
@@ -403,14 +445,22 @@ def write_aedat2(path: Path, t, x, y, polarity, external=()):
 
 def packet(kind, words, overflow=0):
   words = np.asarray(words, "<u4").reshape(-1, 2)
-  return struct.pack("<hhiiiiii", kind, 0, 8, 4, overflow, len(words), len(words),
-                     len(words)) + words.tobytes()
+  return (
+    struct.pack("<hhiiiiii", kind, 0, 8, 4, overflow, len(words), len(words), len(words))
+    + words.tobytes()
+  )
 
 
 def test_read_aedat2_decodes_dvs128_addresses_and_drops_external_events(tmp_path):
   path = tmp_path / "a.aedat"
-  write_aedat2(path, t=[5, 9, 12, 20], x=[0, 127, 3, 40], y=[0, 5, 127, 64],
-               polarity=[1, 0, 1, 1], external=[2])
+  write_aedat2(
+    path,
+    t=[5, 9, 12, 20],
+    x=[0, 127, 3, 40],
+    y=[0, 5, 127, 64],
+    polarity=[1, 0, 1, 1],
+    external=[2],
+  )
   events = dvs.read_aedat(path)
   np.testing.assert_array_equal(events.t, [5, 9, 20])
   np.testing.assert_array_equal(events.x, [0, 127, 40])
@@ -422,9 +472,11 @@ def test_read_aedat31_reads_polarity_packets_only(tmp_path):
   def word(x, y, p, valid=1):
     return (x << 17) | (y << 2) | (p << 1) | valid
 
-  body = (packet(0, [[7, 1]])  # a special event packet, skipped
-          + packet(1, [[word(3, 4, 1), 10], [word(9, 9, 0, valid=0), 11], [word(100, 2, 0), 12]])
-          + packet(1, [[word(5, 6, 0), 3]], overflow=1))
+  body = (
+    packet(0, [[7, 1]])  # a special event packet, skipped
+    + packet(1, [[word(3, 4, 1), 10], [word(9, 9, 0, valid=0), 11], [word(100, 2, 0), 12]])
+    + packet(1, [[word(5, 6, 0), 3]], overflow=1)
+  )
   header = b"#!AER-DAT3.1\r\n#Format: RAW\r\n#Source 0: DVS128\r\n#!END-HEADER\r\n"
   path = tmp_path / "b.aedat"
   path.write_bytes(header + body)
@@ -462,8 +514,9 @@ def test_event_frames_bins_equal_event_counts_into_exact_pixel_counts():
   np.testing.assert_array_equal(frames, reference_frames(events, 4))
   np.testing.assert_array_equal(frames.sum(axis=(1, 2, 3)), [5, 5, 5, 8])
   # A hand-made stream: three ON events at sensor (x=2, y=7) in the first slice land at row 125.
-  hand = dvs.Events(np.arange(4), np.array([2, 2, 2, 0]), np.array([7, 7, 7, 0]),
-                    np.array([1, 1, 1, 0]))
+  hand = dvs.Events(
+    np.arange(4), np.array([2, 2, 2, 0]), np.array([7, 7, 7, 0]), np.array([1, 1, 1, 0])
+  )
   frames = dvs.event_frames(hand, time_steps=2)
   assert frames[0, 125, 7, 1] == 2 and frames[1, 125, 7, 1] == 1 and frames[1, 127, 0, 0] == 1
   assert frames.sum() == 4
@@ -488,10 +541,12 @@ def test_resize_bilinear_to_48_samples_at_half_pixel_centres():
   chex.assert_shape(out, (2, 48, 48, 2))
   chex.assert_type(out, np.float32)
   expected = (np.arange(48) + 0.5) * 128 / 48 - 0.5  # all inside [0, 127]: no clamping
-  np.testing.assert_allclose(out, np.broadcast_to(expected[None, None, :, None], out.shape),
-                             rtol=1e-6)
-  np.testing.assert_allclose(dvs.resize_bilinear(np.swapaxes(ramp, 1, 2), 48),
-                             np.swapaxes(out, 1, 2), rtol=1e-6)
+  np.testing.assert_allclose(
+    out, np.broadcast_to(expected[None, None, :, None], out.shape), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    dvs.resize_bilinear(np.swapaxes(ramp, 1, 2), 48), np.swapaxes(out, 1, 2), rtol=1e-6
+  )
   np.testing.assert_array_equal(dvs.resize_bilinear(np.full((1, 128, 128, 2), 3.0), 48), 3.0)
   # Corner samples mix the four nearest counts: output (0, 0) reads input (5/6, 5/6).
   impulse = np.zeros((1, 128, 128, 1))
@@ -503,9 +558,16 @@ def test_resize_bilinear_to_48_samples_at_half_pixel_centres():
 def test_resize_bilinear_matches_torch_interpolate():
   torch = pytest.importorskip("torch")
   frames = np.random.default_rng(0).poisson(1.0, (3, 128, 128, 2)).astype(np.float32)
-  reference = torch.nn.functional.interpolate(
-      torch.from_numpy(frames).permute(0, 3, 1, 2), size=(48, 48), mode="bilinear",
-      align_corners=False).permute(0, 2, 3, 1).numpy()
+  reference = (
+    torch.nn.functional.interpolate(
+      torch.from_numpy(frames).permute(0, 3, 1, 2),
+      size=(48, 48),
+      mode="bilinear",
+      align_corners=False,
+    )
+    .permute(0, 2, 3, 1)
+    .numpy()
+  )
   # torch works out the sampling positions in float32: agreement to ~3e-5, not to the last bit.
   np.testing.assert_allclose(dvs.resize_bilinear(frames, 48), reference, rtol=1e-4, atol=1e-4)
 
@@ -527,9 +589,13 @@ def write_events_folder(root: Path, per_class: int = 3, events: int = 30):
   for name in dvs.CLASSES:
     (root / name).mkdir(parents=True)
     for i in range(per_class):
-      write_aedat2(root / name / f"cifar10_{name}_{i}.aedat", t=np.arange(events),
-                   x=rng.integers(0, 128, events), y=rng.integers(0, 128, events),
-                   polarity=rng.integers(0, 2, events))
+      write_aedat2(
+        root / name / f"cifar10_{name}_{i}.aedat",
+        t=np.arange(events),
+        x=rng.integers(0, 128, events),
+        y=rng.integers(0, 128, events),
+        polarity=rng.integers(0, 2, events),
+      )
 
 
 def test_frame_cache_is_built_once_and_read_afterwards(tmp_path):
@@ -538,8 +604,9 @@ def test_frame_cache_is_built_once_and_read_afterwards(tmp_path):
   assert dvs.build_frame_cache(events_dir, cache, num_threads=2) == 30
   assert json.loads((cache / "cache.json").read_text())["time_steps"] == 10
   cached = cache / "cat" / "cifar10_cat_2.npz"
-  np.testing.assert_array_equal(np.load(cached)["frames"],
-                                dvs.recording_frames(events_dir / "cat" / "cifar10_cat_2.aedat"))
+  np.testing.assert_array_equal(
+    np.load(cached)["frames"], dvs.recording_frames(events_dir / "cat" / "cifar10_cat_2.aedat")
+  )
   stamp = cached.stat().st_mtime_ns
   assert dvs.build_frame_cache(events_dir, cache) == 30
   assert cached.stat().st_mtime_ns == stamp
@@ -555,11 +622,14 @@ def test_frame_cache_is_built_once_and_read_afterwards(tmp_path):
 
   train = dvs.load("train", batch_size=4, train=True, seed=3, data_dir=str(cache), augment=True)
   assert train.batches_per_epoch == 5  # 2 training recordings per class
-  x, y = next(train.epoch(1))
+  x, _ = next(train.epoch(1))
   chex.assert_shape(x, (4, 10, 48, 48, 2))
   index = int(batch_plan(20, 4, train=True, seed=3, epoch=1)[0, 0])
-  paths = [cache / c / n for k, c in enumerate(dvs.CLASSES)
-           for n in dvs.split_names([f"cifar10_{c}_{i}.npz" for i in range(3)], k, "train")]
+  paths = [
+    cache / c / n
+    for k, c in enumerate(dvs.CLASSES)
+    for n in dvs.split_names([f"cifar10_{c}_{i}.npz" for i in range(3)], k, "train")
+  ]
   rng = np.random.default_rng(np.random.SeedSequence((3, 1, 1, index)))
   np.testing.assert_array_equal(x[0], dvs.shift_and_flip(np.load(paths[index])["frames"], rng))
 
@@ -603,8 +673,10 @@ def test_to_row_chunks_feeds_rows_4t_to_4t_plus_3_at_step_t():
     sequential.to_row_chunks(np.zeros((1, 30, 28, 1)))
 
 
-@pytest.mark.skipif(not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
-                    reason="needs the dataset-fashion-mnist package")
+@pytest.mark.skipif(
+  not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+  reason="needs the dataset-fashion-mnist package",
+)
 def test_sequential_fashion_mnist_is_the_static_pipeline_cut_into_rows():
   seq = sequential.load("test", batch_size=64, train=False, seed=0)
   static = images.load("fashion_mnist", "test", batch_size=64, train=False, seed=0)
@@ -614,7 +686,7 @@ def test_sequential_fashion_mnist_is_the_static_pipeline_cut_into_rows():
   np.testing.assert_array_equal(ys, y)
   assert (y == PAD_LABEL).sum() == 157 * 64 - 10000
   for t in range(7):
-    np.testing.assert_array_equal(xs[:, t], x[:, 4 * t:4 * t + 4])
+    np.testing.assert_array_equal(xs[:, t], x[:, 4 * t : 4 * t + 4])
 
 
 def test_sequential_fashion_mnist_missing_files_is_a_clear_error(tmp_path):

@@ -21,14 +21,22 @@ STD3 = (0.2, 0.25, 0.3)
 
 def _random_split(count, shape=(32, 32, 3), num_classes=10, seed=0):
   rng = np.random.default_rng(seed)
-  return (rng.integers(0, 256, (count,) + shape, dtype=np.uint8),
-          rng.integers(0, num_classes, count).astype(np.int32))
+  return (
+    rng.integers(0, 256, (count,) + shape, dtype=np.uint8),
+    rng.integers(0, num_classes, count).astype(np.int32),
+  )
 
 
 def _pipeline(x, y, *, batch_size=8, train=True, seed=3, augment=False, **kwargs):
-  return pipeline.GrainBatches(images.ArrayReader(x, y, mean=MEAN3, std=STD3), num_classes=10,
-                               batch_size=batch_size, train=train, seed=seed, augment=augment,
-                               **kwargs)
+  return pipeline.GrainBatches(
+    images.ArrayReader(x, y, mean=MEAN3, std=STD3),
+    num_classes=10,
+    batch_size=batch_size,
+    train=train,
+    seed=seed,
+    augment=augment,
+    **kwargs,
+  )
 
 
 def _batches(count=100, augment=True, **kwargs):
@@ -48,7 +56,7 @@ def _crop_flip_reference(x, offsets, flips, padding):
   out = []
   for image, (r, c), flip in zip(x, offsets, flips):
     padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    crop = padded[r:r + x.shape[1], c:c + x.shape[2]]
+    crop = padded[r : r + x.shape[1], c : c + x.shape[2]]
     out.append(crop[:, ::-1] if flip else crop)
   return np.stack(out)
 
@@ -67,8 +75,9 @@ def test_crop_and_flip_special_offsets():
   p = 2
   centre = np.full((2, 2), p)
   np.testing.assert_array_equal(images.crop_and_flip(x, centre, np.array([False, False]), p), x)
-  np.testing.assert_array_equal(images.crop_and_flip(x, centre, np.array([True, True]), p),
-                                x[:, :, ::-1])
+  np.testing.assert_array_equal(
+    images.crop_and_flip(x, centre, np.array([True, True]), p), x[:, :, ::-1]
+  )
   corner = images.crop_and_flip(x, np.zeros((2, 2), int), np.array([False, True]), p)
   # Shifted down-right by p: the first p rows and columns are padding (zeros).
   np.testing.assert_array_equal(corner[0, :p], 0)
@@ -167,8 +176,14 @@ def test_evaluation_counts_every_example_once_with_padding():
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_slices_are_disjoint_and_cover_the_global_batch(train, process_count):
   single = list(_batches(count=45, train=train, augment=train).epoch(1))
-  parts = [list(_batches(count=45, train=train, augment=train, process_index=p,
-                         process_count=process_count).epoch(1)) for p in range(process_count)]
+  parts = [
+    list(
+      _batches(
+        count=45, train=train, augment=train, process_index=p, process_count=process_count
+      ).epoch(1)
+    )
+    for p in range(process_count)
+  ]
   for part in parts:
     assert len(part) == len(single)
   for k, (x_global, y_global) in enumerate(single):
@@ -177,13 +192,16 @@ def test_process_slices_are_disjoint_and_cover_the_global_batch(train, process_c
     np.testing.assert_array_equal(np.concatenate([part[k][1] for part in parts]), y_global)
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(batch_size=6, process_count=4), "multiple of process_count 4"),
     (dict(process_index=2, process_count=2), "process_index 2"),
     (dict(seed=-1), "seed -1"),
     (dict(train=False, augment=True), "augmentation is for training"),
     (dict(count=5, batch_size=8), "fewer than one global batch"),
-])
+  ],
+)
 def test_bad_batching_arguments(kwargs, message):
   with pytest.raises(DataError, match=message):
     _batches(**kwargs)
@@ -210,10 +228,13 @@ def test_digits_split_is_stratified_deterministic_and_a_partition():
   np.testing.assert_array_equal(again.labels, train.labels)
   # Train and test together are exactly the whole dataset (a partition of the 1,797 examples).
   full = load_digits()
-  whole = np.concatenate([np.round(full.images * 255 / 16).reshape(1797, -1), full.target[:, None]],
-                         axis=1).astype(np.uint8)
-  parts = [np.concatenate([s.images.reshape(len(s.labels), -1), s.labels[:, None]], axis=1)
-           for s in (train, test)]
+  whole = np.concatenate(
+    [np.round(full.images * 255 / 16).reshape(1797, -1), full.target[:, None]], axis=1
+  ).astype(np.uint8)
+  parts = [
+    np.concatenate([s.images.reshape(len(s.labels), -1), s.labels[:, None]], axis=1)
+    for s in (train, test)
+  ]
   assert _rows(np.concatenate(parts).astype(np.uint8)) == _rows(whole)
   np.testing.assert_array_equal(np.bincount(test.labels), [36, 36, 35, 37, 36, 37, 36, 36, 35, 36])
   assert train.images.max() == 255
@@ -269,7 +290,7 @@ def test_fashion_mnist_normalisation_constants_match_the_training_split(fashion_
   x = fashion_mnist[0].images
   spec = images.DATASETS["fashion_mnist"]
   mean = x.mean(dtype=np.float64) / 255
-  std = np.sqrt((x.astype(np.float64) ** 2).mean() / 255 ** 2 - mean ** 2)
+  std = np.sqrt((x.astype(np.float64) ** 2).mean() / 255**2 - mean**2)
   np.testing.assert_allclose([mean, std], [spec.mean[0], spec.std[0]], atol=1e-5)
 
 
@@ -279,8 +300,15 @@ def _idx_bytes(array, magic=None):
   return struct.pack(f">I{ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
 
 
-def _write_fashion_mnist(root, split="train", count=5, labels=None, image_shape=(28, 28),
-                         image_bytes=None, label_bytes=None):
+def _write_fashion_mnist(
+  root,
+  split="train",
+  count=5,
+  labels=None,
+  image_shape=(28, 28),
+  image_bytes=None,
+  label_bytes=None,
+):
   x = np.arange(count * int(np.prod(image_shape)), dtype=np.int64).reshape((count,) + image_shape)
   x = (x % 256).astype(np.uint8)
   y = np.arange(count) % 10 if labels is None else np.asarray(labels)
@@ -310,7 +338,9 @@ def _labels_idx(count=5):
   return _idx_bytes(np.arange(count) % 10)
 
 
-@pytest.mark.parametrize("case, message", [
+@pytest.mark.parametrize(
+  "case, message",
+  [
     ("bad_magic", "magic number 0x00000903, expected 0x00000803"),
     ("labels_as_images", "magic number 0x00000801, expected 0x00000803"),
     ("truncated_payload", "truncated: sizes"),
@@ -319,18 +349,19 @@ def _labels_idx(count=5):
     ("count_mismatch", "5 images but labels of shape"),
     ("label_range", r"labels span \[0, 12\], expected \[0, 10\)"),
     ("image_size", "expected \\[N, 28, 28, 1\\]"),
-])
+  ],
+)
 def test_fashion_mnist_malformed_files(tmp_path, case, message):
   good = _idx_bytes(np.zeros((5, 28, 28), np.uint8))
   kwargs = {
-      "bad_magic": dict(image_bytes=_idx_bytes(np.zeros((5, 28, 28)), magic=0x0903)),
-      "labels_as_images": dict(image_bytes=_labels_idx()),
-      "truncated_payload": dict(image_bytes=good[:-100]),
-      "trailing_bytes": dict(image_bytes=good + b"\0"),
-      "short_header": dict(image_bytes=good[:10]),
-      "count_mismatch": dict(label_bytes=_labels_idx(4)),
-      "label_range": dict(labels=[0, 1, 12, 3, 4]),
-      "image_size": dict(image_shape=(27, 28)),
+    "bad_magic": dict(image_bytes=_idx_bytes(np.zeros((5, 28, 28)), magic=0x0903)),
+    "labels_as_images": dict(image_bytes=_labels_idx()),
+    "truncated_payload": dict(image_bytes=good[:-100]),
+    "trailing_bytes": dict(image_bytes=good + b"\0"),
+    "short_header": dict(image_bytes=good[:10]),
+    "count_mismatch": dict(label_bytes=_labels_idx(4)),
+    "label_range": dict(labels=[0, 1, 12, 3, 4]),
+    "image_size": dict(image_shape=(27, 28)),
   }[case]
   _write_fashion_mnist(tmp_path, **kwargs)
   with pytest.raises(DataError, match=message):
@@ -350,6 +381,7 @@ def test_fashion_mnist_broken_gzip_stream(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # CIFAR through tensorflow-datasets.
+
 
 def _write_array_record_cifar10(root, counts):
   """Writes synthetic CIFAR-10 with tfds' own Cifar10 features as array_record under ``root``.
@@ -372,8 +404,10 @@ def _write_array_record_cifar10(root, counts):
       x, y = _random_split(count, seed=len(split))
       written[split] = (x, y)
       for i in range(count):
-        yield f"{split}{i}", {"id": f"{split}{i}", "image": PIL.Image.fromarray(x[i]),
-                              "label": int(y[i])}
+        yield (
+          f"{split}{i}",
+          {"id": f"{split}{i}", "image": PIL.Image.fromarray(x[i]), "label": int(y[i])},
+        )
 
   SyntheticCifar10(data_dir=str(root), file_format="array_record").download_and_prepare()
   return written
@@ -394,8 +428,9 @@ def test_cifar10_reads_prepared_array_record_without_tensorflow(cifar10_dir):
 
   root, written = cifar10_dir
   for split, (x, y) in written.items():
-    arrays = images.read_tfds_images("cifar10", split, root, image_shape=(32, 32, 3),
-                                     num_classes=10)
+    arrays = images.read_tfds_images(
+      "cifar10", split, root, image_shape=(32, 32, 3), num_classes=10
+    )
     chex.assert_type([arrays.images, arrays.labels], [np.uint8, np.int32])
     assert _examples(arrays.images, arrays.labels) == _examples(x, y)
   assert "tensorflow" not in sys.modules
@@ -433,20 +468,28 @@ def test_cifar100_end_to_end_on_tfds_mock_data(tmp_path):
   version = str(tfds.builder_cls("cifar100").VERSION)
   _write_prepared_layout(tmp_path, "cifar100", version, ["train", "test"])
   with tfds.testing.mock_data(num_examples=20):
-    train = data.load("cifar100", "train", batch_size=8, train=True, seed=0,
-                      data_dir=str(tmp_path), process_index=1, process_count=2)
-    test = data.load("cifar100", "test", batch_size=8, train=False, seed=0,
-                     data_dir=str(tmp_path))
+    train = data.load(
+      "cifar100",
+      "train",
+      batch_size=8,
+      train=True,
+      seed=0,
+      data_dir=str(tmp_path),
+      process_index=1,
+      process_count=2,
+    )
+    test = data.load("cifar100", "test", batch_size=8, train=False, seed=0, data_dir=str(tmp_path))
   assert (train.num_classes, train.batches_per_epoch, test.batches_per_epoch) == (100, 2, 3)
   x, y = next(train.epoch(0))
   chex.assert_shape(x, (4, 32, 32, 3))
-  assert ((0 <= y) & (y < 100)).all()
+  assert ((y >= 0) & (y < 100)).all()
   assert valid_mask(np.concatenate([y for _, y in test.epoch(0)])).sum() == 20
 
 
 def test_missing_cifar_offline_fails_fast_with_where_and_how(tmp_path, monkeypatch):
   def unreachable(url):
     raise OSError("offline")
+
   monkeypatch.setattr(cifar_archive, "_open_url", unreachable)
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "from_env"))
   start = time.perf_counter()
@@ -457,8 +500,9 @@ def test_missing_cifar_offline_fails_fast_with_where_and_how(tmp_path, monkeypat
   assert f"looked in {tmp_path / 'from_env'} for cifar10_npy/" in message
   assert "the archive cifar-10-python.tar.gz" in message
   with pytest.raises(DataError, match=f"looked in {tmp_path / 'explicit'} for cifar100_npy/"):
-    data.load("cifar100", "test", batch_size=8, train=False, seed=0,
-              data_dir=str(tmp_path / "explicit"))
+    data.load(
+      "cifar100", "test", batch_size=8, train=False, seed=0, data_dir=str(tmp_path / "explicit")
+    )
   assert not (tmp_path / "explicit").exists()
 
 
@@ -471,5 +515,4 @@ def test_cifar_prepared_in_another_format_or_version(tmp_path):
     images.read_tfds_images("cifar10", "test", tmp_path, image_shape=(32, 32, 3), num_classes=10)
   _write_prepared_layout(tmp_path, "cifar100", "1.0.0", ["train"])
   with pytest.raises(DataError, match="prepared versions 1.0.0 .* reads version"):
-    images.read_tfds_images("cifar100", "train", tmp_path, image_shape=(32, 32, 3),
-                            num_classes=100)
+    images.read_tfds_images("cifar100", "train", tmp_path, image_shape=(32, 32, 3), num_classes=100)

@@ -40,18 +40,24 @@ def _free_port():
 
 def _start(port):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-  process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(port)], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+    [sys.executable, "-c", SCRIPT, str(port)],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   assert process.stdout.readline().strip() == "ready", process.stderr.read()
   return process
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("first,second", [(signal.SIGTERM, signal.SIGINT),
-                                          (signal.SIGINT, signal.SIGTERM)])
+@pytest.mark.parametrize(
+  "first,second", [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)]
+)
 @pytest.mark.parametrize("synchronized", [False, True], ids=["one process", "jax.distributed"])
-def test_first_signal_stops_at_a_step_and_a_second_ends_the_process(first, second,
-                                                                   synchronized):
+def test_first_signal_stops_at_a_step_and_a_second_ends_the_process(first, second, synchronized):
   """One process, and the synchronized path of a multi-process run (JAX's preemption service,
   here with one process): the first signal is reported at a step; a second, sent while the main
   thread is blocked in C, ends the process with 128 + signal and one line."""
@@ -74,7 +80,8 @@ def test_first_signal_stops_at_a_step_and_a_second_ends_the_process(first, secon
 
 
 def test_handlers_and_wakeup_fd_are_restored():
-  from experiments.interrupt import Interrupt  # pylint: disable=import-outside-toplevel
+  from experiments.interrupt import Interrupt
+
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   with Interrupt(synchronized=False) as interrupt:
     os.kill(os.getpid(), signal.SIGTERM)

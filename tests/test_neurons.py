@@ -16,15 +16,13 @@ from flax import nnx
 from empf_jax import layers, neurons, testing
 
 LN3 = math.log(3.0)
-DECAY_LOGITS = jnp.array([0.0, LN3, -LN3])       # lambda_t = 0.5, 0.75, 0.25
+DECAY_LOGITS = jnp.array([0.0, LN3, -LN3])  # lambda_t = 0.5, 0.75, 0.25
 LAMBDA = np.array([0.5, 0.75, 0.25])
 
 # EM-PF, theta = sigma(b) = 0.5, 0.25, 0.75. Three neurons (columns), currents I_t (rows).
 EMPF_B = jnp.array([0.0, -LN3, LN3])
 EMPF_THETA = np.array([0.5, 0.25, 0.75])
-EMPF_CURRENTS = [[0.5, 1.25, 0.2],
-                 [0.5, -0.5, 0.3],
-                 [1.0, 0.25, 0.9]]
+EMPF_CURRENTS = [[0.5, 1.25, 0.2], [0.5, -0.5, 0.3], [1.0, 0.25, 0.9]]
 # Neuron 0: m = 0.5 (= theta_0: tie, no spike), u = 0.5; m = 0.75*0.5 + 0.5 = 0.875, s = 0.625,
 #   u = 0.25; m = 0.25*0.25 + 1 = 1.0625, s = 0.3125, u = 0.75.
 # Neuron 1: m = 1.25, s = 0.75, u = 0.5; m = 0.375 - 0.5 = -0.125, s = 0, u = -0.125;
@@ -38,9 +36,7 @@ EMPF_RESET = [[0.5, 0.5, 0.2], [0.25, -0.125, 0.25], [0.75, 0.21875, 0.75]]
 # LIF, theta' = sigma(b) + 0.5 = 1.0, 1.25, 0.75.
 LIF_B = jnp.array([0.0, LN3, -LN3])
 LIF_THETA = np.array([1.0, 1.25, 0.75])
-LIF_CURRENTS = [[1.0, 0.5, 2.5],
-                [0.5, 1.0, 0.0],
-                [0.5, 0.5, 0.7]]
+LIF_CURRENTS = [[1.0, 0.5, 2.5], [0.5, 1.0, 0.0], [0.5, 0.5, 0.7]]
 # Neuron 0: m = 1 (= theta'_0: H(0) = 1 fires), s = 1, u = 0; m = 0.5, s = 0, u = 0.5;
 #   m = 0.125 + 0.5 = 0.625 < 0.75, s = 0, u = 0.625.
 # Neuron 1: m = 0.5, s = 0, u = 0.5; m = 0.375 + 1 = 1.375, s = 1.25, u = 0.125;
@@ -61,6 +57,7 @@ def _empf(online=True, **kwargs):
 
   def step(state, current, t):
     return neurons.empf_step(params, state, current, t, online=online, **kwargs)
+
   return step
 
 
@@ -69,14 +66,17 @@ def _lif(online=True):
 
   def step(state, current, t):
     return neurons.lif_step(params, state, current, t, online=online)
+
   return step
 
 
 def _trace(step, currents):
   """Runs ``step`` with run_steps from u_0 = 0; returns spikes and the membrane after reset."""
+
   def traced(state, current, t):
     state, spike = step(state, current, t)
     return state, (spike, state.u)
+
   zero = neurons.MembraneState(jnp.zeros_like(currents[0]))
   _, (spikes, resets) = neurons.run_steps(traced, zero, currents)
   return spikes, resets
@@ -103,9 +103,11 @@ def test_threshold_tie_at_the_first_step_is_exact():
 
 def _jacobian(step, currents):
   """d s_t / d I_tau for one neuron per column: array [t, tau, neuron]."""
+
   def spikes(c):
     return _trace(step, c)[0]
-  jac = jax.jacrev(spikes)(currents)                 # [t, n, tau, n']
+
+  jac = jax.jacrev(spikes)(currents)  # [t, n, tau, n']
   return jnp.einsum("tnsn->tsn", jac)
 
 
@@ -137,8 +139,9 @@ def test_empf_gradients_match_the_hand_formula():
   bptt = _jacobian(_empf(online=False), currents)
   chex.assert_trees_all_close(bptt, jnp.asarray(expected, jnp.float32), atol=1e-6)
   assert np.abs(expected[1, 0]).max() > 0.7  # 0.75 for neurons 0 and 2: BPTT crosses time.
-  chex.assert_trees_all_close(online, jnp.asarray(expected * np.eye(3)[:, :, None], jnp.float32),
-                              atol=1e-6)
+  chex.assert_trees_all_close(
+    online, jnp.asarray(expected * np.eye(3)[:, :, None], jnp.float32), atol=1e-6
+  )
 
 
 def test_lif_gradients_match_the_triangle_surrogate():
@@ -153,8 +156,9 @@ def test_lif_gradients_match_the_triangle_surrogate():
   assert fire[0, 0] == 1.0  # at the tie the surrogate is at its peak
   chex.assert_trees_all_close(bptt, jnp.asarray(expected, jnp.float32), atol=1e-6)
   assert np.abs(expected[1, 0]).max() > 0.1
-  chex.assert_trees_all_close(online, jnp.asarray(expected * np.eye(3)[:, :, None], jnp.float32),
-                              atol=1e-6)
+  chex.assert_trees_all_close(
+    online, jnp.asarray(expected * np.eye(3)[:, :, None], jnp.float32), atol=1e-6
+  )
 
 
 def test_empf_fire_slope_is_the_indicator():
@@ -168,12 +172,12 @@ def test_empf_fire_slope_is_the_indicator():
 
 def test_heaviside_triangle_forward_and_surrogate():
   x = jnp.array([-2.0, -1.0, -0.5, -1e-3, 0.0, 0.25, 1.0, 1.5])
-  chex.assert_trees_all_equal(neurons.heaviside_triangle(x),
-                              jnp.array([0.0, 0, 0, 0, 1, 1, 1, 1]))
+  chex.assert_trees_all_equal(neurons.heaviside_triangle(x), jnp.array([0.0, 0, 0, 0, 1, 1, 1, 1]))
   g = _normal(1, x.shape)
   _, pullback = jax.vjp(neurons.heaviside_triangle, x)
-  chex.assert_trees_all_close(pullback(g)[0],
-                              g * jnp.array([0.0, 0, 0.5, 0.999, 1, 0.75, 0, 0]), atol=1e-6)
+  chex.assert_trees_all_close(
+    pullback(g)[0], g * jnp.array([0.0, 0, 0.5, 0.999, 1, 0.75, 0, 0]), atol=1e-6
+  )
 
 
 def test_four_bit_spikes_reset_with_the_unquantised_spike():
@@ -193,8 +197,7 @@ def test_mem_norm_output_drives_spike_and_reset():
   # m = 0.5 * 0.4 + 0.3 = 0.5; mem_norm doubles it to 1.0 > theta = 0.5: s = 0.5, u = 0.5.
   params = neurons.EMPFParams(jnp.zeros(2), jnp.zeros(2))
   state = neurons.MembraneState(jnp.array([0.4]))
-  new, spike = neurons.empf_step(params, state, jnp.array([0.3]), 1,
-                                 mem_norm=lambda m, t: 2.0 * m)
+  new, spike = neurons.empf_step(params, state, jnp.array([0.3]), 1, mem_norm=lambda m, t: 2.0 * m)
   chex.assert_trees_all_close((spike, new.u), (jnp.array([0.5]), jnp.array([0.5])), atol=1e-7)
 
 
@@ -203,10 +206,12 @@ def test_parallel_neuron_uses_the_threshold_of_each_step():
   # give 0.5 twice).
   params = neurons.ParallelParams(jnp.array([0.0, LN3]))
   currents = jnp.ones((2, 3))
-  chex.assert_trees_all_close(neurons.parallel_all(params, currents),
-                              jnp.array([[0.5] * 3, [0.25] * 3]), atol=1e-6)
-  chex.assert_trees_all_close(neurons.parallel_all(params, currents[1:], 1),
-                              jnp.array([[0.25] * 3]), atol=1e-6)
+  chex.assert_trees_all_close(
+    neurons.parallel_all(params, currents), jnp.array([[0.5] * 3, [0.25] * 3]), atol=1e-6
+  )
+  chex.assert_trees_all_close(
+    neurons.parallel_all(params, currents[1:], 1), jnp.array([[0.25] * 3]), atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("kind", ["empf", "empf_4bit_memnorm", "lif", "parallel"])
@@ -220,8 +225,9 @@ def test_scan_equals_the_unrolled_loop(kind, unroll, t0):
   if kind == "empf":
     step = lambda s, c, t: neurons.empf_step(neurons.EMPFParams(a, b), s, c, t)
   elif kind == "empf_4bit_memnorm":
-    step = lambda s, c, t: neurons.empf_step(neurons.EMPFParams(a, b), s, c, t, spike_bits=4,
-                                             mem_norm=lambda m, t: gain[t] * m + 0.1)
+    step = lambda s, c, t: neurons.empf_step(
+      neurons.EMPFParams(a, b), s, c, t, spike_bits=4, mem_norm=lambda m, t: gain[t] * m + 0.1
+    )
   elif kind == "lif":
     step = lambda s, c, t: neurons.lif_step(neurons.EMPFParams(a, b), s, c, t)
   else:
@@ -234,8 +240,9 @@ def test_scan_equals_the_unrolled_loop(kind, unroll, t0):
     loop_spikes.append(spike)
   chex.assert_trees_all_close((final, spikes), (loop_state, jnp.stack(loop_spikes)), atol=1e-6)
   if kind == "parallel":
-    chex.assert_trees_all_close(spikes, neurons.parallel_all(neurons.ParallelParams(b), currents,
-                                                             t0), atol=1e-6)
+    chex.assert_trees_all_close(
+      spikes, neurons.parallel_all(neurons.ParallelParams(b), currents, t0), atol=1e-6
+    )
 
 
 def _membn_neuron(steps=3, features=4, key=5):
@@ -245,8 +252,9 @@ def _membn_neuron(steps=3, features=4, key=5):
 
 def _unfolded(mem_bn, m, t):
   """sigma(c_t) BN_t(m) + sigma(d_t) m with the running statistics, written out."""
-  bn = ((m - mem_bn.mean[...][t]) / jnp.sqrt(mem_bn.var[...][t] + layers.BN_EPSILON)
-        * mem_bn.scale[...][t] + mem_bn.bias[...][t])
+  bn = (m - mem_bn.mean[...][t]) / jnp.sqrt(mem_bn.var[...][t] + layers.BN_EPSILON) * mem_bn.scale[
+    ...
+  ][t] + mem_bn.bias[...][t]
   return jax.nn.sigmoid(mem_bn.c[...][t]) * bn + jax.nn.sigmoid(mem_bn.d[...][t]) * m
 
 
@@ -269,8 +277,9 @@ def test_folded_mem_bn_through_empf_step_and_the_layer():
   params = neuron.params()
 
   def unfolded_step(state, current, t):
-    return neurons.empf_step(params, state, current, t,
-                             mem_norm=lambda m, t: _unfolded(neuron.mem_bn, m, t))
+    return neurons.empf_step(
+      params, state, current, t, mem_norm=lambda m, t: _unfolded(neuron.mem_bn, m, t)
+    )
 
   def folded_step(state, current, t):
     return neurons.empf_step(params, state, current, t, mem_norm=lambda m, t: k[t] * m + h[t])
@@ -281,8 +290,9 @@ def test_folded_mem_bn_through_empf_step_and_the_layer():
     state, spike = unfolded_step(state, currents[t], t)
     spikes.append(spike)
   reference = (jnp.stack(spikes), state)
-  chex.assert_trees_all_close(neurons.run_steps(folded_step, zero, currents)[::-1], reference,
-                              atol=1e-5)
+  chex.assert_trees_all_close(
+    neurons.run_steps(folded_step, zero, currents)[::-1], reference, atol=1e-5
+  )
   chex.assert_trees_all_close(neuron(currents, None, 0, train=False), reference, atol=1e-5)
   assert float(jnp.mean(reference[0] > 0)) > 0.05  # the comparison sees spikes
 
@@ -310,16 +320,16 @@ def test_mem_bn_training_statistics_per_step_and_running_update():
     expected_spikes.append(s)
     means.append(mu)
     variances.append(m.var(axis=(0, 1, 2), ddof=1))
-  chex.assert_trees_all_close(spikes, jnp.asarray(np.stack(expected_spikes), jnp.float32),
-                              atol=1e-5)
+  chex.assert_trees_all_close(
+    spikes, jnp.asarray(np.stack(expected_spikes), jnp.float32), atol=1e-5
+  )
   chex.assert_trees_all_close(final.u, jnp.asarray(u, jnp.float32), atol=1e-5)
   expected_mean = np.asarray(old_mean).copy()
   expected_var = np.asarray(old_var).copy()
   for i, t in enumerate((1, 2)):
     expected_mean[t] = 0.9 * expected_mean[t] + 0.1 * means[i]
     expected_var[t] = 0.9 * expected_var[t] + 0.1 * variances[i]
-  chex.assert_trees_all_close(mem_bn.mean[...], jnp.asarray(expected_mean, jnp.float32),
-                              atol=1e-5)
+  chex.assert_trees_all_close(mem_bn.mean[...], jnp.asarray(expected_mean, jnp.float32), atol=1e-5)
   chex.assert_trees_all_close(mem_bn.var[...], jnp.asarray(expected_var, jnp.float32), atol=1e-5)
   chex.assert_trees_all_equal(mem_bn.mean[...][0], old_mean[0])  # step 0 did not run
 
@@ -339,7 +349,7 @@ def test_neuron_layers_step_by_step_equal_all_steps(kind):
   spikes, final = neuron(currents, None, 0, train=True)
   state, step_spikes = None, []
   for t in range(steps):
-    spike, state = stepwise(currents[t:t + 1], state, t, train=True)
+    spike, state = stepwise(currents[t : t + 1], state, t, train=True)
     step_spikes.append(spike[0])
   chex.assert_trees_all_close((jnp.stack(step_spikes), state), (spikes, final), atol=1e-5)
   chex.assert_trees_all_close(nnx.state(stepwise), nnx.state(neuron), atol=1e-5)
@@ -360,13 +370,17 @@ def test_half_precision_currents_keep_their_dtype(kind):
     if kind == "lif":
       step = lambda s, c, t: neurons.lif_step(neurons.EMPFParams(a, b), s, c, t)
     else:
-      options = {} if kind == "empf" else dict(
-          spike_bits=4, mem_norm=lambda m, t: m * jnp.float32(1.5) + jnp.float32(0.1))
+      options = (
+        {}
+        if kind == "empf"
+        else dict(spike_bits=4, mem_norm=lambda m, t: m * jnp.float32(1.5) + jnp.float32(0.1))
+      )
       step = lambda s, c, t: neurons.empf_step(neurons.EMPFParams(a, b), s, c, t, **options)
   final, spikes = neurons.run_steps(step, state, currents)
   chex.assert_type([spikes, *jax.tree.leaves(final)], jnp.bfloat16)
-  reference = neurons.run_steps(step, jax.tree.map(lambda v: v.astype(jnp.float32), state),
-                                currents.astype(jnp.float32))[1]
+  reference = neurons.run_steps(
+    step, jax.tree.map(lambda v: v.astype(jnp.float32), state), currents.astype(jnp.float32)
+  )[1]
   chex.assert_trees_all_close(spikes.astype(jnp.float32), reference, atol=0.05, rtol=0.05)
 
 
@@ -388,12 +402,17 @@ def test_online_loss_at_a_step_trains_only_that_steps_scalars(kind):
       module = nnx.merge(graphdef, params, jax.tree.map(lambda leaf: leaf, rest))
       spikes, _ = module(currents, None, 0, train=True, online=online)
       return jnp.sum(spikes[-1] * currents[-1])
-    return {k: v[...] for k, v in nnx.to_flat_state(jax.jit(jax.grad(loss))(params))
-            if v.shape[:1] == (steps,)}
+
+    return {
+      k: v[...]
+      for k, v in nnx.to_flat_state(jax.jit(jax.grad(loss))(params))
+      if v.shape[:1] == (steps,)
+    }
 
   online, bptt = grads(True), grads(False)
-  expected = {("a",), ("b",)} | ({("mem_bn", k) for k in ("c", "d", "scale", "bias")}
-                                 if kind == "membn" else set())
+  expected = {("a",), ("b",)} | (
+    {("mem_bn", k) for k in ("c", "d", "scale", "bias")} if kind == "membn" else set()
+  )
   assert set(online) == expected
   for path, grad in online.items():
     chex.assert_trees_all_equal(grad[:-1], jnp.zeros_like(grad[:-1]))

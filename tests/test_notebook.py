@@ -37,19 +37,28 @@ def test_committed_notebook_has_no_outputs_and_one_install_cell():
 @pytest.mark.timeout(2 * BUDGET_S + 60)
 def test_notebook_runs_top_to_bottom():
   notebook = load()
-  notebook.cells = [cell for cell in notebook.cells
-                    if SKIP_TAG not in cell.metadata.get("tags", [])]
+  notebook.cells = [
+    cell for cell in notebook.cells if SKIP_TAG not in cell.metadata.get("tags", [])
+  ]
   # Every cell gets the whole budget (a shared CI machine can be slow); an error in any cell fails
   # the test with the cell's traceback (CellExecutionError).
-  client = NotebookClient(notebook, timeout=2 * BUDGET_S, kernel_name="python3",
-                          resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+  client = NotebookClient(
+    notebook,
+    timeout=2 * BUDGET_S,
+    kernel_name="python3",
+    resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}},
+  )
   client.execute()
-  outputs = [output for cell in notebook.cells if cell.cell_type == "code"
-             for output in cell.outputs]
+  outputs = [
+    output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+  ]
   assert not [o for o in outputs if o.output_type == "error"]
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-  last = re.search(rf"epoch {digits.get_config().epochs}: .* test accuracy per step "
-                   r"([\d., ]+) %", text)
+  last = re.search(
+    rf"epoch {digits.get_config().epochs}: .* test accuracy per step "
+    r"([\d., ]+) %",
+    text,
+  )
   assert last, text[-3000:]
   assert float(last.group(1).split(",")[-1]) >= 90.0  # the digits config reaches 97-100 %
   assert "bundle:" in text

@@ -24,8 +24,9 @@ DEFAULT = {1, 3, 6, 11, 14}
 def _session(model_proto):
   options = ort.SessionOptions()
   options.intra_op_num_threads = 1
-  return ort.InferenceSession(model_proto.SerializeToString(), options,
-                              providers=["CPUExecutionProvider"])
+  return ort.InferenceSession(
+    model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+  )
 
 
 def _check(deployed, x, input_shape):
@@ -37,9 +38,13 @@ def _check(deployed, x, input_shape):
   return proto
 
 
-@pytest.mark.parametrize("case", [
+@pytest.mark.parametrize(
+  "case",
+  [
     pytest.param(case, id=_case_id(case), marks=() if i in DEFAULT else pytest.mark.slow)
-    for i, case in enumerate(CASES)])
+    for i, case in enumerate(CASES)
+  ],
+)
 def test_onnxruntime_equals_the_runtime_at_every_step(case):
   name, options = case
   model, full, x = _build(name, options)
@@ -49,9 +54,12 @@ def test_onnxruntime_equals_the_runtime_at_every_step(case):
   # The batch is symbolic: another batch size runs the same file.
   session = _session(proto)
   wider = np.concatenate([np.asarray(x)] * 3, axis=1)
-  np.testing.assert_allclose(session.run(["cumulative"], {"x": wider})[0][:, :2],
-                             np.cumsum(np.asarray(deploy.run(deployed, x)), axis=0),
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+    session.run(["cumulative"], {"x": wider})[0][:, :2],
+    np.cumsum(np.asarray(deploy.run(deployed, x)), axis=0),
+    rtol=RTOL,
+    atol=ATOL,
+  )
 
 
 def _median_statistic(deployed, x, kind):
@@ -71,11 +79,14 @@ def _median_statistic(deployed, x, kind):
 def test_convnet28_the_fashion_mnist_network():
   """convnet28 (full-precision first unit, pooling, binary units at 14x14 and 7x7, flattened in
   NHWC order into the classifier) on 28x28 grey images."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from empf_jax import models, testing  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  model = models.create("convnet28", num_classes=10, time_steps=2, width=1 / 8, in_channels=1,
-                        rngs=nnx.Rngs(0))
+  import jax
+  from flax import nnx
+
+  from empf_jax import models, testing
+
+  model = models.create(
+    "convnet28", num_classes=10, time_steps=2, width=1 / 8, in_channels=1, rngs=nnx.Rngs(0)
+  )
   testing.randomize(model, jax.random.key(1))
   deployed = deploy.deploy(model)
   x = np.random.default_rng(0).uniform(0, 1, (2, 3, 28, 28, 1)).astype(np.float32)
@@ -86,10 +97,19 @@ def test_convnet28_the_fashion_mnist_network():
 EARLY_DEFAULT = {(3, "margin"), (14, "softmax")}
 
 
-@pytest.mark.parametrize("case,kind", [
-    pytest.param(CASES[i], kind, id=f"{_case_id(CASES[i])}-{kind}",
-                 marks=() if (i, kind) in EARLY_DEFAULT else pytest.mark.slow)
-    for i in (1, 3, 14) for kind in ("margin", "softmax", "softmax:1")])
+@pytest.mark.parametrize(
+  "case,kind",
+  [
+    pytest.param(
+      CASES[i],
+      kind,
+      id=f"{_case_id(CASES[i])}-{kind}",
+      marks=() if (i, kind) in EARLY_DEFAULT else pytest.mark.slow,
+    )
+    for i in (1, 3, 14)
+    for kind in ("margin", "softmax", "softmax:1")
+  ],
+)
 def test_early_exit_graph_equals_run_early_exit(case, kind):
   """The exit variant: the same exit steps, predictions and c_t at exit as run_early_exit, on a
   batch whose examples stop at different steps (T = 4 here)."""
@@ -97,8 +117,11 @@ def test_early_exit_graph_equals_run_early_exit(case, kind):
   model, full, _ = _build(name, options, time_steps=4)
   deployed = deploy.deploy(model, name, **full)
   x = np.random.default_rng(0).normal(size=(4, 16) + INPUTS[name]).astype(np.float32) * 2.0
-  rule = (deploy.ExitRule.parse(kind) if ":" in kind else
-          deploy.ExitRule(kind, _median_statistic(deployed, x, kind)))
+  rule = (
+    deploy.ExitRule.parse(kind)
+    if ":" in kind
+    else deploy.ExitRule(kind, _median_statistic(deployed, x, kind))
+  )
   expected = deploy.run_early_exit(deployed, x, rule)
   proto = export.to_onnx(deployed, INPUTS[name], rule)
   prediction, steps, cumulative = _session(proto).run(None, {"x": x})
@@ -111,5 +134,7 @@ def test_early_exit_graph_equals_run_early_exit(case, kind):
     assert set(steps.tolist()) == {4}
   # All stopped after step 1: the graph's later steps are skipped, and the answer is the same.
   first = x[:, :1]
-  np.testing.assert_array_equal(_session(proto).run(["steps"], {"x": first})[0],
-                                deploy.run_early_exit(deployed, first, rule).steps)
+  np.testing.assert_array_equal(
+    _session(proto).run(["steps"], {"x": first})[0],
+    deploy.run_early_exit(deployed, first, rule).steps,
+  )

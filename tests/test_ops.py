@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from flax import nnx
 
 from empf_jax import layers, ops
@@ -18,9 +17,11 @@ STRIDES = (1, 2)
 PADDINGS = (0, 1, 3)
 # (H, W): odd and non-square, and even.
 SIZES = ((9, 7), (8, 6))
-CASES = [pytest.param(k, s, p, hw, id=f"k{k}-s{s}-p{p}-{hw[0]}x{hw[1]}")
-         for k, s, p, hw in itertools.product(KERNELS, STRIDES, PADDINGS, SIZES)
-         if min(hw) + 2 * p >= k]
+CASES = [
+  pytest.param(k, s, p, hw, id=f"k{k}-s{s}-p{p}-{hw[0]}x{hw[1]}")
+  for k, s, p, hw in itertools.product(KERNELS, STRIDES, PADDINGS, SIZES)
+  if min(hw) + 2 * p >= k
+]
 
 
 def _reference_conv(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
@@ -32,7 +33,7 @@ def _reference_conv(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> 
   y = np.zeros((x.shape[0], out_h, out_w, w.shape[3]))
   for i in range(out_h):
     for j in range(out_w):
-      window = x[:, stride * i:stride * i + kh, stride * j:stride * j + kw, :]
+      window = x[:, stride * i : stride * i + kh, stride * j : stride * j + kw, :]
       y[:, i, j, :] = np.einsum("nabc,abco->no", window, w.astype(np.float64))
   return y
 
@@ -43,12 +44,12 @@ def _normal(seed, shape, dtype=jnp.float32):
 
 
 def _inputs(kernel, hw, seed=0, dtype=jnp.float32):
-  return (_normal(seed, (2, *hw, 3), dtype),
-          _normal(seed + 1000, (kernel, kernel, 3, 4), dtype))
+  return (_normal(seed, (2, *hw, 3), dtype), _normal(seed + 1000, (kernel, kernel, 3, 4), dtype))
 
 
 def _conv_and_grads(mode, x, w, g, stride, padding):
   """(y, dL/dx, dL/dw) for cotangent g, traced afresh under backward ``mode`` and jitted whole."""
+
   def conv_and_grads(x, w, g):
     y, vjp = jax.vjp(lambda x, w: ops.conv2d(x, w, stride, padding, mode), x, w)
     return (y, *vjp(g))
@@ -68,8 +69,12 @@ def _assert_close_scaled(actual, expected, rtol):
 def test_forward_and_custom_backward(kernel, stride, padding, hw):
   """Both rules give PyTorch's cross-correlation; the custom dL/dx and dL/dw equal JAX's."""
   x, w = _inputs(kernel, hw, seed=1)
-  out_shape = (2, (hw[0] + 2 * padding - kernel) // stride + 1,
-               (hw[1] + 2 * padding - kernel) // stride + 1, 4)
+  out_shape = (
+    2,
+    (hw[0] + 2 * padding - kernel) // stride + 1,
+    (hw[1] + 2 * padding - kernel) // stride + 1,
+    4,
+  )
   g = _normal(2, out_shape)
   y, dx, dw = _conv_and_grads("custom", x, w, g, stride, padding)
   y_native, dx_native, dw_native = _conv_and_grads("native", x, w, g, stride, padding)
@@ -77,8 +82,12 @@ def test_forward_and_custom_backward(kernel, stride, padding, hw):
   chex.assert_shape(dx, x.shape)
   chex.assert_shape(dw, w.shape)
   chex.assert_trees_all_equal(y, y_native)
-  np.testing.assert_allclose(np.asarray(y), _reference_conv(np.asarray(x), np.asarray(w), stride,
-                                                            padding), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(y),
+    _reference_conv(np.asarray(x), np.asarray(w), stride, padding),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   _assert_close_scaled(dx, dx_native, rtol=1e-5)
   _assert_close_scaled(dw, dw_native, rtol=1e-5)
 
@@ -101,8 +110,9 @@ def test_custom_backward_bfloat16(kernel, stride, padding):
   g = _normal(6, (2, out_size, out_size, 4), jnp.bfloat16)
   y, dx, dw = _conv_and_grads("custom", x, w, g, stride, padding)
   chex.assert_type([y, dx, dw], jnp.bfloat16)
-  _, dx_ref, dw_ref = _conv_and_grads("native", x.astype(jnp.float32), w.astype(jnp.float32),
-                                      g.astype(jnp.float32), stride, padding)
+  _, dx_ref, dw_ref = _conv_and_grads(
+    "native", x.astype(jnp.float32), w.astype(jnp.float32), g.astype(jnp.float32), stride, padding
+  )
   _assert_close_scaled(dx, dx_ref, rtol=2e-2)
   _assert_close_scaled(dw, dw_ref, rtol=2e-2)
 
@@ -113,13 +123,15 @@ def test_custom_backward_under_jit_traces_once():
   @jax.jit
   @chex.assert_max_traces(n=1)
   def loss_and_grads(x, w):
-    return jax.value_and_grad(lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1, "custom") ** 2),
-                              (0, 1))(x, w)
+    return jax.value_and_grad(lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1, "custom") ** 2), (0, 1))(
+      x, w
+    )
 
   loss, (dx, dw) = loss_and_grads(x, w)
   loss_and_grads(x + 1.0, w)
   loss_ref, (dx_ref, dw_ref) = jax.value_and_grad(
-      lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1, "native") ** 2), (0, 1))(x, w)
+    lambda x, w: jnp.sum(ops.conv2d(x, w, 2, 1, "native") ** 2), (0, 1)
+  )(x, w)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
   _assert_close_scaled(dx, dx_ref, rtol=1e-5)
   _assert_close_scaled(dw, dw_ref, rtol=1e-5)
@@ -172,16 +184,19 @@ def test_standardize_and_its_gradient_equal_the_reductions(shape):
   keys = jax.random.split(jax.random.key(0), 4)
   x = 3.0 + 2.0 * jax.random.normal(keys[0], shape)
   s, c = shape[0], shape[-1]
-  cotangents = (jax.random.normal(keys[1], shape), jax.random.normal(keys[2], (s, c)),
-                jax.random.normal(keys[3], (s, c)))
+  cotangents = (
+    jax.random.normal(keys[1], shape),
+    jax.random.normal(keys[2], (s, c)),
+    jax.random.normal(keys[3], (s, c)),
+  )
   fast, fast_vjp = jax.vjp(lambda v: ops.standardize(v, 1e-5), x)
   slow, slow_vjp = jax.vjp(lambda v: ops._standardize_reference(v, 1e-5), x)
   for a, b in zip(fast, slow):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(fast_vjp(cotangents)[0], slow_vjp(cotangents)[0], rtol=1e-4,
-                             atol=1e-5)
-  np.testing.assert_allclose(ops.channel_sums(x), jnp.sum(x, axis=tuple(range(1, x.ndim - 1))),
-                             rtol=1e-5)
+  np.testing.assert_allclose(fast_vjp(cotangents)[0], slow_vjp(cotangents)[0], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    ops.channel_sums(x), jnp.sum(x, axis=tuple(range(1, x.ndim - 1))), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 5, 5, 3), (3, 4, 7), (2, 8, 3, 3, 4)])
@@ -193,8 +208,11 @@ def test_batch_norm_and_its_gradients_equal_the_reductions(shape):
   s, c = shape[0], shape[-1]
   scale = 1.0 + 0.5 * jax.random.normal(keys[1], (c,))
   bias = jax.random.normal(keys[2], (c,))
-  cotangents = (jax.random.normal(keys[3], shape), jax.random.normal(keys[4], (s, c)),
-                jax.random.normal(keys[5], (s, c)))
+  cotangents = (
+    jax.random.normal(keys[3], shape),
+    jax.random.normal(keys[4], (s, c)),
+    jax.random.normal(keys[5], (s, c)),
+  )
 
   def reference(x, scale, bias):
     xhat, mean, var = ops._standardize_reference(x, 1e-5)
@@ -218,14 +236,17 @@ def test_broadcast_scalar_gradient_is_the_sum_of_its_cotangent(dtype):
   assert bool(jnp.all(out == value))
   (grad,) = vjp(g)
   assert grad.shape == () and grad.dtype == dtype
-  np.testing.assert_allclose(np.float32(grad), np.sum(np.asarray(g, np.float64)),
-                             rtol=1e-5 if dtype == jnp.float32 else 1e-2)
-  np.testing.assert_allclose(ops.total_sum(g), np.sum(np.asarray(g, np.float64)),
-                             rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+  np.testing.assert_allclose(
+    np.float32(grad), np.sum(np.asarray(g, np.float64)), rtol=1e-5 if dtype == jnp.float32 else 1e-2
+  )
+  np.testing.assert_allclose(
+    ops.total_sum(g), np.sum(np.asarray(g, np.float64)), rtol=1e-5 if dtype == jnp.float32 else 1e-2
+  )
 
 
-@pytest.mark.parametrize("channels,dtype", [(3, jnp.float32), (64, jnp.float32),
-                                            (512, jnp.float32), (64, jnp.bfloat16)])
+@pytest.mark.parametrize(
+  "channels,dtype", [(3, jnp.float32), (64, jnp.float32), (512, jnp.float32), (64, jnp.bfloat16)]
+)
 def test_batch_last_equals_the_transpose_exactly(channels, dtype):
   """Through the identity product, also with an elementwise producer XLA can fuse, the result is
   the transpose bit for bit."""

@@ -46,7 +46,7 @@ def exits(monkeypatch):
 
 def watch(store, index, count=3, timeout_s=0.4):
   w = peers.PeerWatch(store, index, count, timeout_s, "/runs/a", beat_s=0.05)
-  w._thread.name = f"watch-{index}"  # pylint: disable=protected-access
+  w._thread.name = f"watch-{index}"
   return w
 
 
@@ -56,16 +56,21 @@ def test_a_silent_process_is_reported_by_its_watcher_and_every_survivor_leaves(e
   for w in watches:
     w.__enter__()
   time.sleep(0.3)
-  watches[1]._stop.set()  # process 1 stops beating (frozen)  # pylint: disable=protected-access
+  watches[1]._stop.set()  # process 1 stops beating (frozen)
   for w in (watches[0], watches[2]):
-    w._thread.join(timeout=5)  # pylint: disable=protected-access
+    w._thread.join(timeout=5)
   assert exits == {"watch-0": peers.EXIT_PEER_LOST, "watch-2": peers.EXIT_PEER_LOST}
   assert store.values["empf_jax/lost"] == "1:no sign of life for 0.4 s"  # by its watcher, 0
   lines = [line for line in capsys.readouterr().err.splitlines() if line]
-  assert lines == [
+  assert (
+    lines
+    == [
       "error: process 1 of 3 lost (no sign of life for 0.4 s); this run cannot continue without "
       "it: restart all 3 processes with the same --workdir=/runs/a to resume from its newest "
-      "checkpoint"] * 2
+      "checkpoint"
+    ]
+    * 2
+  )
 
 
 def test_processes_that_leave_on_their_own_are_not_lost(exits):
@@ -75,7 +80,7 @@ def test_processes_that_leave_on_their_own_are_not_lost(exits):
     w.__enter__()
   watches[1].__exit__(None, None, None)  # finished, or stopped by a signal
   time.sleep(1.0)  # more than the timeout
-  assert not exits and watches[0]._thread.is_alive()  # pylint: disable=protected-access
+  assert not exits and watches[0]._thread.is_alive()
   assert watches[0].lost(wait_s=0.2) == []
   watches[0].__exit__(None, None, None)
   assert store.values["empf_jax/beat/0"] == store.values["empf_jax/beat/1"] == "done"
@@ -87,14 +92,14 @@ def test_lost_names_the_processes_whose_beat_stands_still(exits):
   for w in watches:
     w.__enter__()
   for i in (1, 3):
-    watches[i]._stop.set()  # pylint: disable=protected-access
-    watches[i]._thread.join()  # pylint: disable=protected-access
+    watches[i]._stop.set()
+    watches[i]._thread.join()
   assert watches[0].lost(wait_s=0.3) == [1, 3]
   assert watches[2].lost(wait_s=0.3) == [1, 3]
   with pytest.raises(SystemExit):
     watches[0].give_up([1, 3], "a collective failed: reset", report=True)
   assert store.values["empf_jax/lost"] == "1,3:a collective failed: reset"
   for w in (watches[0], watches[2]):  # they read the report
-    w._thread.join(timeout=5)  # pylint: disable=protected-access
+    w._thread.join(timeout=5)
   assert exits["watch-2"] == peers.EXIT_PEER_LOST
-  assert not any(w._thread.is_alive() for w in watches)  # pylint: disable=protected-access
+  assert not any(w._thread.is_alive() for w in watches)

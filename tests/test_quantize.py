@@ -37,16 +37,16 @@ BINARY_PASS = [[1, 0, 1, 1], [1, 1, 1, 0]]  # 1[|W| <= 1]: |W| = 1 passes, 1.5 a
 def test_binarize_forward_by_hand():
   w = _kernel(BINARY_W)
   chex.assert_trees_all_close(quantize.binarize_ste(w), _kernel(BINARY_FORWARD), atol=1e-7)
-  chex.assert_trees_all_equal(quantize.binary_sign(w),
-                              _kernel([[1, -1, 1, 1], [-1, 1, -1, 1]]))
+  chex.assert_trees_all_equal(quantize.binary_sign(w), _kernel([[1, -1, 1, 1], [-1, 1, -1, 1]]))
 
 
 def test_binarize_backward_is_clipped_identity():
   w = _kernel(BINARY_W)
   g = _normal(0, w.shape)
   chex.assert_trees_all_equal(_vjp(quantize.binarize_ste, w, g), g * _kernel(BINARY_PASS))
-  chex.assert_trees_all_equal(jax.jit(jax.grad(lambda v: jnp.sum(quantize.binarize_ste(v) * g)))(w),
-                              g * _kernel(BINARY_PASS))
+  chex.assert_trees_all_equal(
+    jax.jit(jax.grad(lambda v: jnp.sum(quantize.binarize_ste(v) * g)))(w), g * _kernel(BINARY_PASS)
+  )
 
 
 def test_binary_scale_is_per_output_channel_over_hwi():
@@ -56,8 +56,9 @@ def test_binary_scale_is_per_output_channel_over_hwi():
   alpha = quantize.binary_scale(w)
   chex.assert_shape(alpha, (1, 1, 1, 4))
   chex.assert_trees_all_close(alpha.reshape(4), jnp.asarray(expected), rtol=1e-6)
-  chex.assert_trees_all_close(jnp.abs(quantize.binarize_ste(w)),
-                              jnp.broadcast_to(alpha, w.shape), rtol=1e-6)
+  chex.assert_trees_all_close(
+    jnp.abs(quantize.binarize_ste(w)), jnp.broadcast_to(alpha, w.shape), rtol=1e-6
+  )
 
 
 # W = [0.9, -0.05, 0.3, -1.6, 1.0, 0.0, -0.4, 0.1]; W_c clips -1.6 to -1.
@@ -73,23 +74,26 @@ def test_ternarize_forward_by_hand():
   codes, alpha = quantize.ternary_codes(w)
   chex.assert_trees_all_equal(codes.ravel(), jnp.asarray(TERNARY_CODES, jnp.float32))
   chex.assert_trees_all_close(alpha, jnp.float32(0.825), atol=1e-7)
-  chex.assert_trees_all_close(quantize.ternarize_ste(w).ravel(),
-                              0.825 * jnp.asarray(TERNARY_CODES, jnp.float32), atol=1e-7)
+  chex.assert_trees_all_close(
+    quantize.ternarize_ste(w).ravel(), 0.825 * jnp.asarray(TERNARY_CODES, jnp.float32), atol=1e-7
+  )
 
 
 def test_ternary_scale_is_tensor_wide():
   w = jnp.array([0.1, -0.2, 0.8, -0.5]).reshape(1, 1, 2, 2)
   # Output channels [0.1, 0.8] and [-0.2, -0.5]. Tensor-wide: mean|W| = 0.4, Delta = 0.28, kept
   # 0.8 and -0.5, alpha = 0.65. A per-channel rule would give 0.8 and -0.5 instead.
-  chex.assert_trees_all_close(quantize.ternarize_ste(w),
-                              jnp.array([0.0, 0.0, 0.65, -0.65]).reshape(1, 1, 2, 2), atol=1e-7)
+  chex.assert_trees_all_close(
+    quantize.ternarize_ste(w), jnp.array([0.0, 0.0, 0.65, -0.65]).reshape(1, 1, 2, 2), atol=1e-7
+  )
 
 
 def test_ternarize_backward_passes_strictly_inside_unit_interval():
   w = jnp.asarray(TERNARY_W, jnp.float32).reshape(2, 2, 1, 2)
   g = _normal(2, w.shape)
-  chex.assert_trees_all_equal(_vjp(quantize.ternarize_ste, w, g),
-                              g * jnp.asarray(TERNARY_PASS, jnp.float32).reshape(w.shape))
+  chex.assert_trees_all_equal(
+    _vjp(quantize.ternarize_ste, w, g), g * jnp.asarray(TERNARY_PASS, jnp.float32).reshape(w.shape)
+  )
 
 
 def test_ternary_without_weights_above_delta_has_zero_scale_and_no_nan():
@@ -98,8 +102,9 @@ def test_ternary_without_weights_above_delta_has_zero_scale_and_no_nan():
   assert float(alpha) == 0.0
   chex.assert_trees_all_equal(codes, jnp.zeros_like(w))
   chex.assert_trees_all_equal(quantize.ternarize_ste(w), jnp.zeros_like(w))
-  chex.assert_trees_all_equal(jax.jit(jax.grad(lambda v: jnp.sum(quantize.ternarize_ste(v))))(w),
-                              jnp.ones_like(w))
+  chex.assert_trees_all_equal(
+    jax.jit(jax.grad(lambda v: jnp.sum(quantize.ternarize_ste(v))))(w), jnp.ones_like(w)
+  )
   chex.assert_tree_all_finite(jax.jit(jax.grad(lambda v: quantize.ternary_codes(v)[1]))(w))
 
 
@@ -121,4 +126,3 @@ def test_spike_code_backward_is_identity_even_where_clipped():
   s = jnp.asarray(SPIKES)
   g = _normal(3, s.shape)
   chex.assert_trees_all_equal(_vjp(quantize.quantize_spike_ste, s, g), g)
-

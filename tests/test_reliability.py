@@ -24,14 +24,21 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from test_experiment import (
+  COMPILATION_CACHE,
+  ONE_EPOCH,
+  ROOT,
+  checkpoint_steps,
+  command,
+  env,
+  final_params,
+)
 
 from empf_jax import layers, models, training
 from experiments import diagnose, train
 from experiments.checkpoint import Checkpoints
 from experiments.configs import digits, fashion_mnist, variants
 from experiments.input import DataError
-from test_experiment import (COMPILATION_CACHE, ONE_EPOCH, ROOT, checkpoint_steps, command,
-                             env, final_params)
 
 # One epoch of 44 batches; checkpoints every 5 batches, the newest 3 kept (35, 40, 44): the flags
 # of the shared run (conftest.digits_one_epoch).
@@ -46,11 +53,19 @@ def compile_cache():
 
 def cli(compile_cache, workdir, *flags, timeout=300):
   """Runs the training program on 2 CPU devices; returns the CompletedProcess."""
-  cache = {"JAX_COMPILATION_CACHE_DIR": compile_cache,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-  return subprocess.run(command(str(workdir), *flags), cwd=ROOT, env=env(2, **cache),
-                        capture_output=True, text=True, timeout=timeout)
+  cache = {
+    "JAX_COMPILATION_CACHE_DIR": compile_cache,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+  return subprocess.run(
+    command(str(workdir), *flags),
+    cwd=ROOT,
+    env=env(2, **cache),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def one_error_line(result, code):
@@ -97,13 +112,18 @@ def test_same_config_and_seed_give_bit_identical_parameters(reference, rerun):
 
 @pytest.mark.timeout(400)
 def test_damaged_checkpoints_fall_back_and_finish_like_an_uninterrupted_run(
-    tmp_path, compile_cache, reference):
+  tmp_path, compile_cache, reference
+):
   workdir = tmp_path / "damaged"
   shutil.copytree(reference, workdir)
   assert checkpoint_steps(workdir) == [35, 40, 44]
   # 44: every array chunk truncated; 40: unreadable array metadata.
-  chunks = [os.path.join(d, f) for d, _, files in os.walk(workdir / "checkpoints/44/state")
-            for f in files if os.path.basename(d) == "d"]
+  chunks = [
+    os.path.join(d, f)
+    for d, _, files in os.walk(workdir / "checkpoints/44/state")
+    for f in files
+    if os.path.basename(d) == "d"
+  ]
   assert chunks
   for path in chunks:
     os.truncate(path, os.path.getsize(path) // 2)
@@ -114,10 +134,16 @@ def test_damaged_checkpoints_fall_back_and_finish_like_an_uninterrupted_run(
   # One line per damaged checkpoint, and nothing else on stderr.
   warnings = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(warnings) == 2, result.stderr[-3000:]
-  assert re.match(r"warning: checkpoint 44 in .* is unreadable \(.+\); falling back to "
-                  r"checkpoint 40$", warnings[0]), warnings[0]
-  assert re.match(r"warning: checkpoint 40 in .* is unreadable \(.+\); falling back to "
-                  r"checkpoint 35$", warnings[1]), warnings[1]
+  assert re.match(
+    r"warning: checkpoint 44 in .* is unreadable \(.+\); falling back to "
+    r"checkpoint 40$",
+    warnings[0],
+  ), warnings[0]
+  assert re.match(
+    r"warning: checkpoint 40 in .* is unreadable \(.+\); falling back to "
+    r"checkpoint 35$",
+    warnings[1],
+  ), warnings[1]
   assert "resuming from step 35" in result.stdout
   # The damaged steps were trained again and saved afresh; the result is the uninterrupted one.
   assert checkpoint_steps(workdir) == [35, 40, 44]
@@ -155,13 +181,21 @@ def test_killed_save_leaves_no_step_directory(tmp_path):
   come after all data is written): never a directory named after the step; the next run
   restores the previous checkpoint, and saving that step again replaces the temporary
   directory."""
-  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32,
-                                        sharding=jax.sharding.SingleDeviceSharding(
-                                            jax.devices()[0]))}
+  abstract = {
+    "w": jax.ShapeDtypeStruct(
+      (4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    )
+  }
   for kill_at in (1, 2, 3):
     directory = tmp_path / str(kill_at)
-    result = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(directory), str(kill_at)],
-                            cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=100)
+    result = subprocess.run(
+      [sys.executable, "-c", _KILLED_SAVE, str(directory), str(kill_at)],
+      cwd=ROOT,
+      env=env(1),
+      capture_output=True,
+      text=True,
+      timeout=100,
+    )
     assert result.returncode == -9, result.stderr[-3000:]
     assert sorted(os.listdir(directory)) == ["1", "2.orbax-checkpoint-tmp"]
     checkpoints = Checkpoints(str(directory))
@@ -181,12 +215,22 @@ def test_killed_save_leaves_no_step_directory(tmp_path):
 @pytest.mark.timeout(400)
 def test_nan_stops_the_run_naming_step_time_step_and_layer(tmp_path, compile_cache):
   """A learning rate of 1e4 (1e2 in the warm-up epoch) overflows within a few batches."""
-  result = cli(compile_cache, tmp_path, "--config.epochs=1", "--config.model.width=0.25",
-               "--config.progress=False", "--config.learning_rate=1e4",
-               "--config.checkpoint_every_steps=4", "--config.log_every_steps=1")
+  result = cli(
+    compile_cache,
+    tmp_path,
+    "--config.epochs=1",
+    "--config.model.width=0.25",
+    "--config.progress=False",
+    "--config.learning_rate=1e4",
+    "--config.checkpoint_every_steps=4",
+    "--config.log_every_steps=1",
+  )
   line = one_error_line(result, 3)
-  match = re.match(r"error: non-finite value at global step (\d+) \(epoch 1, batch \d+ of 44\), "
-                   r"time step ([1-4]) of 4: (NaN|\+Inf|-Inf) first in (.+?); (.*)$", line)
+  match = re.match(
+    r"error: non-finite value at global step (\d+) \(epoch 1, batch \d+ of 44\), "
+    r"time step ([1-4]) of 4: (NaN|\+Inf|-Inf) first in (.+?); (.*)$",
+    line,
+  )
   assert match, line
   step, time_step, kind, where, rest = match.groups()
   step, time_step = int(step), int(time_step)
@@ -198,12 +242,19 @@ def test_nan_stops_the_run_naming_step_time_step_and_layer(tmp_path, compile_cac
   assert f"the last good checkpoint, step {max(steps)}, is kept in" in rest
   good_step, params = final_params(tmp_path)
   assert good_step == max(steps) and np.all(np.isfinite(params))
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in records if r["kind"] == "train"]
   assert len(losses) == step - 1 and np.all(np.isfinite(losses))
   assert [r for r in records if r["kind"] == "fault"] == [
-      {"kind": "fault", "step": step, "checkpoint": max(steps), "time_step": time_step,
-       "where": where, "value": kind}]
+    {
+      "kind": "fault",
+      "step": step,
+      "checkpoint": max(steps),
+      "time_step": time_step,
+      "where": where,
+      "value": kind,
+    }
+  ]
 
 
 T = 3
@@ -212,8 +263,9 @@ T = 3
 @pytest.fixture(scope="module")
 def tiny():
   """(graphdef, optimizer, state) of a width-1/8 convnet_small, T = 3."""
-  model = models.create("convnet_small", num_classes=10, time_steps=T, in_channels=1,
-                        width=1 / 8, rngs=nnx.Rngs(0))
+  model = models.create(
+    "convnet_small", num_classes=10, time_steps=T, in_channels=1, width=1 / 8, rngs=nnx.Rngs(0)
+  )
   optimizer = training.make_optimizer()
   graphdef, state = training.create_train_state(model, optimizer)
   return graphdef, optimizer, state
@@ -223,8 +275,9 @@ def locate(tiny, mode, x, learning_rate=0.1, seed=0, static=True):
   graphdef, optimizer, state = tiny
   config = training.StepConfig(mode=mode, time_steps=T, num_classes=10, static_input=static)
   labels = jnp.arange(x.shape[0]) % 10
-  return diagnose.first_nonfinite(graphdef, optimizer, config, state, x, labels, learning_rate,
-                                  jax.random.key(seed))
+  return diagnose.first_nonfinite(
+    graphdef, optimizer, config, state, x, labels, learning_rate, jax.random.key(seed)
+  )
 
 
 def images(sequence=False):
@@ -234,8 +287,9 @@ def images(sequence=False):
 
 def seed_drawing(time_step):
   """A seed whose random-step draw for global step 0 is ``time_step`` (0-based)."""
-  return next(s for s in range(100)
-              if int(training.draw_time_step(jax.random.key(s), 0, T)) == time_step)
+  return next(
+    s for s in range(100) if int(training.draw_time_step(jax.random.key(s), 0, T)) == time_step
+  )
 
 
 def test_diagnosis_reports_the_first_layer_in_forward_order(tiny):
@@ -250,12 +304,12 @@ def test_diagnosis_reports_the_time_step_of_a_fault_in_a_sequence(tiny, mode):
   """+Inf in the second frame of every sequence: time step 2, unless the random step t* is the
   first, in which case later steps are never computed and nothing is found."""
   seed = seed_drawing(0) if mode == "random_step" else 0
-  fault = locate(tiny, mode, images(sequence=True).at[:, 1].set(jnp.inf), seed=seed,
-                 static=False)
+  fault = locate(tiny, mode, images(sequence=True).at[:, 1].set(jnp.inf), seed=seed, static=False)
   if mode == "random_step":
     assert fault is None
-    fault = locate(tiny, mode, images(sequence=True).at[:, 1].set(jnp.inf),
-                   seed=seed_drawing(2), static=False)
+    fault = locate(
+      tiny, mode, images(sequence=True).at[:, 1].set(jnp.inf), seed=seed_drawing(2), static=False
+    )
   assert fault == diagnose.Fault(2, "unit1/conv inputs", "+Inf")
 
 
@@ -294,40 +348,44 @@ def digits_config(**changes):
 
 
 BAD_CONFIGS = [
-    ({"dataset": "mnist3d"}, "config.dataset='mnist3d'", "digits"),
-    ({"model.name": "resnet99"}, "config.model.name='resnet99'", "resnet18"),
-    ({"mode": "sideways"}, "config.mode='sideways'", "online, random_step, bptt"),
-    ({"time_steps": 0}, "config.time_steps=0", "an integer >= 1"),
-    ({"batch_size": 0}, "config.batch_size=0", "an integer >= 1"),
-    ({"batch_size": 36}, "config.batch_size=36", "a multiple of the device count 8"),
-    ({"learning_rate": 0.0}, "config.learning_rate=0.0", "a finite number > 0"),
-    ({"learning_rate": -0.1}, "config.learning_rate=-0.1", "a finite number > 0"),
-    ({"learning_rate": float("inf")}, "config.learning_rate=inf", "a finite number > 0"),
-    ({"epochs": 0}, "config.epochs=0", "an integer >= 1"),
-    ({"momentum": 1.0}, "config.momentum=1.0", "[0, 1)"),
-    ({"weight_decay": -1e-4}, "config.weight_decay=-0.0001", ">= 0"),
-    ({"seed": -1}, "config.seed=-1", "an integer >= 0"),
-    ({"bn_recalibration_batches": -5}, "config.bn_recalibration_batches=-5", "an integer >= 0"),
-    ({"compute_dtype": "float16"}, "config.compute_dtype='float16'", "float32, bfloat16"),
-    ({"model.spike_bits": 8}, "config.model.spike_bits=8", "None, 4 (None: floating-point spikes)"),
-    ({"model.seca": 3}, "config.model.seca=3", "0, 1, 2"),
-    ({"model.weights": "quaternary"}, "config.model.weights='quaternary'", "'ternary'"),
-    ({"model.neuron": "izhikevich"}, "config.model.neuron='izhikevich'", "'lif'"),
-    ({"model.width": 0.0}, "config.model.width=0.0", "a number > 0"),
-    ({"model.name": "vgg11", "model.parallel": True}, "config.model.parallel=True",
-     "allowed only in: resnet18"),
-    ({"model.neuron": "lif", "model.mem_bn": True}, "config.model.mem_bn=True", "False"),
-    ({"model.neuron": "lif", "model.spike_bits": 4}, "config.model.spike_bits=4", "None"),
-    ({"model.seca": 2}, "config.model.seca=2", "0, 1"),
-    ({"model.learnable_lif": True}, "config.model.learnable_lif=True", "False"),
-    ({"model.stem": "imagenet"}, "config.model.stem (for convnet_small)='imagenet'", "'cifar'"),
-    ({"learning_rte": 0.1}, "config.learning_rte=0.1", "did you mean config.learning_rate?"),
-    ({"model.widht": 0.5}, "config.model.widht=0.5", "did you mean config.model.width?"),
+  ({"dataset": "mnist3d"}, "config.dataset='mnist3d'", "digits"),
+  ({"model.name": "resnet99"}, "config.model.name='resnet99'", "resnet18"),
+  ({"mode": "sideways"}, "config.mode='sideways'", "online, random_step, bptt"),
+  ({"time_steps": 0}, "config.time_steps=0", "an integer >= 1"),
+  ({"batch_size": 0}, "config.batch_size=0", "an integer >= 1"),
+  ({"batch_size": 36}, "config.batch_size=36", "a multiple of the device count 8"),
+  ({"learning_rate": 0.0}, "config.learning_rate=0.0", "a finite number > 0"),
+  ({"learning_rate": -0.1}, "config.learning_rate=-0.1", "a finite number > 0"),
+  ({"learning_rate": float("inf")}, "config.learning_rate=inf", "a finite number > 0"),
+  ({"epochs": 0}, "config.epochs=0", "an integer >= 1"),
+  ({"momentum": 1.0}, "config.momentum=1.0", "[0, 1)"),
+  ({"weight_decay": -1e-4}, "config.weight_decay=-0.0001", ">= 0"),
+  ({"seed": -1}, "config.seed=-1", "an integer >= 0"),
+  ({"bn_recalibration_batches": -5}, "config.bn_recalibration_batches=-5", "an integer >= 0"),
+  ({"compute_dtype": "float16"}, "config.compute_dtype='float16'", "float32, bfloat16"),
+  ({"model.spike_bits": 8}, "config.model.spike_bits=8", "None, 4 (None: floating-point spikes)"),
+  ({"model.seca": 3}, "config.model.seca=3", "0, 1, 2"),
+  ({"model.weights": "quaternary"}, "config.model.weights='quaternary'", "'ternary'"),
+  ({"model.neuron": "izhikevich"}, "config.model.neuron='izhikevich'", "'lif'"),
+  ({"model.width": 0.0}, "config.model.width=0.0", "a number > 0"),
+  (
+    {"model.name": "vgg11", "model.parallel": True},
+    "config.model.parallel=True",
+    "allowed only in: resnet18",
+  ),
+  ({"model.neuron": "lif", "model.mem_bn": True}, "config.model.mem_bn=True", "False"),
+  ({"model.neuron": "lif", "model.spike_bits": 4}, "config.model.spike_bits=4", "None"),
+  ({"model.seca": 2}, "config.model.seca=2", "0, 1"),
+  ({"model.learnable_lif": True}, "config.model.learnable_lif=True", "False"),
+  ({"model.stem": "imagenet"}, "config.model.stem (for convnet_small)='imagenet'", "'cifar'"),
+  ({"learning_rte": 0.1}, "config.learning_rte=0.1", "did you mean config.learning_rate?"),
+  ({"model.widht": 0.5}, "config.model.widht=0.5", "did you mean config.model.width?"),
 ]
 
 
-@pytest.mark.parametrize("changes,names,allowed", BAD_CONFIGS,
-                         ids=[",".join(c) for c, _, _ in BAD_CONFIGS])
+@pytest.mark.parametrize(
+  "changes,names,allowed", BAD_CONFIGS, ids=[",".join(c) for c, _, _ in BAD_CONFIGS]
+)
 def test_bad_config_is_one_line_naming_key_value_and_allowed(changes, names, allowed):
   with pytest.raises(train.ConfigError) as error:
     train.validate_config(digits_config(**changes))
@@ -339,8 +397,16 @@ def test_bad_config_is_one_line_naming_key_value_and_allowed(changes, names, all
 def test_shipped_configs_and_variants_are_valid_except_parallel_without_resnet():
   """Every shipped config with every variant passes, except the parallel variant on a network
   that has no basic blocks to hold the parallel neuron: that one fails with the clear message."""
-  for module in ("cifar10", "cifar100", "cifar10_dvs", "digits", "fashion_mnist", "imagenet",
-                 "sequential_fashion_mnist", "tiny_imagenet"):
+  for module in (
+    "cifar10",
+    "cifar100",
+    "cifar10_dvs",
+    "digits",
+    "fashion_mnist",
+    "imagenet",
+    "sequential_fashion_mnist",
+    "tiny_imagenet",
+  ):
     get_config = __import__(f"experiments.configs.{module}", fromlist=["get_config"]).get_config
     for variant in variants.VARIANTS:
       config = get_config(variant)
@@ -354,6 +420,7 @@ def test_shipped_configs_and_variants_are_valid_except_parallel_without_resnet()
 def test_bad_config_fails_before_data_or_workdir_are_touched(tmp_path, monkeypatch):
   def forbidden(*args, **kwargs):
     raise AssertionError("nothing may be loaded or built for a bad config")
+
   monkeypatch.setattr(train.data_input, "load", forbidden)
   monkeypatch.setattr(train, "build_model", forbidden)
   workdir = tmp_path / "new"
@@ -364,15 +431,23 @@ def test_bad_config_fails_before_data_or_workdir_are_touched(tmp_path, monkeypat
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("flags,expected", [
-    (["--config.learning_rte=0.1"],
-     "error: config.learning_rte=0.1 is not allowed; allowed: the keys of "
-     "experiments/configs/common.py (did you mean config.learning_rate?)"),
-    (["--config.model.name=vgg11", "--config.model.parallel=True"],
-     "error: config.model.parallel=True is not allowed with 'vgg11'; allowed only in: "
-     "resnet18, resnet19, resnet34"),
+@pytest.mark.parametrize(
+  "flags,expected",
+  [
+    (
+      ["--config.learning_rte=0.1"],
+      "error: config.learning_rte=0.1 is not allowed; allowed: the keys of "
+      "experiments/configs/common.py (did you mean config.learning_rate?)",
+    ),
+    (
+      ["--config.model.name=vgg11", "--config.model.parallel=True"],
+      "error: config.model.parallel=True is not allowed with 'vgg11'; allowed only in: "
+      "resnet18, resnet19, resnet34",
+    ),
     (["--config.modle.width=0.5"], "error: a --config override names an unknown key: 'modle'"),
-], ids=["unknown_key", "contradiction", "unknown_parent"])
+  ],
+  ids=["unknown_key", "contradiction", "unknown_parent"],
+)
 def test_bad_config_on_the_command_line(tmp_path, compile_cache, flags, expected):
   result = cli(compile_cache, tmp_path / "w", *FLAGS, *flags)
   assert one_error_line(result, 2).startswith(expected)
@@ -400,12 +475,19 @@ def fashion_dir(root, images, labels):
   return root
 
 
-@pytest.mark.parametrize("images,labels,expected", [
-    (np.zeros((16, 27, 27)), np.arange(16) % 10,
-     "images have shape (16, 27, 27, 1), expected [N, 28, 28, 1]"),
+@pytest.mark.parametrize(
+  "images,labels,expected",
+  [
+    (
+      np.zeros((16, 27, 27)),
+      np.arange(16) % 10,
+      "images have shape (16, 27, 27, 1), expected [N, 28, 28, 1]",
+    ),
     (np.zeros((16, 28, 28)), np.arange(16) % 11, "labels span [0, 10], expected [0, 10)"),
     (np.zeros((0, 28, 28)), np.zeros((0,)), "the split is empty"),
-], ids=["image_shape", "label_range", "empty_split"])
+  ],
+  ids=["image_shape", "label_range", "empty_split"],
+)
 def test_bad_data_is_a_clear_data_error(tmp_path, images, labels, expected):
   config = fashion_mnist.get_config()
   config.batch_size = 8
@@ -417,8 +499,13 @@ def test_bad_data_is_a_clear_data_error(tmp_path, images, labels, expected):
 
 @pytest.mark.timeout(120)
 def test_missing_data_dir_on_the_command_line(tmp_path, compile_cache):
-  result = cli(compile_cache, tmp_path, *FLAGS, "--config.dataset=fashion_mnist",
-               "--config.data_dir=/nonexistent")
+  result = cli(
+    compile_cache,
+    tmp_path,
+    *FLAGS,
+    "--config.dataset=fashion_mnist",
+    "--config.data_dir=/nonexistent",
+  )
   line = one_error_line(result, 2)
   assert line.startswith("error: fashion_mnist: missing /nonexistent/train-images-idx3-ubyte.gz")
 
@@ -445,8 +532,12 @@ def test_fingerprint_changes_with_every_key_but_the_harmless_ones():
       *parents, name = key.split(".")
       new = {int: 4, str: "x"}[functools.reduce(getattr, parents, base).get_type(name)]
     else:
-      new = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: 2 * v + 1,
-             str: lambda v: v + "x"}[type(value)](value)
+      new = {
+        bool: lambda v: not v,
+        int: lambda v: v + 1,
+        float: lambda v: 2 * v + 1,
+        str: lambda v: v + "x",
+      }[type(value)](value)
     set_key(changed, key, new)
     same = train.fingerprint(changed) == train.fingerprint(base)
     assert same == (key in train.HARMLESS_KEYS), key
@@ -479,8 +570,11 @@ def snapshot(workdir):
       path = os.path.join(directory, name)
       with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-      out[os.path.relpath(path, workdir)] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
-                                             digest)
+      out[os.path.relpath(path, workdir)] = (
+        os.path.getsize(path),
+        os.stat(path).st_mtime_ns,
+        digest,
+      )
   return out
 
 

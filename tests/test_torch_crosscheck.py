@@ -29,9 +29,11 @@ VARIANT = dict(name="resnet19", weights="ternary", mem_bn=True, parallel=True, s
 # 4-bit spikes are left out of the numerical comparison: a last-bit difference at a rounding
 # boundary legitimately changes a spike by 1/4.
 CONVNET28 = dict(name="convnet28", in_channels=3)
-CONFIGS = [pytest.param(BASE, id="resnet18"),
-           pytest.param(VARIANT, id="resnet19-variants", marks=pytest.mark.slow),
-           pytest.param(CONVNET28, id="convnet28")]
+CONFIGS = [
+  pytest.param(BASE, id="resnet18"),
+  pytest.param(VARIANT, id="resnet19-variants", marks=pytest.mark.slow),
+  pytest.param(CONVNET28, id="convnet28"),
+]
 # convnet28 flattens the 7x7 maps of 28x28 inputs into its classifier.
 SIZES = {"convnet28": 28}
 
@@ -57,8 +59,9 @@ def _draw(rng: np.random.Generator, variable: nnx.Variable) -> np.ndarray:
 def _build(name: str, seed: int = 0, **options) -> nnx.Module:
   """A network with random values everywhere; built abstractly and filled from numpy, which
   avoids compiling every initialiser."""
-  model = nnx.eval_shape(lambda: models.create(name, num_classes=CLASSES, time_steps=T,
-                                               width=WIDTH, **options))
+  model = nnx.eval_shape(
+    lambda: models.create(name, num_classes=CLASSES, time_steps=T, width=WIDTH, **options)
+  )
   rng = np.random.default_rng(seed)
   for _, variable in sorted(nnx.iter_graph(model), key=lambda item: str(item[0])):
     if isinstance(variable, nnx.Variable):
@@ -66,7 +69,7 @@ def _build(name: str, seed: int = 0, **options) -> nnx.Module:
   return testing.randomize(model, jax.random.key(seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _randomized(config: tuple) -> nnx.Module:
   return _build(**dict(config), seed=1)
 
@@ -75,8 +78,9 @@ def _pair(config: dict) -> tuple[nnx.Module, ref.SpikingResNet]:
   """A randomised JAX network and the PyTorch reference holding the same values."""
   model = nnx.clone(_randomized(tuple(sorted(config.items()))))
   options = {k: v for k, v in config.items() if k != "name"}
-  torch_model = ref.create(config["name"], num_classes=CLASSES, time_steps=T, width=WIDTH,
-                           **options)
+  torch_model = ref.create(
+    config["name"], num_classes=CLASSES, time_steps=T, width=WIDTH, **options
+  )
   state = convert.to_torch_state_dict(model)
   torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
   return model, torch_model
@@ -139,18 +143,28 @@ def test_train_mode_logits_and_running_stats_match(config):
   _assert_same_state(model, torch_model, ATOL)
 
 
-def _train_jax(model: nnx.Module, images: np.ndarray, labels: np.ndarray, mode: str,
-               seed_key: jax.Array) -> nnx.Module:
+def _train_jax(
+  model: nnx.Module, images: np.ndarray, labels: np.ndarray, mode: str, seed_key: jax.Array
+) -> nnx.Module:
   optimizer = training.make_optimizer()
   graphdef, state = training.create_train_state(model, optimizer)
-  step = jax.jit(training.make_train_step(graphdef, optimizer, training.StepConfig(
-      mode=mode, time_steps=T, num_classes=CLASSES)))
+  step = jax.jit(
+    training.make_train_step(
+      graphdef, optimizer, training.StepConfig(mode=mode, time_steps=T, num_classes=CLASSES)
+    )
+  )
   state, _ = step(state, jnp.asarray(images), jnp.asarray(labels), jnp.float32(0.01), seed_key)
   return training.merge(graphdef, state)
 
 
-@pytest.mark.parametrize("mode", ["online", pytest.param("random_step", marks=pytest.mark.slow),
-                                  pytest.param("bptt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "mode",
+  [
+    "online",
+    pytest.param("random_step", marks=pytest.mark.slow),
+    pytest.param("bptt", marks=pytest.mark.slow),
+  ],
+)
 def test_one_training_batch_gives_the_same_parameters(mode):
   """T online updates (or one random-step / BPTT update) of SGD + Nesterov + coupled L2."""
   model, torch_model = _pair(BASE)
@@ -183,14 +197,14 @@ def test_torch_checkpoint_loads_into_jax(tmp_path):
   path = tmp_path / "reference.pt"
   torch.save(torch_model.state_dict(), path)
   loaded = torch.load(path, map_location="cpu", weights_only=True)
-  fresh = convert.load_torch_state_dict(_build(**BASE, seed=3),
-                                        {k: v.numpy() for k, v in loaded.items()})
+  fresh = convert.load_torch_state_dict(
+    _build(**BASE, seed=3), {k: v.numpy() for k, v in loaded.items()}
+  )
   jax.tree.map(np.testing.assert_array_equal, nnx.state(fresh), nnx.state(model))
   x, x_torch = _time_major(_batch(2)[0])
   logits = np.asarray(_logits(fresh, x, train=False))
   np.testing.assert_array_equal(logits, np.asarray(_logits(model, x, train=False)))
-  np.testing.assert_allclose(logits, ref.run_eval(torch_model, x_torch).numpy(), atol=ATOL,
-                             rtol=0)
+  np.testing.assert_allclose(logits, ref.run_eval(torch_model, x_torch).numpy(), atol=ATOL, rtol=0)
 
 
 def _hd_lif_resnet18_keys() -> dict[str, tuple[int, ...]]:
@@ -200,8 +214,9 @@ def _hd_lif_resnet18_keys() -> dict[str, tuple[int, ...]]:
   keys = {"conv1.weight": (8, 3, 3, 3), "fc.weight": (10, 64), "fc.bias": (10,)}
 
   def bn(prefix, c):
-    keys.update({f"{prefix}.{leaf}": (c,) for leaf in ("weight", "bias", "running_mean",
-                                                        "running_var")})
+    keys.update(
+      {f"{prefix}.{leaf}": (c,) for leaf in ("weight", "bias", "running_mean", "running_var")}
+    )
     keys[f"{prefix}.num_batches_tracked"] = ()
 
   bn("bn1", 8)
@@ -227,14 +242,23 @@ def test_hd_lif_layout_names_the_authors_resnet18():
   exported = convert.to_torch_state_dict(model, layout="hd_lif")
   assert {k: v.shape for k, v in exported.items()} == _hd_lif_resnet18_keys()
   assert convert.expected_keys(model, layout="hd_lif") == {
-      k: v for k, v in _hd_lif_resnet18_keys().items() if not k.endswith("num_batches_tracked")}
+    k: v for k, v in _hd_lif_resnet18_keys().items() if not k.endswith("num_batches_tracked")
+  }
 
 
 def test_hd_lif_layout_names_options_and_other_networks():
   resnet19 = convert.to_torch_state_dict(_build(**VARIANT), layout="hd_lif")
-  for key in ("layer2.0.downsample.0.weight", "layer2.0.act1.bn_ratio", "layer2.0.act1.mem_ratio",
-              "layer2.0.act1.bn.1.running_var", "layer2.0.attn2.conv.bias", "layer4.1.act2.v_th",
-              "fc.0.weight", "fc.1.alpha", "fc.2.bias"):
+  for key in (
+    "layer2.0.downsample.0.weight",
+    "layer2.0.act1.bn_ratio",
+    "layer2.0.act1.mem_ratio",
+    "layer2.0.act1.bn.1.running_var",
+    "layer2.0.attn2.conv.bias",
+    "layer4.1.act2.v_th",
+    "fc.0.weight",
+    "fc.1.alpha",
+    "fc.2.bias",
+  ):
     assert key in resnet19, key
   assert resnet19["layer2.0.attn1.conv.weight"].shape == (1, 1, 5)
   np.testing.assert_array_equal(resnet19["layer3.0.conv2.0.weight_clip_val"], [-1.0, 1.0])
@@ -255,14 +279,17 @@ def test_hd_lif_layout_names_options_and_other_networks():
 
 
 @pytest.mark.parametrize("layout", convert.LAYOUTS)
-@pytest.mark.parametrize("config", [BASE, VARIANT, dict(name="vgg_snn", mem_bn=True),
-                                    dict(name="vgg11", neuron="lif", seca=1)],
-                         ids=["resnet18", "resnet19-variants", "vgg_snn", "vgg11-lif"])
+@pytest.mark.parametrize(
+  "config",
+  [BASE, VARIANT, dict(name="vgg_snn", mem_bn=True), dict(name="vgg11", neuron="lif", seca=1)],
+  ids=["resnet18", "resnet19-variants", "vgg_snn", "vgg11-lif"],
+)
 def test_round_trip_is_exact(layout, config):
   model = _build(**config, seed=4)
   exported = convert.to_torch_state_dict(model, layout=layout)
-  fresh = convert.load_torch_state_dict(_build(**config, seed=5), exported, layout=layout,
-                                        parallel_threshold="per_step")
+  fresh = convert.load_torch_state_dict(
+    _build(**config, seed=5), exported, layout=layout, parallel_threshold="per_step"
+  )
   jax.tree.map(np.testing.assert_array_equal, nnx.state(fresh), nnx.state(model))
 
 
@@ -272,8 +299,9 @@ def test_hd_lif_parallel_threshold_uses_the_first_step_by_default():
   exported["layer2.0.act2.v_th"] = np.array([0.3, -0.7], np.float32)
   first = convert.load_torch_state_dict(_build(**VARIANT), exported, layout="hd_lif")
   np.testing.assert_array_equal(first.blocks[0].act2.b[...], np.float32([0.3, 0.3]))
-  per_step = convert.load_torch_state_dict(_build(**VARIANT), exported, layout="hd_lif",
-                                           parallel_threshold="per_step")
+  per_step = convert.load_torch_state_dict(
+    _build(**VARIANT), exported, layout="hd_lif", parallel_threshold="per_step"
+  )
   np.testing.assert_array_equal(per_step.blocks[0].act2.b[...], np.float32([0.3, -0.7]))
 
 
@@ -287,8 +315,11 @@ def test_bad_state_dict_lists_every_problem_and_writes_nothing():
   with pytest.raises(convert.CheckpointError) as error:
     convert.load_torch_state_dict(model, state)
   message = str(error.value)
-  for needle in ("missing (1): blocks.2.conv1.weight", "unexpected (1): blocks.0.extra",
-                 "fc.weight: shape (64, 10), expected (10, 64)"):
+  for needle in (
+    "missing (1): blocks.2.conv1.weight",
+    "unexpected (1): blocks.0.extra",
+    "fc.weight: shape (64, 10), expected (10, 64)",
+  ):
     assert needle in message
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
 

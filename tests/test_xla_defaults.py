@@ -32,18 +32,21 @@ def test_opt_out_leaves_xla_flags_alone(monkeypatch):
   assert "XLA_FLAGS" not in os.environ
 
 
-
 def test_importing_the_library_leaves_xla_flags_alone():
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_defaults.OPT_OUT)}
-  code = ("import os, empf_jax, experiments, experiments.train, experiments.cifar; "
-          "print(os.environ.get('XLA_FLAGS'))")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120, check=True).stdout
+  code = (
+    "import os, empf_jax, experiments, experiments.train, experiments.cifar; "
+    "print(os.environ.get('XLA_FLAGS'))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
+  ).stdout
   assert out.strip().splitlines()[-1] == "None"
 
 
 def test_the_training_program_applies_the_options_before_jax_starts(monkeypatch):
   from experiments import cifar
+
   calls = []
 
   def start_distributed(jax):

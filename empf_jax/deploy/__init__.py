@@ -17,16 +17,54 @@ The deployed model is a pytree (arrays as leaves, the architecture as static met
 passed to :func:`jax.jit` directly.
 """
 
-from empf_jax.deploy.fold import (DeployError, deploy, fold, pack_binary, pack_ternary,
-                                  unpack_binary, unpack_ternary)
-from empf_jax.deploy.runtime import (EXIT_RULES, EarlyExit, ExitRule, Probe, StepRecord,
-                                     exit_steps, run, run_early_exit)
-from empf_jax.deploy.schema import (Architecture, Deployed, Params, architecture_from_dict,
-                                    architecture_to_dict, expected_arrays)
+from empf_jax.deploy.fold import (
+  DeployError,
+  deploy,
+  fold,
+  pack_binary,
+  pack_ternary,
+  unpack_binary,
+  unpack_ternary,
+)
+from empf_jax.deploy.runtime import (
+  EXIT_RULES,
+  EarlyExit,
+  ExitRule,
+  Probe,
+  StepRecord,
+  exit_steps,
+  run,
+  run_early_exit,
+)
+from empf_jax.deploy.schema import (
+  Architecture,
+  Deployed,
+  Params,
+  architecture_from_dict,
+  architecture_to_dict,
+  expected_arrays,
+)
 
 __all__ = [
-    "Architecture", "DeployError", "Deployed", "EXIT_RULES", "EarlyExit", "ExitRule", "Params",
-    "Probe", "StepRecord", "architecture_from_dict", "architecture_to_dict", "deploy",
-    "exit_steps", "expected_arrays", "fold", "pack_binary", "pack_ternary", "run",
-    "run_early_exit", "unpack_binary", "unpack_ternary",
+  "EXIT_RULES",
+  "Architecture",
+  "DeployError",
+  "Deployed",
+  "EarlyExit",
+  "ExitRule",
+  "Params",
+  "Probe",
+  "StepRecord",
+  "architecture_from_dict",
+  "architecture_to_dict",
+  "deploy",
+  "exit_steps",
+  "expected_arrays",
+  "fold",
+  "pack_binary",
+  "pack_ternary",
+  "run",
+  "run_early_exit",
+  "unpack_binary",
+  "unpack_ternary",
 ]

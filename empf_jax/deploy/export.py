@@ -44,10 +44,9 @@ OPSET = 17
 
 def _onnx():
   try:
-    import onnx  # pylint: disable=import-outside-toplevel
+    import onnx
   except ImportError as error:
-    raise ImportError("ONNX export needs the onnx package: pip install 'empf_jax[onnx]'"
-                      ) from error
+    raise ImportError("ONNX export needs the onnx package: pip install 'empf_jax[onnx]'") from error
   return onnx
 
 
@@ -56,15 +55,16 @@ class _Graph:
 
   def __init__(self, deployed: Deployed):
     self.onnx = _onnx()
-    self.arch, self.params = deployed.arch, {k: np.asarray(v) for k, v in
-                                             deployed.params.items()}
+    self.arch, self.params = deployed.arch, {k: np.asarray(v) for k, v in deployed.params.items()}
     self.nodes: list[Any] = []
     self.initializers: list[Any] = []
     self._count = 0
     self._constants: set[str] = set()
     # OIHW, ONNX's layout, as float32 codes (binary, ternary) or floats.
-    self.kernels = {name: np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1))
-                    for name, kernel in unpack_kernels(self.arch, self.params).items()}
+    self.kernels = {
+      name: np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1))
+      for name, kernel in unpack_kernels(self.arch, self.params).items()
+    }
 
   # -- building blocks ------------------------------------------------------------------------
   def _name(self, hint: str) -> str:
@@ -97,8 +97,14 @@ class _Graph:
     """y = s * conv(x, W_q) + C, or conv(x, W') + C (see the runtime's ``conv``)."""
     kernel = self.constant(f"{spec.name}.kernel", self.kernels[spec.name])
     p, s = spec.padding, spec.stride
-    y = self.node("Conv", [x, kernel], spec.name, pads=[p, p, p, p], strides=[s, s],
-                  kernel_shape=[spec.kernel_size, spec.kernel_size])
+    y = self.node(
+      "Conv",
+      [x, kernel],
+      spec.name,
+      pads=[p, p, p, p],
+      strides=[s, s],
+      kernel_shape=[spec.kernel_size, spec.kernel_size],
+    )
     scale, bias = self.params.get(f"{spec.name}.scale"), self.params[f"{spec.name}.bias"]
     suffix = ""
     if spec.per_step:
@@ -108,10 +114,14 @@ class _Graph:
     return self.node("Add", [y, self.per_feature(f"{spec.name}.bias{suffix}", bias, 4)])
 
   def dense(self, spec: DenseSpec, x: str) -> str:
-    y = self.node("MatMul", [x, self.constant(f"{spec.name}.kernel",
-                                              self.params[f"{spec.name}.kernel"])], spec.name)
-    return self.node("Add", [y, self.constant(f"{spec.name}.bias",
-                                              self.params[f"{spec.name}.bias"])])
+    y = self.node(
+      "MatMul",
+      [x, self.constant(f"{spec.name}.kernel", self.params[f"{spec.name}.kernel"])],
+      spec.name,
+    )
+    return self.node(
+      "Add", [y, self.constant(f"{spec.name}.bias", self.params[f"{spec.name}.bias"])]
+    )
 
   def seca(self, name: str, x: str) -> str:
     """x * sigmoid(conv1d_5(mean_{h,w} x) + bias), the 1-D convolution over channels."""
@@ -119,16 +129,21 @@ class _Graph:
     taps = self.params[f"{name}.kernel"]
     half = taps.shape[0] // 2
     line = self.node("Unsqueeze", [pooled, self.constant("axes_1", [1], np.int64)])  # [B, 1, C]
-    mixed = self.node("Conv", [line, self.constant(f"{name}.kernel", taps.reshape(1, 1, -1))],
-                      pads=[half, half], kernel_shape=[taps.shape[0]])
+    mixed = self.node(
+      "Conv",
+      [line, self.constant(f"{name}.kernel", taps.reshape(1, 1, -1))],
+      pads=[half, half],
+      kernel_shape=[taps.shape[0]],
+    )
     mixed = self.node("Squeeze", [mixed, self.constant("axes_1", [1], np.int64)])
-    gate = self.node("Sigmoid", [self.node("Add", [mixed, self.constant(
-        f"{name}.bias", self.params[f"{name}.bias"])])])
+    gate = self.node(
+      "Sigmoid",
+      [self.node("Add", [mixed, self.constant(f"{name}.bias", self.params[f"{name}.bias"])])],
+    )
     gate = self.node("Unsqueeze", [gate, self.constant("axes_23", [2, 3], np.int64)])
     return self.node("Mul", [x, gate])
 
-  def neuron(self, spec: NeuronSpec, current: str, rank: int, t: int,
-             state: dict[str, str]) -> str:
+  def neuron(self, spec: NeuronSpec, current: str, rank: int, t: int, state: dict[str, str]) -> str:
     """One neuron step from the folded parameters (see the runtime's ``neuron``)."""
     p = spec.name
     threshold = self.constant(f"{p}.threshold@{t}", self.params[f"{p}.threshold"][t])
@@ -138,10 +153,15 @@ class _Graph:
     else:
       decay = self.params[f"{p}.decay"][t]
       if spec.mem_bn:
-        drive = self.node("Add", [
-            self.node("Mul", [current, self.per_feature(f"{p}.gain@{t}",
-                                                        self.params[f"{p}.gain"][t], rank)]),
-            self.per_feature(f"{p}.offset@{t}", self.params[f"{p}.offset"][t], rank)])
+        drive = self.node(
+          "Add",
+          [
+            self.node(
+              "Mul", [current, self.per_feature(f"{p}.gain@{t}", self.params[f"{p}.gain"][t], rank)]
+            ),
+            self.per_feature(f"{p}.offset@{t}", self.params[f"{p}.offset"][t], rank),
+          ],
+        )
       else:
         drive = current
       if p in state:  # the runtime's zero state adds decay * 0 = 0 at the first step
@@ -157,8 +177,9 @@ class _Graph:
       state[p] = self.node("Sub", [membrane, spike], f"{p}.u")
     if spec.spike_bits is not None:  # Q(s) = clip(round(4 s), 0, 15) / 4, half to even
       code = self.node("Round", [self.node("Mul", [spike, self.constant("levels", SPIKE_LEVELS)])])
-      code = self.node("Clip", [code, self.constant("zero", 0.0),
-                                self.constant("max_code", SPIKE_MAX_CODE)])
+      code = self.node(
+        "Clip", [code, self.constant("zero", 0.0), self.constant("max_code", SPIKE_MAX_CODE)]
+      )
       spike = self.node("Div", [code, self.constant("levels", SPIKE_LEVELS)])
     return spike
 
@@ -198,8 +219,9 @@ class _Graph:
       elif layer.kind == "flatten":
         h, rank = self.flatten(h, rank), 2
       elif layer.kind == "to_map":  # the flattened step -> [B, F, 1, 1]
-        h = self.node("Unsqueeze", [self.flatten(h, rank),
-                                    self.constant("axes_23", [2, 3], np.int64)])
+        h = self.node(
+          "Unsqueeze", [self.flatten(h, rank), self.constant("axes_23", [2, 3], np.int64)]
+        )
         rank = 4
       else:
         raise ValueError(f"no ONNX form for layer kind {layer.kind!r}")
@@ -217,17 +239,32 @@ def _fires(graph: _Graph, rule: ExitRule, cumulative: str, t: int) -> str | None
     top = graph.node("ReduceMax", [graph.node("Softmax", [mean], axis=1)], axes=[1], keepdims=0)
   else:  # top-1 minus top-2 (TopK keeps ties, as the two maxima of the runtime do)
     values = graph._name("top2")
-    graph.nodes.append(graph.onnx.helper.make_node(
-        "TopK", [mean, graph.constant("two", [2], np.int64)], [values, graph._name("top2_at")],
-        axis=1))
-    top = graph.node("Sub", [
+    graph.nodes.append(
+      graph.onnx.helper.make_node(
+        "TopK",
+        [mean, graph.constant("two", [2], np.int64)],
+        [values, graph._name("top2_at")],
+        axis=1,
+      )
+    )
+    top = graph.node(
+      "Sub",
+      [
         graph.node("Gather", [values, graph.constant("index_0", 0, np.int64)], axis=1),
-        graph.node("Gather", [values, graph.constant("index_1", 1, np.int64)], axis=1)])
+        graph.node("Gather", [values, graph.constant("index_1", 1, np.int64)], axis=1),
+      ],
+    )
   return graph.node("GreaterOrEqual", [top, graph.constant("exit_threshold", rule.threshold)])
 
 
-def _until_exit(graph: _Graph, rule: ExitRule, rank: int, t: int, state: dict[str, str],
-                carry: tuple[str, str, str] | None) -> tuple[str, str]:
+def _until_exit(
+  graph: _Graph,
+  rule: ExitRule,
+  rank: int,
+  t: int,
+  state: dict[str, str],
+  carry: tuple[str, str, str] | None,
+) -> tuple[str, str]:
   """(c_t at each example's exit step [B, K], exit steps [B] int32) from step t on; the steps
   after t run inside an ``If`` taken only while an example of the batch is still running, as
   :func:`empf_jax.deploy.run_early_exit`'s loop ends when all have stopped."""
@@ -236,27 +273,47 @@ def _until_exit(graph: _Graph, rule: ExitRule, rank: int, t: int, state: dict[st
   logits = graph.step(rank, t, state)
   if carry is None:  # every example runs step 1
     cumulative = logits
-    steps = graph.node("ConstantOfShape", [graph.node("Shape", [logits], start=0, end=1)],
-                       value=onnx.numpy_helper.from_array(np.ones(1, np.int32)))
+    steps = graph.node(
+      "ConstantOfShape",
+      [graph.node("Shape", [logits], start=0, end=1)],
+      value=onnx.numpy_helper.from_array(np.ones(1, np.int32)),
+    )
     done = None
   else:
     cumulative, steps, done = carry
     running = graph.node("Not", [done])
-    cumulative = graph.node("Where", [
+    cumulative = graph.node(
+      "Where",
+      [
         graph.node("Unsqueeze", [running, graph.constant("axes_1", [1], np.int64)]),
-        graph.node("Add", [cumulative, logits]), cumulative], "c")
+        graph.node("Add", [cumulative, logits]),
+        cumulative,
+      ],
+      "c",
+    )
     steps = graph.node("Where", [running, graph.constant(f"step@{t}", t + 1, np.int32), steps])
   if t + 1 == last:
     return cumulative, steps
   fired = _fires(graph, rule, cumulative, t + 1)
   if fired is None and done is None:
-    done = graph.node("Cast", [graph.node("Mul", [steps, graph.constant("int_zero", 0, np.int32)])],
-                      to=onnx.TensorProto.BOOL)
+    done = graph.node(
+      "Cast",
+      [graph.node("Mul", [steps, graph.constant("int_zero", 0, np.int32)])],
+      to=onnx.TensorProto.BOOL,
+    )
   elif fired is not None:
     done = fired if done is None else graph.node("Or", [done, fired])
-  any_running = graph.node("Cast", [graph.node("ReduceMax", [graph.node(
-      "Cast", [graph.node("Not", [done])], to=onnx.TensorProto.INT32)], keepdims=0)],
-                           to=onnx.TensorProto.BOOL)
+  any_running = graph.node(
+    "Cast",
+    [
+      graph.node(
+        "ReduceMax",
+        [graph.node("Cast", [graph.node("Not", [done])], to=onnx.TensorProto.INT32)],
+        keepdims=0,
+      )
+    ],
+    to=onnx.TensorProto.BOOL,
+  )
   outer = graph.nodes
   graph.nodes = []
   final = _until_exit(graph, rule, rank, t + 1, dict(state), (cumulative, steps, done))
@@ -267,14 +324,26 @@ def _until_exit(graph: _Graph, rule: ExitRule, rank: int, t: int, state: dict[st
   graph.nodes = outer
 
   def branch(name, nodes, results):
-    return onnx.helper.make_graph(nodes, name, [], [
+    return onnx.helper.make_graph(
+      nodes,
+      name,
+      [],
+      [
         onnx.helper.make_tensor_value_info(results[0], onnx.TensorProto.FLOAT, None),
-        onnx.helper.make_tensor_value_info(results[1], onnx.TensorProto.INT32, None)])
+        onnx.helper.make_tensor_value_info(results[1], onnx.TensorProto.INT32, None),
+      ],
+    )
 
   outputs = [graph._name(f"c_final@{t}"), graph._name(f"steps_final@{t}")]
-  graph.nodes.append(onnx.helper.make_node(
-      "If", [any_running], outputs, then_branch=branch(f"step{t + 2}_on", then_nodes, final),
-      else_branch=branch(f"stopped_after_{t + 1}", else_nodes, kept)))
+  graph.nodes.append(
+    onnx.helper.make_node(
+      "If",
+      [any_running],
+      outputs,
+      then_branch=branch(f"step{t + 2}_on", then_nodes, final),
+      else_branch=branch(f"stopped_after_{t + 1}", else_nodes, kept),
+    )
+  )
   return outputs[0], outputs[1]
 
 
@@ -299,21 +368,24 @@ def to_onnx(deployed: Deployed, input_shape: tuple[int, ...], rule: ExitRule | N
   rank = len(input_shape) + 1
   if rank not in (2, 4):
     raise ValueError(f"input_shape {input_shape} is neither (H, W, C) nor (F,)")
-  classes = next(layer.spec.out_features for layer in walk(deployed.arch.layout)
-                 if layer.target == "logits")
-  inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                               [steps, "batch", *input_shape])]
+  classes = next(
+    layer.spec.out_features for layer in walk(deployed.arch.layout) if layer.target == "logits"
+  )
+  inputs = [
+    onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [steps, "batch", *input_shape])
+  ]
   if rule is not None:
     cumulative, ran = _until_exit(graph, rule, rank, 0, {}, None)
-    graph.nodes += [onnx.helper.make_node("Identity", [cumulative], ["cumulative"]),
-                    onnx.helper.make_node("Identity", [ran], ["steps"]),
-                    onnx.helper.make_node("ArgMax", [cumulative], ["prediction"], axis=1,
-                                          keepdims=0)]
-    outputs = [onnx.helper.make_tensor_value_info("prediction", onnx.TensorProto.INT64,
-                                                  ["batch"]),
-               onnx.helper.make_tensor_value_info("steps", onnx.TensorProto.INT32, ["batch"]),
-               onnx.helper.make_tensor_value_info("cumulative", onnx.TensorProto.FLOAT,
-                                                  ["batch", classes])]
+    graph.nodes += [
+      onnx.helper.make_node("Identity", [cumulative], ["cumulative"]),
+      onnx.helper.make_node("Identity", [ran], ["steps"]),
+      onnx.helper.make_node("ArgMax", [cumulative], ["prediction"], axis=1, keepdims=0),
+    ]
+    outputs = [
+      onnx.helper.make_tensor_value_info("prediction", onnx.TensorProto.INT64, ["batch"]),
+      onnx.helper.make_tensor_value_info("steps", onnx.TensorProto.INT32, ["batch"]),
+      onnx.helper.make_tensor_value_info("cumulative", onnx.TensorProto.FLOAT, ["batch", classes]),
+    ]
     return _model(graph, deployed, inputs, outputs)
   state: dict[str, str] = {}
   cumulative = []
@@ -321,23 +393,33 @@ def to_onnx(deployed: Deployed, input_shape: tuple[int, ...], rule: ExitRule | N
     logits = graph.step(rank, t, state)
     total = logits if not cumulative else graph.node("Add", [cumulative[-1], logits], "c")
     cumulative.append(total)
-  stacked = graph.node("Concat", [graph.node("Unsqueeze", [c, graph.constant(
-      "axes_0", [0], np.int64)]) for c in cumulative], "cumulative_all", axis=0)
+  stacked = graph.node(
+    "Concat",
+    [graph.node("Unsqueeze", [c, graph.constant("axes_0", [0], np.int64)]) for c in cumulative],
+    "cumulative_all",
+    axis=0,
+  )
   graph.nodes.append(onnx.helper.make_node("Identity", [stacked], ["cumulative"]))
-  graph.nodes.append(onnx.helper.make_node("ArgMax", [cumulative[-1]], ["prediction"], axis=1,
-                                           keepdims=0))
-  outputs = [onnx.helper.make_tensor_value_info("cumulative", onnx.TensorProto.FLOAT,
-                                                [steps, "batch", classes]),
-             onnx.helper.make_tensor_value_info("prediction", onnx.TensorProto.INT64, ["batch"])]
+  graph.nodes.append(
+    onnx.helper.make_node("ArgMax", [cumulative[-1]], ["prediction"], axis=1, keepdims=0)
+  )
+  outputs = [
+    onnx.helper.make_tensor_value_info(
+      "cumulative", onnx.TensorProto.FLOAT, [steps, "batch", classes]
+    ),
+    onnx.helper.make_tensor_value_info("prediction", onnx.TensorProto.INT64, ["batch"]),
+  ]
   return _model(graph, deployed, inputs, outputs)
 
 
 def _model(graph: _Graph, deployed: Deployed, inputs: list[Any], outputs: list[Any]):
   onnx = graph.onnx
-  body = onnx.helper.make_graph(graph.nodes, deployed.arch.name, inputs, outputs,
-                                graph.initializers)
-  model = onnx.helper.make_model(body, producer_name="empf_jax",
-                                 opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+  body = onnx.helper.make_graph(
+    graph.nodes, deployed.arch.name, inputs, outputs, graph.initializers
+  )
+  model = onnx.helper.make_model(
+    body, producer_name="empf_jax", opset_imports=[onnx.helper.make_opsetid("", OPSET)]
+  )
   model.ir_version = 8  # opset 17's IR version, for runtimes older than the onnx package
   onnx.checker.check_model(model, full_check=True)
   return model

@@ -81,8 +81,7 @@ def _fold_conv(spec: ConvSpec, conv: QConv, bn: StepBatchNorm) -> Params:
     return {f"{p}.bits": pack_binary(kernel), f"{p}.scale": _f32(a * alpha), f"{p}.bias": _f32(c)}
   if spec.weights == "ternary":
     codes, alpha = ternary_codes(kernel)
-    return {f"{p}.bits": pack_ternary(codes), f"{p}.scale": _f32(a * alpha),
-            f"{p}.bias": _f32(c)}
+    return {f"{p}.bits": pack_ternary(codes), f"{p}.scale": _f32(a * alpha), f"{p}.bias": _f32(c)}
   return {f"{p}.kernel": _f32(kernel * a), f"{p}.bias": _f32(c)}
 
 
@@ -91,22 +90,31 @@ def _fold_neuron(spec: NeuronSpec, neuron: nnx.Module) -> Params:
   if spec.kind == "parallel":
     return {f"{p}.threshold": _f32(jax.nn.sigmoid(neuron.b[...]))}
   if spec.kind == "lif":
-    return {f"{p}.decay": _f32(jax.nn.sigmoid(neuron.a[...])),
-            f"{p}.threshold": _f32(jax.nn.sigmoid(neuron.b[...]) + neurons.LIF_THRESHOLD_OFFSET)}
+    return {
+      f"{p}.decay": _f32(jax.nn.sigmoid(neuron.a[...])),
+      f"{p}.threshold": _f32(jax.nn.sigmoid(neuron.b[...]) + neurons.LIF_THRESHOLD_OFFSET),
+    }
   decay = jax.nn.sigmoid(neuron.a[...])
   out = {f"{p}.threshold": _f32(jax.nn.sigmoid(neuron.b[...]))}
   if not spec.mem_bn:
     out[f"{p}.decay"] = _f32(decay)
     return out
   gain, offset = neuron.mem_bn.folded()
-  out.update({f"{p}.decay": _f32(gain * decay[:, None]), f"{p}.gain": _f32(gain),
-              f"{p}.offset": _f32(offset)})
+  out.update(
+    {
+      f"{p}.decay": _f32(gain * decay[:, None]),
+      f"{p}.gain": _f32(gain),
+      f"{p}.offset": _f32(offset),
+    }
+  )
   return out
 
 
 def _fold_dense(spec: DenseSpec, dense: Dense) -> Params:
-  return {f"{spec.name}.kernel": _f32(dense.kernel[...]),
-          f"{spec.name}.bias": _f32(dense.bias[...])}
+  return {
+    f"{spec.name}.kernel": _f32(dense.kernel[...]),
+    f"{spec.name}.bias": _f32(dense.bias[...]),
+  }
 
 
 def _fold_seca(name: str, seca: SECA) -> Params:
@@ -114,10 +122,10 @@ def _fold_seca(name: str, seca: SECA) -> Params:
 
 
 _FOLDS = {
-    "conv": lambda layer, modules: _fold_conv(layer.spec, *modules),
-    "neuron": lambda layer, modules: _fold_neuron(layer.spec, *modules),
-    "dense": lambda layer, modules: _fold_dense(layer.spec, *modules),
-    "seca": lambda layer, modules: _fold_seca(layer.name, *modules),
+  "conv": lambda layer, modules: _fold_conv(layer.spec, *modules),
+  "neuron": lambda layer, modules: _fold_neuron(layer.spec, *modules),
+  "dense": lambda layer, modules: _fold_dense(layer.spec, *modules),
+  "seca": lambda layer, modules: _fold_seca(layer.name, *modules),
 }
 
 
@@ -132,8 +140,11 @@ def fold(model: models.SpikingNetwork, arch: Architecture) -> Params:
 
 
 def _variable_signature(model: nnx.Module) -> dict[str, str]:
-  return {".".join(map(str, path)): f"{type(node).__name__} {list(node.shape)}"
-          for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Variable)}
+  return {
+    ".".join(map(str, path)): f"{type(node).__name__} {list(node.shape)}"
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Variable)
+  }
 
 
 def _first_difference(got: Any, want: Any, where: str = "") -> tuple[str, Any, Any] | None:
@@ -163,14 +174,17 @@ def _check_matches(model: models.SpikingNetwork, options: models.NetOptions) -> 
   """Raises :class:`DeployError` unless ``model`` has exactly the structure ``options`` build."""
   reference = nnx.eval_shape(lambda: models.create(options))
   for what, got, want in (
-      ("layout", dataclasses.asdict(layout_of(model)), dataclasses.asdict(layout_of(reference))),
-      ("variables", _variable_signature(model), _variable_signature(reference))):
+    ("layout", dataclasses.asdict(layout_of(model)), dataclasses.asdict(layout_of(reference))),
+    ("variables", _variable_signature(model), _variable_signature(reference)),
+  ):
     found = _first_difference(got, want)
     if found is not None:
       path, mine, theirs = found
-      raise DeployError(f"the model does not match {options.name} with options "
-                        f"{options.create_options()}: {what} {path}: the model has {mine!r}, "
-                        f"these options give {theirs!r}")
+      raise DeployError(
+        f"the model does not match {options.name} with options "
+        f"{options.create_options()}: {what} {path}: the model has {mine!r}, "
+        f"these options give {theirs!r}"
+      )
 
 
 def deploy(model: models.SpikingNetwork, name: str | None = None, **options: Any) -> Deployed:

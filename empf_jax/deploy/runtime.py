@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,15 @@ Probe = Callable[[Architecture, dict[str, jax.Array], StepRecord], Any]
 class _Runner:
   """One time step of a deployed network; collects the new membranes and layer inputs."""
 
-  def __init__(self, arch: Architecture, params: Params, kernels: dict[str, jax.Array],
-               state: dict[str, jax.Array] | None, t: jax.Array, quantize_spikes: bool):
+  def __init__(
+    self,
+    arch: Architecture,
+    params: Params,
+    kernels: dict[str, jax.Array],
+    state: dict[str, jax.Array] | None,
+    t: jax.Array,
+    quantize_spikes: bool,
+  ):
     self.arch, self.params, self.kernels = arch, params, kernels
     self.state, self.t, self.quantize_spikes = state, t, quantize_spikes
     self.new_state: dict[str, jax.Array] = {}
@@ -98,8 +106,9 @@ class _Runner:
     pooled = jnp.mean(x, axis=(1, 2))[..., None]
     taps = self.params[f"{name}.kernel"]
     half = taps.shape[0] // 2
-    mixed = jax.lax.conv_general_dilated(pooled, taps[:, None, None], (1,), ((half, half),),
-                                         dimension_numbers=("NWC", "WIO", "NWC"))[..., 0]
+    mixed = jax.lax.conv_general_dilated(
+      pooled, taps[:, None, None], (1,), ((half, half),), dimension_numbers=("NWC", "WIO", "NWC")
+    )[..., 0]
     return x * jax.nn.sigmoid(mixed + self.params[f"{name}.bias"])[:, None, None, :]
 
   def neuron(self, spec: NeuronSpec, current: jax.Array) -> jax.Array:
@@ -149,24 +158,31 @@ class _Runner:
 
 # The parameter-free steps of a walk, on one step's [B, H, W, C] maps or [B, F] vectors.
 _RESHAPES = {
-    "max_pool": ops.max_pool,
-    "avg_pool": lambda h: ops.avg_pool(h, 2),
-    "mean": lambda h: ops.spatial_mean(h) if h.ndim > 2 else h,
-    "flatten": lambda h: h.reshape(h.shape[0], -1),
-    "to_map": lambda h: h.reshape(h.shape[0], 1, 1, -1),
+  "max_pool": ops.max_pool,
+  "avg_pool": lambda h: ops.avg_pool(h, 2),
+  "mean": lambda h: ops.spatial_mean(h) if h.ndim > 2 else h,
+  "flatten": lambda h: h.reshape(h.shape[0], -1),
+  "to_map": lambda h: h.reshape(h.shape[0], 1, 1, -1),
 }
 
 
-def _step(arch: Architecture, params: Params, kernels: dict[str, jax.Array],
-          state: dict[str, jax.Array] | None, x_t: jax.Array, t: jax.Array,
-          quantize_spikes: bool) -> tuple[StepRecord, dict[str, jax.Array]]:
+def _step(
+  arch: Architecture,
+  params: Params,
+  kernels: dict[str, jax.Array],
+  state: dict[str, jax.Array] | None,
+  x_t: jax.Array,
+  t: jax.Array,
+  quantize_spikes: bool,
+) -> tuple[StepRecord, dict[str, jax.Array]]:
   runner = _Runner(arch, params, kernels, state, t, quantize_spikes)
   logits = runner(x_t)
   return StepRecord(logits, runner.membranes, runner.inputs), runner.new_state
 
 
-def _prepare(deployed: Deployed, x: jax.Array, quantize_spikes: bool
-             ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], StepRecord]:
+def _prepare(
+  deployed: Deployed, x: jax.Array, quantize_spikes: bool
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], StepRecord]:
   """(float32 input, unpacked kernels, zero state, the shapes of one step's record)."""
   arch, params = deployed.arch, deployed.params
   if x.shape[0] > arch.time_steps:
@@ -174,13 +190,20 @@ def _prepare(deployed: Deployed, x: jax.Array, quantize_spikes: bool
   x = x.astype(jnp.float32)
   kernels = unpack_kernels(arch, params)
   record, state = jax.eval_shape(
-      lambda: _step(arch, params, kernels, None, x[0], jnp.int32(0), quantize_spikes))
+    lambda: _step(arch, params, kernels, None, x[0], jnp.int32(0), quantize_spikes)
+  )
   return x, kernels, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state), record
 
 
 @functools.partial(jax.jit, static_argnames=("quantize_spikes", "return_membranes", "probe"))
-def run(deployed: Deployed, x: jax.Array, *, quantize_spikes: bool = True,
-        return_membranes: bool = False, probe: Probe | None = None) -> Any:
+def run(
+  deployed: Deployed,
+  x: jax.Array,
+  *,
+  quantize_spikes: bool = True,
+  return_membranes: bool = False,
+  probe: Probe | None = None,
+) -> Any:
   """Runs a deployed network on time-major input from the zero state.
 
   Args:
@@ -205,8 +228,9 @@ def run(deployed: Deployed, x: jax.Array, *, quantize_spikes: bool = True,
     probed = None if probe is None else probe(arch, kernels, record)
     return state, (record.logits, record.membranes, probed)
 
-  _, (logits, membranes, probed) = jax.lax.scan(body, state0, (x, jnp.arange(x.shape[0])),
-                                                unroll=neurons.default_unroll())
+  _, (logits, membranes, probed) = jax.lax.scan(
+    body, state0, (x, jnp.arange(x.shape[0])), unroll=neurons.default_unroll()
+  )
   outputs = (logits,) + ((membranes,) if return_membranes else ())
   outputs += () if probe is None else (probed,)
   return outputs if len(outputs) > 1 else logits
@@ -254,8 +278,10 @@ class ExitRule:
     except ValueError:
       threshold = None
     if not sep or threshold is None:
-      raise ValueError(f"exit rule {text!r} is not RULE:THRESHOLD with RULE one of "
-                       f"{', '.join(EXIT_RULES)} (e.g. softmax:0.9, margin:2)")
+      raise ValueError(
+        f"exit rule {text!r} is not RULE:THRESHOLD with RULE one of "
+        f"{', '.join(EXIT_RULES)} (e.g. softmax:0.9, margin:2)"
+      )
     return cls(kind, threshold)
 
   def __str__(self) -> str:
@@ -319,8 +345,14 @@ class EarlyExit(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "quantize_spikes", "probe"))
-def run_early_exit(deployed: Deployed, x: jax.Array, rule: ExitRule | None, *,
-                   quantize_spikes: bool = True, probe: Probe | None = None) -> EarlyExit:
+def run_early_exit(
+  deployed: Deployed,
+  x: jax.Array,
+  rule: ExitRule | None,
+  *,
+  quantize_spikes: bool = True,
+  probe: Probe | None = None,
+) -> EarlyExit:
   """Runs a deployed network step by step until every example of the batch has stopped.
 
   Example b stops after the first step t at which ``rule.fires(c_t)`` (or at t = S). The loop is
@@ -342,9 +374,12 @@ def run_early_exit(deployed: Deployed, x: jax.Array, rule: ExitRule | None, *,
   arch, params = deployed.arch, deployed.params
   x, kernels, state0, record = _prepare(deployed, x, quantize_spikes)
   last, batch = x.shape[0], x.shape[1]
-  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
-  totals0 = None if probe is None else zeros(
-      jax.eval_shape(lambda k, r: probe(arch, k, r), kernels, record))
+  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  totals0 = (
+    None
+    if probe is None
+    else zeros(jax.eval_shape(lambda k, r: probe(arch, k, r), kernels, record))
+  )
 
   def body(carry):
     t, state, cumulative, done, steps, totals = carry
@@ -353,17 +388,27 @@ def run_early_exit(deployed: Deployed, x: jax.Array, rule: ExitRule | None, *,
     cumulative = jnp.where(running[:, None], cumulative + record.logits, cumulative)
     if probe is not None:
       totals = jax.tree.map(
-          lambda total, value: total + jnp.where(
-              running.reshape((batch,) + (1,) * (value.ndim - 1)), value, 0),
-          totals, probe(arch, kernels, record))
+        lambda total, value: (
+          total + jnp.where(running.reshape((batch,) + (1,) * (value.ndim - 1)), value, 0)
+        ),
+        totals,
+        probe(arch, kernels, record),
+      )
     steps = jnp.where(running, t + 1, steps)
     done = done | (t + 1 == last)
     if rule is not None:
       done = done | rule.fires(cumulative, t + 1)
     return t + 1, state, cumulative, done, steps, totals
 
-  carry = (jnp.int32(0), state0, zeros(record.logits), jnp.zeros(batch, bool),
-           jnp.zeros(batch, jnp.int32), totals0)
+  carry = (
+    jnp.int32(0),
+    state0,
+    zeros(record.logits),
+    jnp.zeros(batch, bool),
+    jnp.zeros(batch, jnp.int32),
+    totals0,
+  )
   _, _, cumulative, _, steps, totals = jax.lax.while_loop(
-      lambda carry: ~jnp.all(carry[3]), body, carry)
+    lambda carry: ~jnp.all(carry[3]), body, carry
+  )
   return EarlyExit(jnp.argmax(cumulative, axis=-1), steps, cumulative, totals)

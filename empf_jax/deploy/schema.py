@@ -40,8 +40,7 @@ class Architecture:
     return self.options.time_steps
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
-                   meta_fields=["arch"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["arch"])
 @dataclasses.dataclass
 class Deployed:
   """A deployed network: static architecture + flat dict of arrays (packed bits as uint8)."""
@@ -94,8 +93,12 @@ def expected_arrays(arch: Architecture) -> dict[str, tuple[tuple[int, ...], np.d
 
 def architecture_to_dict(arch: Architecture) -> dict[str, Any]:
   """A JSON-ready description of ``arch``."""
-  return {"name": arch.name, "options": arch.options.create_options(),
-          "family": arch.layout.family, "layout": dataclasses.asdict(arch.layout)}
+  return {
+    "name": arch.name,
+    "options": arch.options.create_options(),
+    "family": arch.layout.family,
+    "layout": dataclasses.asdict(arch.layout),
+  }
 
 
 def _dotted(*parts: Any) -> str:
@@ -113,10 +116,11 @@ def _build(kind: Any, value: Any, where: str) -> Any:
     # Fields with a default were added later; bundles written before them omit them.
     required = [f.name for f in fields if f.default is dataclasses.MISSING]
     if not set(required) <= set(value) <= set(names):
-      raise ValueError(f"{where}: {kind.__name__} needs fields {sorted(required)} (optional: "
-                       f"{sorted(set(names) - set(required))}), got {sorted(value)}")
-    return kind(**{n: _build(hints[n], value[n], _dotted(where, n)) for n in names
-                   if n in value})
+      raise ValueError(
+        f"{where}: {kind.__name__} needs fields {sorted(required)} (optional: "
+        f"{sorted(set(names) - set(required))}), got {sorted(value)}"
+      )
+    return kind(**{n: _build(hints[n], value[n], _dotted(where, n)) for n in names if n in value})
   if origin in (Union, types.UnionType):
     args = typing.get_args(kind)
     if value is None and type(None) in args:
@@ -128,8 +132,9 @@ def _build(kind: Any, value: Any, where: str) -> Any:
       raise ValueError(f"{where}: expected a list, got {value!r}")
     item = typing.get_args(kind)[0]
     return tuple(_build(item, v, _dotted(where, i)) for i, v in enumerate(value))
-  if kind is bool and not isinstance(value, bool) or (
-      kind in (int, str) and (not isinstance(value, kind) or isinstance(value, bool))):
+  if (kind is bool and not isinstance(value, bool)) or (
+    kind in (int, str) and (not isinstance(value, kind) or isinstance(value, bool))
+  ):
     raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
   return value
 

@@ -5,7 +5,7 @@ from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The paper's training setup: ResNet-18, T=4, binary weights, online rule, SGD 0.01, 300 epochs."""
+  """The paper's setup: ResNet-18, T=4, binary weights, online rule, SGD 0.01, 300 epochs."""
   c = ml_collections.ConfigDict()
   c.dataset = "cifar10"
   c.data_dir = ""  # empty: the dataset's default location

@@ -2,8 +2,15 @@
 
 import ml_collections
 
-VARIANTS = ("default", "ternary_parallel_4bit", "membn_seca", "lif", "bptt_lif", "random_step",
-            "float")
+VARIANTS = (
+  "default",
+  "ternary_parallel_4bit",
+  "membn_seca",
+  "lif",
+  "bptt_lif",
+  "random_step",
+  "float",
+)
 
 
 def apply(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:

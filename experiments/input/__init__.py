@@ -13,20 +13,30 @@ from experiments.input import dvs, imagenet, images, sequential, tiny_imagenet
 from experiments.input.base import PAD_LABEL, Batches, DataError, Loader, valid_mask
 
 LOADERS: dict[str, Loader] = {
-    "digits": functools.partial(images.load, "digits"),
-    "fashion_mnist": functools.partial(images.load, "fashion_mnist"),
-    "cifar10": functools.partial(images.load, "cifar10"),
-    "cifar100": functools.partial(images.load, "cifar100"),
-    "imagenet": imagenet.load,
-    "tiny_imagenet": tiny_imagenet.load,
-    "cifar10_dvs": dvs.load,
-    "sequential_fashion_mnist": sequential.load,
+  "digits": functools.partial(images.load, "digits"),
+  "fashion_mnist": functools.partial(images.load, "fashion_mnist"),
+  "cifar10": functools.partial(images.load, "cifar10"),
+  "cifar100": functools.partial(images.load, "cifar100"),
+  "imagenet": imagenet.load,
+  "tiny_imagenet": tiny_imagenet.load,
+  "cifar10_dvs": dvs.load,
+  "sequential_fashion_mnist": sequential.load,
 }
 
 
-def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
-         data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
-         augment: bool | None = None, num_workers: int | None = None) -> Batches:
+def load(
+  name: str,
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int,
+  data_dir: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  augment: bool | None = None,
+  num_workers: int | None = None,
+) -> Batches:
   """The batches of one split of dataset ``name`` for this process.
 
   Args:
@@ -53,9 +63,17 @@ def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
   """
   if name not in LOADERS:
     raise DataError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(LOADERS))}")
-  return LOADERS[name](split, batch_size=batch_size, train=train, seed=seed, data_dir=data_dir,
-                       process_index=process_index, process_count=process_count, augment=augment,
-                       num_workers=num_workers)
+  return LOADERS[name](
+    split,
+    batch_size=batch_size,
+    train=train,
+    seed=seed,
+    data_dir=data_dir,
+    process_index=process_index,
+    process_count=process_count,
+    augment=augment,
+    num_workers=num_workers,
+  )
 
 
 __all__ = ["LOADERS", "PAD_LABEL", "Batches", "DataError", "Loader", "load", "valid_mask"]

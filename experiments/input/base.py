@@ -14,7 +14,8 @@ and ``valid_mask(labels)`` counts every real example exactly once.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 
@@ -31,8 +32,15 @@ def valid_mask(labels: np.ndarray) -> np.ndarray:
   return labels != PAD_LABEL
 
 
-def check_batching(*, batch_size: int, train: bool, seed: int, augment: bool | None,
-                   process_index: int, process_count: int) -> None:
+def check_batching(
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int,
+  augment: bool | None,
+  process_index: int,
+  process_count: int,
+) -> None:
   """Checks the batching arguments shared by every loader, before any data is read.
 
   Raises:
@@ -40,11 +48,14 @@ def check_batching(*, batch_size: int, train: bool, seed: int, augment: bool | N
       positive multiple of process_count, a negative seed, or augmentation asked for evaluation.
   """
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise DataError(f"process_index {process_index} must lie in [0, process_count) with "
-                    f"process_count {process_count} >= 1")
+    raise DataError(
+      f"process_index {process_index} must lie in [0, process_count) with "
+      f"process_count {process_count} >= 1"
+    )
   if batch_size < 1 or batch_size % process_count:
-    raise DataError(f"global batch size {batch_size} must be a positive multiple of "
-                    f"process_count {process_count}")
+    raise DataError(
+      f"global batch size {batch_size} must be a positive multiple of process_count {process_count}"
+    )
   if seed < 0:
     raise DataError(f"seed {seed} must be non-negative")
   if augment and not train:
@@ -88,7 +99,16 @@ class Loader(Protocol):
     num_workers: worker processes making the batches, 0 for none; None for the dataset's default.
   """
 
-  def __call__(self, split: str, *, batch_size: int, train: bool, seed: int,
-               data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
-               augment: bool | None = None, num_workers: int | None = None) -> Batches:
-    ...
+  def __call__(
+    self,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    data_dir: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    augment: bool | None = None,
+    num_workers: int | None = None,
+  ) -> Batches: ...

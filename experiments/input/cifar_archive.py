@@ -77,6 +77,7 @@ class Archive:
     splits: split name -> the archive members (pickled dicts) it is made of, in order.
     label_key: the dict key of the labels.
   """
+
   filename: str
   url: str
   md5: str
@@ -86,19 +87,25 @@ class Archive:
 
 
 ARCHIVES: dict[str, Archive] = {
-    "cifar10": Archive(
-        filename="cifar-10-python.tar.gz",
-        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        md5="c58f30108f718f92721af3b95e74349a", size=170_498_071,
-        splits={"train": tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
-                "test": ("cifar-10-batches-py/test_batch",)},
-        label_key=b"labels"),
-    "cifar100": Archive(
-        filename="cifar-100-python.tar.gz",
-        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        md5="eb9058c3a382ffc7106e4002c42a8d85", size=169_001_437,
-        splits={"train": ("cifar-100-python/train",), "test": ("cifar-100-python/test",)},
-        label_key=b"fine_labels"),
+  "cifar10": Archive(
+    filename="cifar-10-python.tar.gz",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    md5="c58f30108f718f92721af3b95e74349a",
+    size=170_498_071,
+    splits={
+      "train": tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+      "test": ("cifar-10-batches-py/test_batch",),
+    },
+    label_key=b"labels",
+  ),
+  "cifar100": Archive(
+    filename="cifar-100-python.tar.gz",
+    url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    md5="eb9058c3a382ffc7106e4002c42a8d85",
+    size=169_001_437,
+    splits={"train": ("cifar-100-python/train",), "test": ("cifar-100-python/test",)},
+    label_key=b"fine_labels",
+  ),
 }
 
 _IMAGE_SHAPE = (32, 32, 3)
@@ -154,8 +161,10 @@ def read_prepared(name: str, split: str, data_dir: Path) -> tuple[np.ndarray, np
   except (OSError, ValueError) as e:
     raise DataError(f"{name}: unreadable {folder / 'manifest.json'} ({e}); {again}") from e
   if manifest.get("format") != FORMAT or manifest.get("dataset") != name:
-    raise DataError(f"{name}: {folder} holds format {manifest.get('format')} of "
-                    f"{manifest.get('dataset')!r}, expected format {FORMAT} of {name!r}; {again}")
+    raise DataError(
+      f"{name}: {folder} holds format {manifest.get('format')} of "
+      f"{manifest.get('dataset')!r}, expected format {FORMAT} of {name!r}; {again}"
+    )
   arrays = []
   for kind in ("images", "labels"):
     filename = f"{split}_{kind}.npy"
@@ -165,8 +174,7 @@ def read_prepared(name: str, split: str, data_dir: Path) -> tuple[np.ndarray, np
       raise DataError(f"{name}: no split {split!r} in {folder}")
     if not path.is_file() or path.stat().st_size != expected["bytes"]:
       size = path.stat().st_size if path.is_file() else "no"
-      raise DataError(f"{name}: {path} has {size} bytes, the manifest {expected['bytes']}; "
-                      f"{again}")
+      raise DataError(f"{name}: {path} has {size} bytes, the manifest {expected['bytes']}; {again}")
     if _file_digest(path, "sha256") != expected["sha256"]:
       raise DataError(f"{name}: {path} does not match its SHA-256 in the manifest; {again}")
     arrays.append(np.load(path, allow_pickle=False))
@@ -208,12 +216,14 @@ def _open_url(url: str) -> http.client.HTTPResponse:
 def _offline_message(name: str, data_dir: Path, reason: str) -> str:
   archive = ARCHIVES[name]
   host = urllib.parse.urlparse(archive.url).hostname
-  return (f"{name}: no prepared data in {data_dir} and the download host {host} cannot be reached "
-          f"({reason}); looked in {data_dir} for {prepared_folder(name, data_dir).name}/, "
-          f"{name}/<version>/ (tensorflow-datasets array_record) and the archive "
-          f"{archive.filename} (md5 {archive.md5}, also accepted in "
-          f"{Path(data_dir) / 'downloads' / 'manual'}/): copy the archive there and rerun; "
-          f"configs that run offline now: {', '.join(OFFLINE_CONFIGS)}")
+  return (
+    f"{name}: no prepared data in {data_dir} and the download host {host} cannot be reached "
+    f"({reason}); looked in {data_dir} for {prepared_folder(name, data_dir).name}/, "
+    f"{name}/<version>/ (tensorflow-datasets array_record) and the archive "
+    f"{archive.filename} (md5 {archive.md5}, also accepted in "
+    f"{Path(data_dir) / 'downloads' / 'manual'}/): copy the archive there and rerun; "
+    f"configs that run offline now: {', '.join(OFFLINE_CONFIGS)}"
+  )
 
 
 def _download(response: http.client.HTTPResponse, archive: Archive, destination: Path) -> str:
@@ -222,9 +232,17 @@ def _download(response: http.client.HTTPResponse, archive: Archive, destination:
 
   length = response.headers.get("Content-Length")
   digest = hashlib.md5()
-  with open(destination, "wb") as out, tqdm.tqdm(
-      total=int(length) if length else archive.size, unit="B", unit_scale=True,
-      desc=f"downloading {archive.filename}", file=sys.stderr, mininterval=1.0) as bar:
+  with (
+    open(destination, "wb") as out,
+    tqdm.tqdm(
+      total=int(length) if length else archive.size,
+      unit="B",
+      unit_scale=True,
+      desc=f"downloading {archive.filename}",
+      file=sys.stderr,
+      mininterval=1.0,
+    ) as bar,
+  ):
     while chunk := response.read(1 << 20):
       digest.update(chunk)
       out.write(chunk)
@@ -236,8 +254,9 @@ def _download(response: http.client.HTTPResponse, archive: Archive, destination:
 # Conversion.
 
 
-def _split_arrays(members: dict[str, dict], archive: Archive, split: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _split_arrays(
+  members: dict[str, dict], archive: Archive, split: str
+) -> tuple[np.ndarray, np.ndarray]:
   images, labels = [], []
   for member in archive.splits[split]:
     if member not in members:
@@ -245,12 +264,16 @@ def _split_arrays(members: dict[str, dict], archive: Archive, split: str
     batch = members[member]
     data = np.asarray(batch.get(b"data"))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != int(np.prod(_IMAGE_SHAPE)):
-      raise DataError(f"{archive.filename}: {member} holds data {data.dtype} {data.shape}, "
-                      f"expected uint8 [N, {int(np.prod(_IMAGE_SHAPE))}]")
+      raise DataError(
+        f"{archive.filename}: {member} holds data {data.dtype} {data.shape}, "
+        f"expected uint8 [N, {int(np.prod(_IMAGE_SHAPE))}]"
+      )
     label = np.asarray(batch.get(archive.label_key, []), np.int32)
     if label.shape != (data.shape[0],):
-      raise DataError(f"{archive.filename}: {member} has {data.shape[0]} images but "
-                      f"{label.size} {archive.label_key.decode()}")
+      raise DataError(
+        f"{archive.filename}: {member} has {data.shape[0]} images but "
+        f"{label.size} {archive.label_key.decode()}"
+      )
     # Row layout [3, 32, 32] (channel, row, column) -> [32, 32, 3].
     images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     labels.append(label)
@@ -288,8 +311,13 @@ def convert(name: str, archive_path: Path, folder: Path, md5: str) -> None:
     images, labels = _split_arrays(members, archive, split)
     files[f"{split}_images.npy"] = _write_synced(folder / f"{split}_images.npy", images)
     files[f"{split}_labels.npy"] = _write_synced(folder / f"{split}_labels.npy", labels)
-  manifest = {"format": FORMAT, "dataset": name, "archive": archive.filename, "archive_md5": md5,
-              "files": files}
+  manifest = {
+    "format": FORMAT,
+    "dataset": name,
+    "archive": archive.filename,
+    "archive_md5": md5,
+    "files": files,
+  }
   with open(folder / "manifest.json", "w") as f:
     json.dump(manifest, f, indent=2)
     f.flush()
@@ -304,9 +332,11 @@ def _checked_local_archive(name: str, path: Path) -> Path:
   archive = ARCHIVES[name]
   md5 = _file_digest(path, "md5")
   if md5 != archive.md5:
-    raise DataError(f"{name}: {path} has md5 {md5}, not the official archive's {archive.md5} "
-                    f"(damaged or another file); replace it with the official {archive.filename} "
-                    f"or remove it")
+    raise DataError(
+      f"{name}: {path} has md5 {md5}, not the official archive's {archive.md5} "
+      f"(damaged or another file); replace it with the official {archive.filename} "
+      f"or remove it"
+    )
   return path
 
 
@@ -336,12 +366,17 @@ def prepare(name: str, data_dir: str | os.PathLike) -> Path:
     try:
       lock.acquire(timeout=0)
     except filelock.Timeout:
-      print(f"{name}: another process is preparing {folder}; waiting for it (at most "
-            f"{WAIT_SECONDS:g} s)", flush=True)
+      print(
+        f"{name}: another process is preparing {folder}; waiting for it (at most "
+        f"{WAIT_SECONDS:g} s)",
+        flush=True,
+      )
       lock.acquire(timeout=WAIT_SECONDS, poll_interval=0.5)
   except filelock.Timeout as e:  # a TimeoutError, hence before OSError
-    raise DataError(f"{name}: waited {WAIT_SECONDS:g} s for the process holding "
-                    f"{lock.lock_file} to prepare {folder}; rerun when it has finished") from e
+    raise DataError(
+      f"{name}: waited {WAIT_SECONDS:g} s for the process holding "
+      f"{lock.lock_file} to prepare {folder}; rerun when it has finished"
+    ) from e
   except OSError as e:
     raise DataError(f"{name}: cannot write the prepared data into {data_dir} ({e})") from e
   try:
@@ -365,18 +400,24 @@ def _prepare_locked(name: str, data_dir: Path, folder: Path) -> None:
       print(f"{name}: preparing {folder} from {source}", flush=True)
       source = _checked_local_archive(name, source)
     else:
-      print(f"{name}: downloading {archive.url} ({archive.size / 1e6:.0f} MB) to prepare "
-            f"{folder}", flush=True)
+      print(
+        f"{name}: downloading {archive.url} ({archive.size / 1e6:.0f} MB) to prepare {folder}",
+        flush=True,
+      )
       source = temporary / archive.filename
       try:
         with _open_url(archive.url) as response:
           md5 = _download(response, archive, source)
       except (OSError, http.client.HTTPException) as e:
-        raise DataError(f"{name}: the download of {archive.url} failed ({e}); rerun to try "
-                        f"again, or copy {archive.filename} into {data_dir}") from e
+        raise DataError(
+          f"{name}: the download of {archive.url} failed ({e}); rerun to try "
+          f"again, or copy {archive.filename} into {data_dir}"
+        ) from e
       if md5 != archive.md5:
-        raise DataError(f"{name}: the downloaded {archive.filename} has md5 {md5}, not the "
-                        f"official {archive.md5} (damaged in transfer); rerun to try again")
+        raise DataError(
+          f"{name}: the downloaded {archive.filename} has md5 {md5}, not the "
+          f"official {archive.md5} (damaged in transfer); rerun to try again"
+        )
     convert(name, source, temporary, archive.md5)
     if source.parent == temporary:
       source.unlink()

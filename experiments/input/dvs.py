@@ -34,8 +34,9 @@ import json
 import os
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,8 +44,7 @@ from experiments.files import atomic_file
 from experiments.input.base import DataError
 from experiments.input.pipeline import ExampleReader, GrainBatches
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-           "truck")
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SENSOR_SIZE = 128
 TIME_STEPS = 10
 FRAME_SIZE = 48
@@ -70,6 +70,7 @@ class Events(NamedTuple):
     y: int64 row, counted from the top of the sensor.
     polarity: int64, 1 for ON (brighter), 0 for OFF.
   """
+
   t: np.ndarray
   x: np.ndarray
   y: np.ndarray
@@ -124,8 +125,10 @@ def _read_aedat31(data: bytes, offset: int, path: Path) -> Events:
     offset += _PACKET_HEADER.size
     length = size * number
     if size <= 0 or number < 0 or offset + length > len(data):
-      raise DataError(f"{path}: packet of {number} events of {size} bytes at byte "
-                      f"{offset - _PACKET_HEADER.size} does not fit in the file")
+      raise DataError(
+        f"{path}: packet of {number} events of {size} bytes at byte "
+        f"{offset - _PACKET_HEADER.size} does not fit in the file"
+      )
     if kind == _POLARITY_EVENT:
       if size != 8:
         raise DataError(f"{path}: polarity events of {size} bytes, expected 8")
@@ -156,16 +159,18 @@ def read_aedat(path: str | os.PathLike) -> Events:
     data = path.read_bytes()
   except FileNotFoundError as e:
     raise DataError(f"{path}: no such file") from e
-  first_line = data[:data.find(b"\n")].strip() if b"\n" in data else b""
+  first_line = data[: data.find(b"\n")].strip() if b"\n" in data else b""
   readers = {b"#!AER-DAT2.0": _read_aedat2, b"#!AER-DAT3.1": _read_aedat31}
   if first_line not in readers:
-    raise DataError(f"{path}: first line {first_line[:20]!r} is not an AEDAT 2.0 or 3.1 version "
-                    f"line")
+    raise DataError(
+      f"{path}: first line {first_line[:20]!r} is not an AEDAT 2.0 or 3.1 version line"
+    )
   return readers[first_line](data, _header_end(data), path)
 
 
-def event_frames(events: Events, time_steps: int = TIME_STEPS,
-                 size: int = SENSOR_SIZE) -> np.ndarray:
+def event_frames(
+  events: Events, time_steps: int = TIME_STEPS, size: int = SENSOR_SIZE
+) -> np.ndarray:
   """Bins events into ``time_steps`` slices of equal event count and counts them per pixel.
 
   Slices and counts as in the module docstring (steps 1 and 2).
@@ -185,8 +190,10 @@ def event_frames(events: Events, time_steps: int = TIME_STEPS,
   if count == 0:
     raise DataError("the recording has no events")
   if min(events.x.min(), events.y.min()) < 0 or max(events.x.max(), events.y.max()) >= size:
-    raise DataError(f"event coordinates span x [{events.x.min()}, {events.x.max()}], y "
-                    f"[{events.y.min()}, {events.y.max()}], outside the {size}x{size} sensor")
+    raise DataError(
+      f"event coordinates span x [{events.x.min()}, {events.x.max()}], y "
+      f"[{events.y.min()}, {events.y.max()}], outside the {size}x{size} sensor"
+    )
   if not np.isin(events.polarity, (0, 1)).all():
     raise DataError(f"polarities {np.unique(events.polarity)} are not all 0 or 1")
   per_slice = count // time_steps
@@ -223,8 +230,9 @@ def resize_bilinear(frames: np.ndarray, size: int) -> np.ndarray:
   return out.astype(np.float32)
 
 
-def recording_frames(path: str | os.PathLike, time_steps: int = TIME_STEPS,
-                     size: int = FRAME_SIZE) -> np.ndarray:
+def recording_frames(
+  path: str | os.PathLike, time_steps: int = TIME_STEPS, size: int = FRAME_SIZE
+) -> np.ndarray:
   """The cached form of one recording: float32 [T, size, size, 2] (module docstring, steps 1-3)."""
   events = read_aedat(path)
   try:
@@ -263,15 +271,22 @@ def _class_folders(root: Path, suffix: str, what: str) -> dict[str, list[str]]:
     folder = root / name
     files = sorted(f for f in os.listdir(folder) if f.endswith(suffix)) if folder.is_dir() else []
     if not files:
-      raise DataError(f"cifar10_dvs: no {suffix} files in {folder}; {what} needs one folder per "
-                      f"class ({', '.join(CLASSES)})")
+      raise DataError(
+        f"cifar10_dvs: no {suffix} files in {folder}; {what} needs one folder per "
+        f"class ({', '.join(CLASSES)})"
+      )
     folders[name] = files
   return folders
 
 
-def build_frame_cache(src: str | os.PathLike, dst: str | os.PathLike, *,
-                      time_steps: int = TIME_STEPS, size: int = FRAME_SIZE,
-                      num_threads: int | None = None) -> int:
+def build_frame_cache(
+  src: str | os.PathLike,
+  dst: str | os.PathLike,
+  *,
+  time_steps: int = TIME_STEPS,
+  size: int = FRAME_SIZE,
+  num_threads: int | None = None,
+) -> int:
   """Converts every recording of ``src`` to frames, one ``.npz`` per recording in ``dst``.
 
   Writes ``dst/<class>/<name>.npz`` (key "frames", float32 [T, size, size, 2], see
@@ -299,8 +314,9 @@ def build_frame_cache(src: str | os.PathLike, dst: str | os.PathLike, *,
   if info_path.is_file():
     found = json.loads(info_path.read_text())
     if {k: found.get(k) for k in info} != info:
-      raise DataError(f"cifar10_dvs: {info_path} describes {found}, not {info}; use another "
-                      f"cache folder")
+      raise DataError(
+        f"cifar10_dvs: {info_path} describes {found}, not {info}; use another cache folder"
+      )
   folders = _class_folders(src, ".aedat", "the event folder")
 
   def convert(name: str, file: str) -> None:
@@ -334,9 +350,18 @@ def shift_and_flip(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return np.roll(frames, tuple(int(s) for s in shift), axis=(1, 2))
 
 
-def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str | None = None,
-         process_index: int = 0, process_count: int = 1, augment: bool | None = None,
-         num_workers: int | None = None) -> GrainBatches:
+def load(
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int,
+  data_dir: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  augment: bool | None = None,
+  num_workers: int | None = None,
+) -> GrainBatches:
   """CIFAR10-DVS frames from the cache as the batches of one process (see the module docstring).
 
   Args:
@@ -364,9 +389,11 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
   root = Path(data_dir if data_dir is not None else CIFAR10_DVS_CACHE_DIR).expanduser()
   info_path = root / _CACHE_INFO
   if not info_path.is_file():
-    raise DataError(f"cifar10_dvs: no frame cache in {root} (no {_CACHE_INFO}); build it once from "
-                    f"the extracted .aedat files with `python -m experiments.input.dvs "
-                    f"--events_dir=<folder of the class folders> --cache_dir={root}`")
+    raise DataError(
+      f"cifar10_dvs: no frame cache in {root} (no {_CACHE_INFO}); build it once from "
+      f"the extracted .aedat files with `python -m experiments.input.dvs "
+      f"--events_dir=<folder of the class folders> --cache_dir={root}`"
+    )
   info = json.loads(info_path.read_text())
   shape = (info["time_steps"], info["size"], info["size"], 2)
   folders = _class_folders(root, ".npz", "the frame cache")
@@ -380,28 +407,40 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
     with np.load(paths[index]) as archive:
       frames = archive["frames"]
     if frames.shape != shape:
-      raise DataError(f"cifar10_dvs: {paths[index]} holds frames of shape {frames.shape}, "
-                      f"expected {shape}")
+      raise DataError(
+        f"cifar10_dvs: {paths[index]} holds frames of shape {frames.shape}, expected {shape}"
+      )
     return (frames if rng is None else shift_and_flip(frames, rng)), labels[index]
 
-  return GrainBatches(ExampleReader(example, len(paths), shape), num_classes=len(CLASSES),
-                      batch_size=batch_size, train=train, seed=seed, augment=bool(augment),
-                      time_major=True, process_index=process_index,
-                      process_count=process_count, num_workers=num_workers or 0)
+  return GrainBatches(
+    ExampleReader(example, len(paths), shape),
+    num_classes=len(CLASSES),
+    batch_size=batch_size,
+    train=train,
+    seed=seed,
+    augment=bool(augment),
+    time_major=True,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=num_workers or 0,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   """Builds the frame cache from the command line."""
   parser = argparse.ArgumentParser(
-      description="Builds the CIFAR10-DVS frame cache from the extracted .aedat files.")
-  parser.add_argument("--events_dir", required=True,
-                      help="folder with one subfolder of .aedat files per class")
+    description="Builds the CIFAR10-DVS frame cache from the extracted .aedat files."
+  )
+  parser.add_argument(
+    "--events_dir", required=True, help="folder with one subfolder of .aedat files per class"
+  )
   parser.add_argument("--cache_dir", default=CIFAR10_DVS_CACHE_DIR, help="frame cache folder")
   parser.add_argument("--time_steps", type=int, default=TIME_STEPS)
   parser.add_argument("--size", type=int, default=FRAME_SIZE)
   args = parser.parse_args(argv)
-  count = build_frame_cache(args.events_dir, args.cache_dir, time_steps=args.time_steps,
-                            size=args.size)
+  count = build_frame_cache(
+    args.events_dir, args.cache_dir, time_steps=args.time_steps, size=args.size
+  )
   print(f"{count} recordings cached in {Path(args.cache_dir).expanduser()}")
 
 

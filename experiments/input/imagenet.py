@@ -32,10 +32,16 @@ SPLITS = ("train", "test")
 _TFDS_SPLITS = {"train": "train", "test": "validation"}
 _TFDS_NAME = "imagenet2012"
 
-def random_resized_crop_box(height: int, width: int, rng: np.random.Generator, *,
-                            scale: tuple[float, float] = (0.08, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                            attempts: int = 10) -> tuple[int, int, int, int]:
+
+def random_resized_crop_box(
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  *,
+  scale: tuple[float, float] = (0.08, 1.0),
+  ratio: tuple[float, float] = (3 / 4, 4 / 3),
+  attempts: int = 10,
+) -> tuple[int, int, int, int]:
   """Draws the crop box of the standard random-resized-crop augmentation.
 
   Up to ``attempts`` times: area fraction s ~ U(scale), log aspect ~ U(log ratio), crop width
@@ -127,43 +133,62 @@ def eval_image(data: bytes, resize: int = 256, size: int = 224) -> np.ndarray:
   if (new_w, new_h) != (width, height):
     image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
   top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
-  crop = np.asarray(image)[top:top + size, left:left + size]
+  crop = np.asarray(image)[top : top + size, left : left + size]
   return normalise(crop, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _prepare_instructions(data_dir: str) -> str:
-  return (f"Prepare ImageNet-1k once in the array_record format: put ILSVRC2012_img_train.tar and "
-          f"ILSVRC2012_img_val.tar in a manual directory M and run (TensorFlow is needed for this "
-          f"step only) `tfds build {_TFDS_NAME} --manual_dir=M --data_dir={data_dir} "
-          f"--file_format=array_record`.")
+  return (
+    f"Prepare ImageNet-1k once in the array_record format: put ILSVRC2012_img_train.tar and "
+    f"ILSVRC2012_img_val.tar in a manual directory M and run (TensorFlow is needed for this "
+    f"step only) `tfds build {_TFDS_NAME} --manual_dir=M --data_dir={data_dir} "
+    f"--file_format=array_record`."
+  )
 
 
 def _open_source(data_dir: str, split: str) -> tuple[Any, int]:
   """Opens the tfds data source of a split with undecoded images; returns it and the class count."""
   if not os.path.isdir(os.path.join(data_dir, _TFDS_NAME)):
-    raise DataError(f"imagenet: no {_TFDS_NAME} folder in {data_dir}. "
-                    + _prepare_instructions(data_dir))
+    raise DataError(
+      f"imagenet: no {_TFDS_NAME} folder in {data_dir}. " + _prepare_instructions(data_dir)
+    )
   import tensorflow_datasets as tfds  # imported here: only this loader needs it, and it is slow
 
   builder = tfds.builder(_TFDS_NAME, data_dir=data_dir)
   if not builder.is_prepared():
-    raise DataError(f"imagenet: {_TFDS_NAME} is not prepared in {builder.data_dir} (no "
-                    f"dataset_info.json). " + _prepare_instructions(data_dir))
+    raise DataError(
+      f"imagenet: {_TFDS_NAME} is not prepared in {builder.data_dir} (no "
+      f"dataset_info.json). " + _prepare_instructions(data_dir)
+    )
   array_record = tfds.core.FileFormat.ARRAY_RECORD
   if array_record not in builder.info.available_file_formats():
     raise DataError(
-        f"imagenet: {_TFDS_NAME} in {builder.data_dir} is stored as "
-        f"{builder.info.file_format.value}; random access needs array_record. Convert it in place "
-        f"with `tfds convert_format --dataset_version_dir={builder.data_dir} "
-        f"--out_file_format=array_record`. " + _prepare_instructions(data_dir))
-  source = builder.as_data_source(split=_TFDS_SPLITS[split], file_format=array_record,
-                                  decoders={"image": tfds.decode.SkipDecoding()})
+      f"imagenet: {_TFDS_NAME} in {builder.data_dir} is stored as "
+      f"{builder.info.file_format.value}; random access needs array_record. Convert it in place "
+      f"with `tfds convert_format --dataset_version_dir={builder.data_dir} "
+      f"--out_file_format=array_record`. " + _prepare_instructions(data_dir)
+    )
+  source = builder.as_data_source(
+    split=_TFDS_SPLITS[split],
+    file_format=array_record,
+    decoders={"image": tfds.decode.SkipDecoding()},
+  )
   return source, builder.info.features["label"].num_classes
 
 
-def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str | None = None,
-         process_index: int = 0, process_count: int = 1, augment: bool | None = None,
-         num_workers: int | None = None, image_size: int = 224) -> GrainBatches:
+def load(
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int,
+  data_dir: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  augment: bool | None = None,
+  num_workers: int | None = None,
+  image_size: int = 224,
+) -> GrainBatches:
   """ImageNet-1k (tfds ``imagenet2012``, array_record) as the batches of one process.
 
   With augmentation (the training default) examples go through :func:`train_image`, otherwise
@@ -198,12 +223,22 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
 
   def example(index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
     record = source[index]
-    image = (eval_image(record["image"], size=image_size) if rng is None
-             else train_image(record["image"], rng, image_size))
+    image = (
+      eval_image(record["image"], size=image_size)
+      if rng is None
+      else train_image(record["image"], rng, image_size)
+    )
     return image, int(record["label"])
 
   reader = ExampleReader(example, len(source), (image_size, image_size, 3))
-  return GrainBatches(reader, num_classes=num_classes, batch_size=batch_size, train=train,
-                      seed=seed, augment=augment, process_index=process_index,
-                      process_count=process_count,
-                      **decoding_parallelism(num_workers))
+  return GrainBatches(
+    reader,
+    num_classes=num_classes,
+    batch_size=batch_size,
+    train=train,
+    seed=seed,
+    augment=augment,
+    process_index=process_index,
+    process_count=process_count,
+    **decoding_parallelism(num_workers),
+  )

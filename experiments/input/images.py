@@ -27,8 +27,9 @@ import gzip
 import os
 import struct
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,8 +46,8 @@ DIGITS_TEST_FRACTION = 0.2
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 _FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+  "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 
 _IDX_UBYTE = 0x08
@@ -54,12 +55,20 @@ _IDX_UBYTE = 0x08
 
 class ImageArrays(NamedTuple):
   """One split in memory: images uint8 [N, H, W, C], labels int32 [N]."""
+
   images: np.ndarray
   labels: np.ndarray
 
 
-def check_image_arrays(name: str, split: str, images: np.ndarray, labels: np.ndarray, *,
-                       image_shape: tuple[int, int, int], num_classes: int) -> ImageArrays:
+def check_image_arrays(
+  name: str,
+  split: str,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  image_shape: tuple[int, int, int],
+  num_classes: int,
+) -> ImageArrays:
   """Checks a split's arrays and returns them as uint8 images and int32 labels.
 
   Raises:
@@ -68,8 +77,9 @@ def check_image_arrays(name: str, split: str, images: np.ndarray, labels: np.nda
   """
   where = f"{name} {split!r}"
   if images.ndim != 4 or images.shape[1:] != tuple(image_shape):
-    raise DataError(f"{where}: images have shape {images.shape}, expected [N, "
-                    f"{', '.join(map(str, image_shape))}]")
+    raise DataError(
+      f"{where}: images have shape {images.shape}, expected [N, {', '.join(map(str, image_shape))}]"
+    )
   if images.dtype != np.uint8:
     raise DataError(f"{where}: images have dtype {images.dtype}, expected uint8")
   if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
@@ -112,8 +122,12 @@ def read_digits(split: str) -> ImageArrays:
   digits = load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   train_x, test_x, train_y, test_y = train_test_split(
-      images, digits.target, test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
-      random_state=DIGITS_SPLIT_SEED)
+    images,
+    digits.target,
+    test_size=DIGITS_TEST_FRACTION,
+    stratify=digits.target,
+    random_state=DIGITS_SPLIT_SEED,
+  )
   images, labels = (train_x, train_y) if split == "train" else (test_x, test_y)
   return check_image_arrays("digits", split, images, labels, image_shape=(8, 8, 1), num_classes=10)
 
@@ -147,8 +161,10 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
   magic = struct.unpack(">I", data[:4])[0]
   expected_magic = (_IDX_UBYTE << 8) | ndim
   if magic != expected_magic:
-    raise DataError(f"{path}: IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
-                    f"(unsigned bytes, {ndim} dimensions)")
+    raise DataError(
+      f"{path}: IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+      f"(unsigned bytes, {ndim} dimensions)"
+    )
   header = 4 + 4 * ndim
   if len(data) < header:
     raise DataError(f"{path}: truncated IDX header ({len(data)} of {header} bytes)")
@@ -180,12 +196,15 @@ def read_fashion_mnist(split: str, data_dir: str | os.PathLike | None = None) ->
   image_file, label_file = (root / f for f in _FASHION_MNIST_FILES[split])
   missing = [str(p) for p in (image_file, label_file) if not p.is_file()]
   if missing:
-    raise DataError(f"fashion_mnist: missing {', '.join(missing)}; looked in {root}; install with "
-                    f"`apt-get install dataset-fashion-mnist` or pass data_dir")
+    raise DataError(
+      f"fashion_mnist: missing {', '.join(missing)}; looked in {root}; install with "
+      f"`apt-get install dataset-fashion-mnist` or pass data_dir"
+    )
   images = read_idx(image_file, ndim=3)
   labels = read_idx(label_file, ndim=1)
-  return check_image_arrays("fashion_mnist", split, images[..., None], labels,
-                            image_shape=(28, 28, 1), num_classes=10)
+  return check_image_arrays(
+    "fashion_mnist", split, images[..., None], labels, image_shape=(28, 28, 1), num_classes=10
+  )
 
 
 def tfds_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -196,12 +215,20 @@ def tfds_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _prepare_hint(name: str, root: Path) -> str:
-  return (f"prepare it once from the official archive: python -m experiments.prepare_cifar "
-          f"--data_dir={root} --datasets={name}")
+  return (
+    f"prepare it once from the official archive: python -m experiments.prepare_cifar "
+    f"--data_dir={root} --datasets={name}"
+  )
 
 
-def read_tfds_images(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
-                     image_shape: tuple[int, int, int], num_classes: int) -> ImageArrays:
+def read_tfds_images(
+  name: str,
+  split: str,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  image_shape: tuple[int, int, int],
+  num_classes: int,
+) -> ImageArrays:
   """Reads a prepared tensorflow-datasets image dataset through ``tfds.data_source``.
 
   The prepared folder ``<data_dir>/<name>/<version>/`` is checked before tfds is asked for
@@ -223,27 +250,33 @@ def read_tfds_images(name: str, split: str, data_dir: str | os.PathLike | None =
   """
   root = tfds_data_dir(data_dir)
   dataset_dir = root / name
-  where = (f"looked in {dataset_dir} (data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+  where = f"looked in {dataset_dir} (data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets)"
   found = sorted(p.parent.name for p in dataset_dir.glob("*/dataset_info.json"))
   if not found:
     raise DataError(f"{name}: no prepared dataset; {where}; {_prepare_hint(name, root)}")
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise DataError(f"{name}: reading tfds data needs tensorflow-datasets and importlib_resources: "
-                    f"pip install 'empf_jax[experiments]' ({e})") from e
+    raise DataError(
+      f"{name}: reading tfds data needs tensorflow-datasets and importlib_resources: "
+      f"pip install 'empf_jax[experiments]' ({e})"
+    ) from e
   version = str(tfds.builder_cls(name).VERSION)
   prepared = dataset_dir / version
   if version not in found:
-    raise DataError(f"{name}: prepared versions {', '.join(found)} in {dataset_dir}, but "
-                    f"tensorflow-datasets {tfds.__version__} reads version {version}; "
-                    f"{_prepare_hint(name, root)}")
+    raise DataError(
+      f"{name}: prepared versions {', '.join(found)} in {dataset_dir}, but "
+      f"tensorflow-datasets {tfds.__version__} reads version {version}; "
+      f"{_prepare_hint(name, root)}"
+    )
   if not any(prepared.glob(f"{name}-{split}.array_record-*")):
     others = sorted(p.name for p in prepared.glob(f"{name}-{split}.*"))
     if others:
-      raise DataError(f"{name}: split {split!r} in {prepared} is not in the array_record format "
-                      f"that random access needs (found {others[0]}, ...); "
-                      f"{_prepare_hint(name, root)}")
+      raise DataError(
+        f"{name}: split {split!r} in {prepared} is not in the array_record format "
+        f"that random access needs (found {others[0]}, ...); "
+        f"{_prepare_hint(name, root)}"
+      )
     raise DataError(f"{name}: no split {split!r} in {prepared}; {_prepare_hint(name, root)}")
   try:
     source = tfds.data_source(name, split=split, data_dir=os.fspath(root), download=False)
@@ -257,20 +290,24 @@ def read_tfds_images(name: str, split: str, data_dir: str | os.PathLike | None =
     example = source[i]
     image = np.asarray(example["image"])
     if image.shape != tuple(image_shape):
-      raise DataError(f"{name} {split!r}: example {i} has image shape {image.shape}, expected "
-                      f"{tuple(image_shape)}")
+      raise DataError(
+        f"{name} {split!r}: example {i} has image shape {image.shape}, expected "
+        f"{tuple(image_shape)}"
+      )
     images[i] = image
     labels[i] = example["label"]
-  return check_image_arrays(name, split, images, labels, image_shape=image_shape,
-                            num_classes=num_classes)
+  return check_image_arrays(
+    name, split, images, labels, image_shape=image_shape, num_classes=num_classes
+  )
 
 
 # --------------------------------------------------------------------------------------------------
 # Augmentation and normalisation.
 
 
-def draw_crop_flip(rng: np.random.Generator, count: int, padding: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def draw_crop_flip(
+  rng: np.random.Generator, count: int, padding: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Draws crop offsets uniform in {0, ..., 2 padding}^2 and fair coin flips for ``count`` images.
 
   Returns:
@@ -281,8 +318,9 @@ def draw_crop_flip(rng: np.random.Generator, count: int, padding: int
   return offsets, flips
 
 
-def crop_and_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
-                  padding: int) -> np.ndarray:
+def crop_and_flip(
+  images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, padding: int
+) -> np.ndarray:
   """Random crop with zero padding, then horizontal flip, for a batch at once.
 
   With P the image zero-padded by ``padding`` = p pixels on every side and (r, c) = ``offsets[n]``:
@@ -336,8 +374,15 @@ class ArrayReader:
     input_shape: [H, W, C].
   """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, *, mean: tuple[float, ...],
-               std: tuple[float, ...], crop_padding: int = 4):
+  def __init__(
+    self,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    crop_padding: int = 4,
+  ):
     """Wraps checked arrays (see ``check_image_arrays``).
 
     Args:
@@ -363,13 +408,13 @@ class ArrayReader:
     self.num_examples = images.shape[0]
     self.input_shape = tuple(images.shape[1:])
 
-  def __call__(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None
-               ) -> tuple[np.ndarray, np.ndarray]:
+  def __call__(
+    self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None
+  ) -> tuple[np.ndarray, np.ndarray]:
     images = self._images[indices]
     if rngs is not None:
       offsets, flips = zip(*(draw_crop_flip(rng, 1, self._padding) for rng in rngs))
-      images = crop_and_flip(images, np.concatenate(offsets), np.concatenate(flips),
-                             self._padding)
+      images = crop_and_flip(images, np.concatenate(offsets), np.concatenate(flips), self._padding)
     return normalise(images, self._mean, self._std), self._labels[indices]
 
 
@@ -391,6 +436,7 @@ class ImageDataset:
     crop_padding: zero padding of the random crop when augmenting.
     read: (split, data_dir) -> checked ImageArrays.
   """
+
   splits: tuple[str, ...]
   num_classes: int
   image_shape: tuple[int, int, int]
@@ -404,17 +450,19 @@ class ImageDataset:
 def _read_cifar(name: str, num_classes: int) -> Callable[[str, str | None], ImageArrays]:
   """The reader of one CIFAR dataset: its prepared folder, else tfds data prepared before, else
   a preparation from the official archive (local copy or download) first."""
+
   def read(split: str, data_dir: str | None) -> ImageArrays:
     _check_split(name, split, ("train", "test"))
     root = tfds_data_dir(data_dir)
     if not cifar_archive.is_prepared(name, root):
       if any((root / name).glob("*/dataset_info.json")):
-        return read_tfds_images(name, split, root, image_shape=(32, 32, 3),
-                                num_classes=num_classes)
+        return read_tfds_images(name, split, root, image_shape=(32, 32, 3), num_classes=num_classes)
       cifar_archive.prepare(name, root)
     images, labels = cifar_archive.read_prepared(name, split, root)
-    return check_image_arrays(name, split, images, labels, image_shape=(32, 32, 3),
-                              num_classes=num_classes)
+    return check_image_arrays(
+      name, split, images, labels, image_shape=(32, 32, 3), num_classes=num_classes
+    )
+
   return read
 
 
@@ -423,28 +471,62 @@ def _read_cifar(name: str, num_classes: int) -> Callable[[str, str | None], Imag
 # their files. For CIFAR-10 many repositories use std (0.2023, 0.1994, 0.2010), an average of
 # per-image deviations; the values here are the population ones.
 DATASETS: dict[str, ImageDataset] = {
-    "digits": ImageDataset(
-        splits=("train", "test"), num_classes=10, image_shape=(8, 8, 1),
-        mean=(0.30543,), std=(0.37596,), augment=False, crop_padding=1,
-        read=lambda split, data_dir: read_digits(split)),
-    "fashion_mnist": ImageDataset(
-        splits=("train", "test"), num_classes=10, image_shape=(28, 28, 1),
-        mean=(0.28604,), std=(0.35302,), augment=False, crop_padding=4,
-        read=read_fashion_mnist),
-    "cifar10": ImageDataset(
-        splits=("train", "test"), num_classes=10, image_shape=(32, 32, 3),
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), augment=True,
-        crop_padding=4, read=_read_cifar("cifar10", 10)),
-    "cifar100": ImageDataset(
-        splits=("train", "test"), num_classes=100, image_shape=(32, 32, 3),
-        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment=True,
-        crop_padding=4, read=_read_cifar("cifar100", 100)),
+  "digits": ImageDataset(
+    splits=("train", "test"),
+    num_classes=10,
+    image_shape=(8, 8, 1),
+    mean=(0.30543,),
+    std=(0.37596,),
+    augment=False,
+    crop_padding=1,
+    read=lambda split, data_dir: read_digits(split),
+  ),
+  "fashion_mnist": ImageDataset(
+    splits=("train", "test"),
+    num_classes=10,
+    image_shape=(28, 28, 1),
+    mean=(0.28604,),
+    std=(0.35302,),
+    augment=False,
+    crop_padding=4,
+    read=read_fashion_mnist,
+  ),
+  "cifar10": ImageDataset(
+    splits=("train", "test"),
+    num_classes=10,
+    image_shape=(32, 32, 3),
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
+    augment=True,
+    crop_padding=4,
+    read=_read_cifar("cifar10", 10),
+  ),
+  "cifar100": ImageDataset(
+    splits=("train", "test"),
+    num_classes=100,
+    image_shape=(32, 32, 3),
+    mean=(0.5071, 0.4865, 0.4409),
+    std=(0.2673, 0.2564, 0.2762),
+    augment=True,
+    crop_padding=4,
+    read=_read_cifar("cifar100", 100),
+  ),
 }
 
 
-def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
-         data_dir: str | None = None, process_index: int = 0, process_count: int = 1,
-         augment: bool | None = None, num_workers: int | None = None) -> GrainBatches:
+def load(
+  name: str,
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int,
+  data_dir: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  augment: bool | None = None,
+  num_workers: int | None = None,
+) -> GrainBatches:
   """Reads one split of an image dataset of ``DATASETS`` and batches it (``pipeline.GrainBatches``).
 
   Args:
@@ -472,8 +554,21 @@ def load(name: str, split: str, *, batch_size: int, train: bool, seed: int,
   if augment is None:
     augment = dataset.augment and train
   arrays = dataset.read(split, data_dir)
-  reader = ArrayReader(arrays.images, arrays.labels, mean=dataset.mean, std=dataset.std,
-                       crop_padding=dataset.crop_padding)
-  return GrainBatches(reader, num_classes=dataset.num_classes, batch_size=batch_size, train=train,
-                      seed=seed, augment=augment, process_index=process_index,
-                      process_count=process_count, num_workers=num_workers or 0)
+  reader = ArrayReader(
+    arrays.images,
+    arrays.labels,
+    mean=dataset.mean,
+    std=dataset.std,
+    crop_padding=dataset.crop_padding,
+  )
+  return GrainBatches(
+    reader,
+    num_classes=dataset.num_classes,
+    batch_size=batch_size,
+    train=train,
+    seed=seed,
+    augment=augment,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=num_workers or 0,
+  )

@@ -36,11 +36,12 @@ elements are this process's batches, each made by one call of the reader:
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
-from absl import flags
 import grain
 import numpy as np
+from absl import flags
 
 from experiments.input.base import PAD_LABEL, DataError, check_batching
 
@@ -74,8 +75,9 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence((seed, _AUGMENT_STREAM, epoch, index)))
 
 
-def epoch_order(num_examples: int, batch_size: int, *, train: bool, seed: int,
-                epoch: int) -> np.ndarray:
+def epoch_order(
+  num_examples: int, batch_size: int, *, train: bool, seed: int, epoch: int
+) -> np.ndarray:
   """The example index at every position of one epoch's global batches (module docstring).
 
   Args:
@@ -99,7 +101,7 @@ def epoch_order(num_examples: int, batch_size: int, *, train: bool, seed: int,
     raise ValueError(f"seed {seed} and epoch {epoch} must be non-negative")
   if train:
     rng = np.random.default_rng(np.random.SeedSequence((seed, _ORDER_STREAM, epoch)))
-    return rng.permutation(num_examples)[:num_examples // batch_size * batch_size]
+    return rng.permutation(num_examples)[: num_examples // batch_size * batch_size]
   order = np.full(-(-num_examples // batch_size) * batch_size, PAD_INDEX, np.int64)
   order[:num_examples] = np.arange(num_examples)
   return order
@@ -116,8 +118,9 @@ class Reader(Protocol):
   num_examples: int
   input_shape: tuple[int, ...]
 
-  def __call__(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None
-               ) -> tuple[np.ndarray, np.ndarray]:
+  def __call__(
+    self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None
+  ) -> tuple[np.ndarray, np.ndarray]:
     """(inputs float32 [n, *input_shape], labels int [n]) of examples ``indices`` [n]; ``rngs``
     holds each example's augmentation generator, or is None without augmentation."""
     ...
@@ -138,8 +141,9 @@ class ExampleReader:
     self.num_examples = num_examples
     self.input_shape = tuple(input_shape)
 
-  def __call__(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None
-               ) -> tuple[np.ndarray, np.ndarray]:
+  def __call__(
+    self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None
+  ) -> tuple[np.ndarray, np.ndarray]:
     inputs = np.empty((len(indices),) + self.input_shape, np.float32)
     labels = np.empty(len(indices), np.int32)
     for k, index in enumerate(indices):
@@ -162,8 +166,7 @@ class _ReadBatch:
   def __call__(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     real = np.flatnonzero(indices != PAD_INDEX)
     chosen = indices[real]
-    rngs = ([example_rng(self._seed, self._epoch, int(i)) for i in chosen] if self._augment
-            else None)
+    rngs = [example_rng(self._seed, self._epoch, int(i)) for i in chosen] if self._augment else None
     if len(chosen) == len(indices):  # no padding: the reader's arrays, without another copy
       inputs, labels = self._reader(chosen, rngs)
       return inputs, labels.astype(np.int32, copy=False)
@@ -186,10 +189,22 @@ class GrainBatches:
     local_batch_size: G / P, the leading size of the arrays this process receives.
   """
 
-  def __init__(self, reader: Reader, *, num_classes: int, batch_size: int, train: bool,
-               seed: int, augment: bool = False, time_major: bool = False,
-               process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-               num_threads: int = 1, prefetch_batches: int = 2):
+  def __init__(
+    self,
+    reader: Reader,
+    *,
+    num_classes: int,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    augment: bool = False,
+    time_major: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    num_threads: int = 1,
+    prefetch_batches: int = 2,
+  ):
     """Wraps a reader.
 
     Args:
@@ -209,8 +224,14 @@ class GrainBatches:
     Raises:
       DataError: inconsistent arguments, or fewer training examples than one global batch.
     """
-    check_batching(batch_size=batch_size, train=train, seed=seed, augment=augment,
-                   process_index=process_index, process_count=process_count)
+    check_batching(
+      batch_size=batch_size,
+      train=train,
+      seed=seed,
+      augment=augment,
+      process_index=process_index,
+      process_count=process_count,
+    )
     if num_workers < 0:
       raise DataError(f"num_workers {num_workers} must be non-negative")
     if num_threads < 1:
@@ -221,8 +242,9 @@ class GrainBatches:
     if count < 1:
       raise DataError("the split is empty")
     if train and count < batch_size:
-      raise DataError(f"the training split has {count} examples, fewer than one global batch of "
-                      f"{batch_size}")
+      raise DataError(
+        f"the training split has {count} examples, fewer than one global batch of {batch_size}"
+      )
     self._reader = reader
     self._train = train
     self._seed = seed
@@ -242,12 +264,12 @@ class GrainBatches:
 
   def dataset(self, epoch: int) -> grain.MapDataset:
     """This process's batches of ``epoch``: a MapDataset of (inputs, labels), random access."""
-    order = epoch_order(self.num_examples, self.batch_size, train=self._train, seed=self._seed,
-                        epoch=epoch)
+    order = epoch_order(
+      self.num_examples, self.batch_size, train=self._train, seed=self._seed, epoch=epoch
+    )
     batches = grain.MapDataset.source(order.reshape(-1, self.local_batch_size))
-    local = batches[self._process_index::self._process_count]
-    return local.map(_ReadBatch(self._reader, seed=self._seed, epoch=epoch,
-                                augment=self._augment))
+    local = batches[self._process_index :: self._process_count]
+    return local.map(_ReadBatch(self._reader, seed=self._seed, epoch=epoch, augment=self._augment))
 
   def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields (inputs float32 [G/P, ...], labels int32 [G/P]) for batches start.. of ``epoch``.
@@ -264,16 +286,22 @@ class GrainBatches:
     return self._iterate(self.dataset(epoch)[start:])
 
   def _iterate(self, batches: grain.MapDataset) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    dataset = batches.to_iter_dataset(grain.ReadOptions(
+    dataset = batches.to_iter_dataset(
+      grain.ReadOptions(
         num_threads=self._num_threads,
-        prefetch_buffer_size=max(self._prefetch_batches, self._num_threads)))
+        prefetch_buffer_size=max(self._prefetch_batches, self._num_threads),
+      )
+    )
     if self._num_workers:
       # grain 0.2.18 reads one of its absl flags when it starts workers, which fails in programs
       # that parse no absl flags (pytest, notebooks); those take the flags' defaults.
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self._num_workers, per_worker_buffer_size=self._prefetch_batches))
+      dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(
+          num_workers=self._num_workers, per_worker_buffer_size=self._prefetch_batches
+        )
+      )
     iterator = iter(dataset)
     try:
       for inputs, labels in iterator:

@@ -13,7 +13,7 @@ image, before the cut.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -61,13 +61,23 @@ class RowChunkBatches:
 
   def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields (inputs float32 [G/P, T, 4, 28, 1], labels int32 [G/P]) for batches start.."""
-    return ((to_row_chunks(x, self._rows_per_step), y)
-            for x, y in self._batches.epoch(epoch, start))
+    return (
+      (to_row_chunks(x, self._rows_per_step), y) for x, y in self._batches.epoch(epoch, start)
+    )
 
 
-def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str | None = None,
-         process_index: int = 0, process_count: int = 1, augment: bool | None = None,
-         num_workers: int | None = None) -> RowChunkBatches:
+def load(
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int,
+  data_dir: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  augment: bool | None = None,
+  num_workers: int | None = None,
+) -> RowChunkBatches:
   """Sequential Fashion-MNIST as the batches of one process.
 
   Args:
@@ -86,8 +96,16 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
   Raises:
     DataError: unknown split, inconsistent arguments, or missing or malformed files.
   """
-  batches = images.load("fashion_mnist", split, batch_size=batch_size, train=train, seed=seed,
-                        data_dir=data_dir, process_index=process_index,
-                        process_count=process_count, augment=augment,
-                        num_workers=num_workers)
+  batches = images.load(
+    "fashion_mnist",
+    split,
+    batch_size=batch_size,
+    train=train,
+    seed=seed,
+    data_dir=data_dir,
+    process_index=process_index,
+    process_count=process_count,
+    augment=augment,
+    num_workers=num_workers,
+  )
   return RowChunkBatches(batches)

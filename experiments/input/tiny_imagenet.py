@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from experiments.input.base import DataError
-from experiments.input.images import crop_and_flip, draw_crop_flip, normalise
 from experiments.input.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from experiments.input.images import crop_and_flip, draw_crop_flip, normalise
 from experiments.input.pipeline import ExampleReader, GrainBatches, decoding_parallelism
 
 TINY_IMAGENET_DIR = "~/data/tiny-imagenet-200"
@@ -36,8 +36,10 @@ SPLITS = ("train", "test")
 IMAGE_SHAPE = (64, 64, 3)
 CROP_PADDING = 4
 
-_HOW_TO_GET = ("download http://cs231n.stanford.edu/tiny-imagenet-200.zip yourself, unzip it and "
-               "pass the tiny-imagenet-200 folder as data_dir")
+_HOW_TO_GET = (
+  "download http://cs231n.stanford.edu/tiny-imagenet-200.zip yourself, unzip it and "
+  "pass the tiny-imagenet-200 folder as data_dir"
+)
 
 
 def read_wnids(root: Path) -> list[str]:
@@ -48,13 +50,16 @@ def read_wnids(root: Path) -> list[str]:
   """
   path = root / "wnids.txt"
   if not path.is_file():
-    raise DataError(f"tiny_imagenet: no {path}; expected the tiny-imagenet-200 layout in {root} "
-                    f"(wnids.txt, train/<wnid>/images/, val/images/, val/val_annotations.txt); "
-                    + _HOW_TO_GET)
+    raise DataError(
+      f"tiny_imagenet: no {path}; expected the tiny-imagenet-200 layout in {root} "
+      f"(wnids.txt, train/<wnid>/images/, val/images/, val/val_annotations.txt); " + _HOW_TO_GET
+    )
   wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
   if not wnids or len(set(wnids)) != len(wnids):
-    raise DataError(f"tiny_imagenet: {path} must list distinct WordNet ids, found {len(wnids)} "
-                    f"lines with {len(set(wnids))} distinct ids")
+    raise DataError(
+      f"tiny_imagenet: {path} must list distinct WordNet ids, found {len(wnids)} "
+      f"lines with {len(set(wnids))} distinct ids"
+    )
   return sorted(wnids)
 
 
@@ -78,8 +83,9 @@ def list_split(root: Path, split: str, wnids: list[str]) -> tuple[list[Path], np
     for wnid in wnids:
       folder = root / "train" / wnid / "images"
       if not folder.is_dir():
-        raise DataError(f"tiny_imagenet: missing class folder {folder} (wnid listed in "
-                        f"{root / 'wnids.txt'})")
+        raise DataError(
+          f"tiny_imagenet: missing class folder {folder} (wnid listed in {root / 'wnids.txt'})"
+        )
       names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpeg", ".jpg")))
       paths += [folder / n for n in names]
       labels += [label_of[wnid]] * len(names)
@@ -92,8 +98,10 @@ def list_split(root: Path, split: str, wnids: list[str]) -> tuple[list[Path], np
         continue
       fields = line.split("\t")
       if len(fields) < 2 or fields[1] not in label_of:
-        raise DataError(f"tiny_imagenet: {annotations}:{number}: expected '<file>\\t<wnid>\\t...' "
-                        f"with a wnid of wnids.txt, found {line!r}")
+        raise DataError(
+          f"tiny_imagenet: {annotations}:{number}: expected '<file>\\t<wnid>\\t...' "
+          f"with a wnid of wnids.txt, found {line!r}"
+        )
       path = root / "val" / "images" / fields[0]
       if not path.is_file():
         raise DataError(f"tiny_imagenet: {annotations}:{number} names {path}, which is missing")
@@ -117,9 +125,18 @@ def read_image(path: Path) -> np.ndarray:
   return pixels
 
 
-def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str | None = None,
-         process_index: int = 0, process_count: int = 1, augment: bool | None = None,
-         num_workers: int | None = None) -> GrainBatches:
+def load(
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int,
+  data_dir: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  augment: bool | None = None,
+  num_workers: int | None = None,
+) -> GrainBatches:
   """Tiny-ImageNet as the batches of one process (see the module docstring).
 
   Args:
@@ -157,7 +174,14 @@ def load(split: str, *, batch_size: int, train: bool, seed: int, data_dir: str |
       pixels = crop_and_flip(pixels[None], offsets, flips, CROP_PADDING)[0]
     return normalise(pixels, IMAGENET_MEAN, IMAGENET_STD), int(labels[index])
 
-  return GrainBatches(ExampleReader(example, len(paths), IMAGE_SHAPE), num_classes=len(wnids),
-                      batch_size=batch_size, train=train, seed=seed, augment=augment,
-                      process_index=process_index, process_count=process_count,
-                      **decoding_parallelism(num_workers))
+  return GrainBatches(
+    ExampleReader(example, len(paths), IMAGE_SHAPE),
+    num_classes=len(wnids),
+    batch_size=batch_size,
+    train=train,
+    seed=seed,
+    augment=augment,
+    process_index=process_index,
+    process_count=process_count,
+    **decoding_parallelism(num_workers),
+  )
