@@ -44,6 +44,7 @@ digits: install
 lint: install-test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
 
 test: install-test data-test lint
 	$(PYTHON) -m pytest -q -m "not slow"
@@ -58,5 +59,5 @@ test-all: install-test data-test lint
 test-latest: data-test
 	$(PYTHON) -m pip install -q -U --upgrade-strategy eager -e '.[test]'
 	@rm -f build/install-*.stamp  # the environment no longer holds the constrained versions
-	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check . && $(PYTHON) -m mypy
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -33,7 +33,7 @@ MAGIC = b"EMPFBNDL"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIIQ")
 _DIGEST_SIZE = hashlib.sha256().digest_size
-DTYPES = {"<f4": np.dtype("<f4"), "|u1": np.dtype("|u1")}
+DTYPES: dict[str, np.dtype] = {"<f4": np.dtype("<f4"), "|u1": np.dtype("|u1")}
 
 
 class BundleError(ValueError):
@@ -132,7 +132,7 @@ def from_bytes(data: bytes) -> Deployed:
     dtype = DTYPES.get(entry.get("dtype"))
     shape = tuple(entry.get("shape", ()))
     want_shape, want_dtype = expected[name]
-    if dtype != want_dtype or shape != want_shape:
+    if dtype is None or dtype != want_dtype or shape != want_shape:
       raise BundleError(
         f"array {name!r} is {entry.get('dtype')} {list(shape)}; the architecture "
         f"needs {want_dtype.str} {list(want_shape)}"

@@ -258,7 +258,7 @@ def _module_slots(
 
 def _resnet_prefixes(layout: ResNetLayout) -> dict[tuple[Any, ...], str]:
   """Authors' names of a ResNet's top-level modules and blocks."""
-  names = {("stem", "conv"): "conv1", ("stem", "bn"): "bn1"}
+  names: dict[tuple[Any, ...], str] = {("stem", "conv"): "conv1", ("stem", "bn"): "bn1"}
   if layout.hidden is None:
     names[("fc",)] = "fc"
     stage = 0
@@ -281,7 +281,7 @@ def _vgg_prefixes(layout: PlainLayout) -> dict[tuple[Any, ...], str] | None:
   stages = _HD_LIF_VGG_STAGES.get(layout.plan)
   if stages is None:
     return None
-  names = {("fc",): "classifier"}
+  names: dict[tuple[Any, ...], str] = {("fc",): "classifier"}
   unit = 0
   for s, stage in enumerate(stages, start=1):
     position = 0
@@ -298,7 +298,10 @@ def _vgg_prefixes(layout: PlainLayout) -> dict[tuple[Any, ...], str] | None:
 
 
 # The authors' names, by layout family (empf_jax.layout.LAYOUTS).
-_HD_LIF_PREFIXES = {"resnet": _resnet_prefixes, "plain": _vgg_prefixes}
+_HD_LIF_PREFIXES: dict[str, Callable[[Any], dict[tuple[Any, ...], str] | None]] = {
+  "resnet": _resnet_prefixes,
+  "plain": _vgg_prefixes,
+}
 
 
 def _hd_lif_prefix(names: Mapping[tuple[Any, ...], str], path: tuple[Any, ...]) -> str:

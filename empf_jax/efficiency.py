@@ -56,7 +56,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -184,7 +184,11 @@ class Report:
   @property
   def energy_full_pj(self) -> float:
     """Every synaptic operation at its price, plus neuron operations and SECA."""
-    return sum(layer.energy_pj for layer in (*self.synaptic, *self.neurons, *self.attention))
+    return (
+      sum(layer.energy_pj for layer in self.synaptic)
+      + sum(layer.energy_pj for layer in self.neurons)
+      + sum(layer.energy_pj for layer in self.attention)
+    )
 
 
 def authors_energy_pj(sops: Any, spike_bits: int | None) -> Any:
@@ -367,7 +371,7 @@ def measure(model: SpikingNetwork, batches: Iterable[jax.Array]) -> Report:
       layer = totals.setdefault(name, {})
       for key, value in values.items():
         layer[key] = layer.get(key, 0.0) + float(value)
-  if samples == 0:
+  if steps is None or samples == 0:
     raise ValueError("measure() needs at least one batch")
   return _report(model, totals, samples, steps)
 
@@ -380,7 +384,7 @@ def _report(
     SynapticLayer(
       layer.name,
       layer.kind,
-      layer.reads,
+      cast(str, layer.reads),  # conv and dense layers always name what they read
       _op(layer),
       totals[layer.name]["nonzero"] / totals[layer.name]["size"],
       totals[layer.name]["ops"] / samples,
@@ -390,7 +394,7 @@ def _report(
   )
   neuron_layers, attention, spike_bits = [], [], None
   for layer in layers:
-    counts = totals.get(layer.name)
+    counts = totals.get(layer.name, {})
     if layer.kind == "neuron":
       kind = neuron_kind(layer.spec)
       muls, adds = NEURON_OPS[kind]
@@ -559,32 +563,32 @@ def layer_rows(report: Report) -> list[LayerRow]:
         energy_full_pj=layer.energy_pj,
       )
     )
-  for layer in report.neurons:
+  for neuron in report.neurons:
     rows.append(
       LayerRow(
-        layer.name,
-        layer.kind,
-        layer.firing_rate,
+        neuron.name,
+        neuron.kind,
+        neuron.firing_rate,
         0.0,
         0.0,
         0.0,
-        layer.muls + layer.adds,
+        neuron.muls + neuron.adds,
         0.0,
-        layer.energy_pj,
+        neuron.energy_pj,
       )
     )
-  for layer in report.attention:
+  for gate in report.attention:
     rows.append(
       LayerRow(
-        layer.name,
+        gate.name,
         "seca",
         None,
         0.0,
         0.0,
-        layer.macs,
-        layer.muls + layer.adds,
+        gate.macs,
+        gate.muls + gate.adds,
         0.0,
-        layer.energy_pj,
+        gate.energy_pj,
       )
     )
   by_name = {row.name: row for row in rows}

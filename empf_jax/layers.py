@@ -291,7 +291,7 @@ class MemBN(nnx.Module):
     normed, mean, var = normed[0], mean[0], var[0]
     return (gate_bn * normed + gate_id * mf).astype(m.dtype), (mean, var)
 
-  def update(self, t0: jax.Array, means: jax.Array, variances: jax.Array, count: int) -> None:
+  def update(self, t0: jax.Array | int, means: jax.Array, variances: jax.Array, count: int) -> None:
     """Running averages of rows t0 .. t0+S-1, each updated once with its step's statistics."""
     update_rows(self.mean, t0, means)
     update_rows(self.var, t0, unbiased(variances, count))
@@ -329,6 +329,7 @@ class Neuron(nnx.Module):
   """Base of the neuron modules: ``(currents [S,B,...], state, t0) -> (spikes, state)``."""
 
   stateful = True
+  b: nnx.Variable  # threshold logits [T], in every neuron
 
   def init_state(self, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Any:
     """The zero state for one time step's current of ``shape``."""
@@ -398,7 +399,8 @@ class EMPFNeuron(Neuron):
 
       state, (spikes, moments) = neurons.run_steps(step, state, currents, t0)
       if train:
-        self.mem_bn.update(t0, *moments, count=math.prod(currents.shape[1:-1]))
+        means, variances = moments
+        self.mem_bn.update(t0, means, variances, count=math.prod(currents.shape[1:-1]))
     self._record(spikes)
     return spikes, state
 

@@ -190,7 +190,7 @@ class ResNetLayout:
       steps.append(Layer("add", "z", "h", other=shortcut))
     steps.append(Layer("mean", "h", "h"))
     reads = "currents"
-    if self.hidden is not None:
+    if self.hidden is not None and self.head_neuron is not None:
       steps += [_dense(self.hidden, "h", "h", "currents"), _neuron(self.head_neuron, "h", "h")]
       reads = "spikes"
     return tuple(steps + [_dense(self.fc, "h", "logits", reads)])
@@ -275,7 +275,7 @@ def _unit_spec(unit: models.ConvUnit, name: str) -> UnitSpec:
   )
 
 
-def _fc(model: models.SpikingNetwork) -> DenseSpec:
+def _fc(model: Any) -> DenseSpec:  # every network but the ResNets (their fc: _resnet)
   return DenseSpec("fc", model.fc.in_features, model.fc.out_features)
 
 
@@ -286,7 +286,7 @@ def _resnet(model: models.ResNet) -> ResNetLayout:
     conv1 = _conv_spec(block.conv1, block.bn1, _dotted(name, "conv1"))
     shortcut = (
       None
-      if block.shortcut_conv is None
+      if block.shortcut_conv is None or block.shortcut_bn is None
       else _conv_spec(block.shortcut_conv, block.shortcut_bn, _dotted(name, "shortcut_conv"))
     )
     blocks.append(
@@ -301,7 +301,7 @@ def _resnet(model: models.ResNet) -> ResNetLayout:
       )
     )
   hidden = head = None
-  if model.fc_hidden is not None:
+  if model.fc_hidden is not None and model.head_neuron is not None:
     hidden = DenseSpec("fc_hidden", model.fc_hidden.in_features, model.fc_hidden.out_features)
     head = _neuron_spec(model.head_neuron, "head_neuron", hidden.out_features)
   return ResNetLayout(
@@ -336,7 +336,7 @@ _READERS = {
 }
 
 
-def layout_of(model: models.SpikingNetwork) -> Layout:
+def layout_of(model: nnx.Module) -> Layout:
   """Reads the layer layout of a network (works on abstract models from ``nnx.eval_shape``).
 
   Raises:
@@ -351,8 +351,9 @@ def layout_of(model: models.SpikingNetwork) -> Layout:
   return reader(model)
 
 
-def modules_by_name(model: nnx.Module) -> dict[str, nnx.Module]:
-  """Every submodule of ``model`` by its dotted path (the names of :class:`Layer`)."""
+def modules_by_name(model: nnx.Module) -> dict[str, Any]:
+  """Every submodule of ``model`` by its dotted path (the names of :class:`Layer`); typed ``Any``:
+  the readers know from the :class:`Layer` which module class a name holds."""
   return {
     _dotted(*path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)
   }

@@ -368,7 +368,7 @@ class BasicBlock(nnx.Module):
     out = self._attend(self.seca1, x, self.bn1(self.conv1(spikes), t0, train=train))
     spikes, state2 = self.act2(out, state2, t0, train=train, online=online)
     y = self._attend(self.seca2, out, self.bn2(self.conv2(spikes), t0, train=train))
-    if self.shortcut_conv is None:
+    if self.shortcut_conv is None or self.shortcut_bn is None:
       shortcut = x
     else:
       shortcut = self.shortcut_bn(self.shortcut_conv(x), t0, train=train)
@@ -396,6 +396,7 @@ class ResNet(SpikingNetwork):
     self.options = opts
     num_classes = opts.num_classes
     width = opts.channels(stem_width)
+    assert opts.stem is not None and opts.in_channels is not None  # resolved by NetOptions
     self.stem = Stem(opts.stem, opts.in_channels, width, opts, rngs=rngs)
     layers = []
     cin = width
@@ -472,6 +473,7 @@ class Plain(SpikingNetwork):
     self.options = opts
     self.plan = tuple(plan)
     units = []
+    assert opts.in_channels is not None  # resolved by NetOptions
     cin = opts.in_channels
     for i, item in enumerate(plan):
       if isinstance(item, str):
@@ -482,7 +484,7 @@ class Plain(SpikingNetwork):
     self.units = nnx.List(units)
     self.flatten = flatten_to is not None
     self.flatten_to = flatten_to
-    features = cin * flatten_to * flatten_to if self.flatten else cin
+    features = cin * flatten_to * flatten_to if flatten_to is not None else cin
     self.fc = Dense(features, opts.num_classes, rngs=rngs)
 
   def run(self, x, state, t0, *, train, online=True):
@@ -527,6 +529,7 @@ class ConvNetSmall(SpikingNetwork):
   def __init__(self, opts: NetOptions, *, rngs: nnx.Rngs):
     self.options = opts
     w = opts.channels(32)
+    assert opts.in_channels is not None  # resolved by NetOptions
     self.unit1 = ConvUnit(opts.in_channels, w, opts, weights="float", rngs=rngs)
     self.unit2 = ConvUnit(w, 2 * w, opts, rngs=rngs)
     self.unit3 = ConvUnit(2 * w, 2 * w, opts, rngs=rngs)
@@ -553,6 +556,7 @@ class MLP(SpikingNetwork):
 
   def __init__(self, opts: NetOptions, *, rngs: nnx.Rngs):
     self.options = opts
+    assert opts.in_features is not None  # checked by NetOptions
     self.in_features = opts.in_features
     hidden = opts.channels(256)
     self.unit1 = ConvUnit(opts.in_features, hidden, opts, weights="float", kernel_size=1, rngs=rngs)

@@ -199,7 +199,7 @@ def create_train_state(
   model: SpikingNetwork, optimizer: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, TrainState]:
   """Splits ``model`` into its static graph and a :class:`TrainState`."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
   return graphdef, TrainState(params, rest, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
@@ -211,7 +211,9 @@ def fresh_merge(graphdef: nnx.GraphDef, *states: Any) -> nnx.Module:
 
 def merge(graphdef: nnx.GraphDef, state: TrainState) -> SpikingNetwork:
   """The model with the parameters and statistics of ``state``."""
-  return fresh_merge(graphdef, state.params, state.rest)
+  model = fresh_merge(graphdef, state.params, state.rest)
+  assert isinstance(model, SpikingNetwork)
+  return model
 
 
 def time_major(x: jax.Array, time_steps: int, *, static: bool) -> jax.Array:
@@ -480,7 +482,7 @@ class EvalOutput(NamedTuple):
 
   correct: jax.Array
   loss: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count
   spikes: dict
   elements: dict
 
@@ -529,7 +531,8 @@ def make_eval_step(graphdef: nnx.GraphDef, config: StepConfig) -> Callable:
     per_example = optax.softmax_cross_entropy_with_integer_labels(
       jnp.mean(logits, 0), jnp.maximum(labels, 0)
     )
-    spikes, elements = {}, {}
+    spikes: dict[str, jax.Array] = {}
+    elements: dict[str, jax.Array] = {}
     for path, variable in nnx.to_flat_state(recorded):
       if path[-1] != "spikes":
         continue

@@ -108,7 +108,7 @@ class _Graph:
     scale, bias = self.params.get(f"{spec.name}.scale"), self.params[f"{spec.name}.bias"]
     suffix = ""
     if spec.per_step:
-      scale, bias, suffix = scale[t], bias[t], f"@{t}"
+      scale, bias, suffix = None if scale is None else scale[t], bias[t], f"@{t}"
     if scale is not None:
       y = self.node("Mul", [y, self.per_feature(f"{spec.name}.scale{suffix}", scale, 4)])
     return self.node("Add", [y, self.per_feature(f"{spec.name}.bias{suffix}", bias, 4)])
@@ -208,6 +208,7 @@ class _Graph:
           h = self.node("Add", [h, registers[layer.other][0]])
         h = self.seca(layer.name, h)
       elif layer.kind == "add":
+        assert layer.other is not None  # an add names its other summand
         h = self.node("Add", [h, registers[layer.other][0]])
       elif layer.kind == "max_pool":
         h = self.node("MaxPool", [h], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
@@ -303,6 +304,7 @@ def _until_exit(
     )
   elif fired is not None:
     done = fired if done is None else graph.node("Or", [done, fired])
+  assert done is not None  # set above whenever another step follows
   any_running = graph.node(
     "Cast",
     [
@@ -388,20 +390,20 @@ def to_onnx(deployed: Deployed, input_shape: tuple[int, ...], rule: ExitRule | N
     ]
     return _model(graph, deployed, inputs, outputs)
   state: dict[str, str] = {}
-  cumulative = []
+  totals: list[str] = []
   for t in range(steps):
     logits = graph.step(rank, t, state)
-    total = logits if not cumulative else graph.node("Add", [cumulative[-1], logits], "c")
-    cumulative.append(total)
+    total = logits if not totals else graph.node("Add", [totals[-1], logits], "c")
+    totals.append(total)
   stacked = graph.node(
     "Concat",
-    [graph.node("Unsqueeze", [c, graph.constant("axes_0", [0], np.int64)]) for c in cumulative],
+    [graph.node("Unsqueeze", [c, graph.constant("axes_0", [0], np.int64)]) for c in totals],
     "cumulative_all",
     axis=0,
   )
   graph.nodes.append(onnx.helper.make_node("Identity", [stacked], ["cumulative"]))
   graph.nodes.append(
-    onnx.helper.make_node("ArgMax", [cumulative[-1]], ["prediction"], axis=1, keepdims=0)
+    onnx.helper.make_node("ArgMax", [totals[-1]], ["prediction"], axis=1, keepdims=0)
   )
   outputs = [
     onnx.helper.make_tensor_value_info(

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from empf_jax import models, neurons
 from empf_jax.deploy.schema import Architecture, Deployed, Params
@@ -41,25 +42,25 @@ class DeployError(ValueError):
   """The model cannot be deployed as described (it does not match its name and options)."""
 
 
-def pack_binary(kernel: np.ndarray) -> np.ndarray:
+def pack_binary(kernel: ArrayLike) -> np.ndarray:
   """Packs sign(W) (sign(0) = +1) into bits, 1 = +1, in C order of the HWIO kernel."""
   return np.packbits(np.asarray(kernel).reshape(-1) >= 0)
 
 
-def pack_ternary(codes: np.ndarray) -> np.ndarray:
+def pack_ternary(codes: ArrayLike) -> np.ndarray:
   """Packs codes in {-1, 0, +1} into 2 bits each: (non-zero, negative), interleaved, C order."""
   flat = np.asarray(codes).reshape(-1)
   return np.packbits(np.stack([flat != 0, flat < 0], axis=-1).reshape(-1))
 
 
-def unpack_binary(bits: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def unpack_binary(bits: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
   """Inverse of :func:`pack_binary`: a +-1 float32 kernel of ``shape``."""
   count = int(np.prod(shape))
   signs = jnp.unpackbits(bits, count=count).astype(jnp.float32)
   return (2.0 * signs - 1.0).reshape(shape)
 
 
-def unpack_ternary(bits: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def unpack_ternary(bits: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
   """Inverse of :func:`pack_ternary`: a float32 kernel of codes in {-1, 0, +1}."""
   count = int(np.prod(shape))
   planes = jnp.unpackbits(bits, count=2 * count).reshape(count, 2).astype(jnp.float32)
@@ -85,7 +86,7 @@ def _fold_conv(spec: ConvSpec, conv: QConv, bn: StepBatchNorm) -> Params:
   return {f"{p}.kernel": _f32(kernel * a), f"{p}.bias": _f32(c)}
 
 
-def _fold_neuron(spec: NeuronSpec, neuron: nnx.Module) -> Params:
+def _fold_neuron(spec: NeuronSpec, neuron: Any) -> Params:  # an EMPF, LIF or parallel neuron
   p = spec.name
   if spec.kind == "parallel":
     return {f"{p}.threshold": _f32(jax.nn.sigmoid(neuron.b[...]))}

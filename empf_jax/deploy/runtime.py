@@ -42,7 +42,7 @@ def unpack_kernels(arch: Architecture, params: Params) -> dict[str, jax.Array]:
     elif spec.weights == "ternary":
       out[spec.name] = unpack_ternary(params[f"{spec.name}.bits"], spec.kernel_shape)
     else:
-      out[spec.name] = params[f"{spec.name}.kernel"]
+      out[spec.name] = jnp.asarray(params[f"{spec.name}.kernel"])
   return out
 
 
@@ -91,7 +91,7 @@ class _Runner:
     y = ops.conv2d(x, self.kernels[spec.name], spec.stride, spec.padding)
     scale, bias = self.params.get(f"{spec.name}.scale"), self.params[f"{spec.name}.bias"]
     if spec.per_step:
-      scale, bias = scale[self.t], bias[self.t]
+      scale, bias = None if scale is None else scale[self.t], bias[self.t]
     if scale is not None:
       y = y * scale
     return y + bias
@@ -104,7 +104,7 @@ class _Runner:
     """x * sigmoid(conv1d_5(mean_{h,w} x) + bias), the 1-D convolution zero-padded over channels."""
     self.inputs[name] = x
     pooled = jnp.mean(x, axis=(1, 2))[..., None]
-    taps = self.params[f"{name}.kernel"]
+    taps = jnp.asarray(self.params[f"{name}.kernel"])
     half = taps.shape[0] // 2
     mixed = jax.lax.conv_general_dilated(
       pooled, taps[:, None, None], (1,), ((half, half),), dimension_numbers=("NWC", "WIO", "NWC")
@@ -149,6 +149,7 @@ class _Runner:
       elif layer.kind == "seca":
         h = self.seca(layer.name, h if layer.other is None else h + registers[layer.other])
       elif layer.kind == "add":
+        assert layer.other is not None  # an add names its other summand
         h = h + registers[layer.other]
       else:
         h = _RESHAPES[layer.kind](h)

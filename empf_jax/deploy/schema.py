@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Union
 
 import jax
@@ -81,7 +82,7 @@ def expected_arrays(arch: Architecture) -> dict[str, tuple[tuple[int, ...], np.d
     out[f"{spec.name}.kernel"] = ((spec.in_features, spec.out_features), f32)
     out[f"{spec.name}.bias"] = ((spec.out_features,), f32)
 
-  shapes = {"conv": conv, "neuron": neuron, "dense": dense}
+  shapes: dict[str, Callable[[Any], None]] = {"conv": conv, "neuron": neuron, "dense": dense}
   for layer in walk(arch.layout):
     if layer.kind == "seca":
       out[f"{layer.name}.kernel"] = ((5,), f32)
@@ -107,7 +108,7 @@ def _dotted(*parts: Any) -> str:
 
 def _build(kind: Any, value: Any, where: str) -> Any:
   origin = typing.get_origin(kind)
-  if dataclasses.is_dataclass(kind):
+  if isinstance(kind, type) and dataclasses.is_dataclass(kind):
     if not isinstance(value, dict):
       raise ValueError(f"{where}: expected an object for {kind.__name__}, got {value!r}")
     hints = typing.get_type_hints(kind)
