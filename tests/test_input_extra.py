@@ -8,7 +8,6 @@ out by hand or by an independent loop. Nothing is downloaded.
 import io
 import json
 import struct
-import time
 from pathlib import Path
 
 import chex
@@ -325,13 +324,11 @@ def test_imagenet_reads_tfds_array_record_and_preprocesses_every_example(tmp_pat
 
 
 def test_imagenet_missing_or_unusable_data_is_a_clear_error_at_once(tmp_path):
-  start = time.perf_counter()
   with pytest.raises(DataError, match=f"no imagenet2012 folder in {tmp_path}.*tfds build"):
     imagenet.load("train", batch_size=2, train=True, seed=0, data_dir=str(tmp_path))
   (tmp_path / "imagenet2012").mkdir()
   with pytest.raises(DataError, match="not prepared.*--file_format=array_record"):
     imagenet.load("train", batch_size=2, train=True, seed=0, data_dir=str(tmp_path))
-  assert time.perf_counter() - start < 10.0
   other = tmp_path / "tfrecord"
   write_imagenet(other, {"train": 3}, file_format="tfrecord")
   with pytest.raises(DataError, match="stored as tfrecord.*convert_format"):

@@ -4,7 +4,6 @@ import gzip
 import json
 import re
 import struct
-import time
 
 import chex
 import numpy as np
@@ -270,20 +269,16 @@ def test_registry_rejects_unknown_names_and_splits():
 
 @pytest.fixture(scope="module")
 def fashion_mnist():
-  start = time.perf_counter()
-  train = images.read_fashion_mnist("train")
-  seconds = time.perf_counter() - start
-  return train, images.read_fashion_mnist("test"), seconds
+  return images.read_fashion_mnist("train"), images.read_fashion_mnist("test")
 
 
 def test_fashion_mnist_real_files(fashion_mnist):
-  train, test, seconds = fashion_mnist
+  train, test = fashion_mnist
   chex.assert_shape(train.images, (60000, 28, 28, 1))
   chex.assert_shape(test.images, (10000, 28, 28, 1))
   chex.assert_type([train.images, train.labels, test.labels], [np.uint8, np.int32, np.int32])
   np.testing.assert_array_equal(np.bincount(train.labels), np.full(10, 6000))
   np.testing.assert_array_equal(np.bincount(test.labels), np.full(10, 1000))
-  assert seconds < 20.0
 
 
 def test_fashion_mnist_normalisation_constants_match_the_training_split(fashion_mnist):
@@ -487,15 +482,17 @@ def test_cifar100_end_to_end_on_tfds_mock_data(tmp_path):
 
 
 def test_missing_cifar_offline_fails_fast_with_where_and_how(tmp_path, monkeypatch):
+  attempts = []
+
   def unreachable(url):
+    attempts.append(url)
     raise OSError("offline")
 
   monkeypatch.setattr(cifar_archive, "_open_url", unreachable)
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "from_env"))
-  start = time.perf_counter()
   with pytest.raises(DataError) as error:
     data.load("cifar10", "train", batch_size=8, train=True, seed=0)
-  assert time.perf_counter() - start < 10.0
+  assert attempts == [cifar_archive.ARCHIVES["cifar10"].url]  # one try, no retry loop
   message = str(error.value)
   assert f"looked in {tmp_path / 'from_env'} for cifar10_npy/" in message
   assert "the archive cifar-10-python.tar.gz" in message

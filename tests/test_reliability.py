@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -153,59 +154,74 @@ def test_damaged_checkpoints_fall_back_and_finish_like_an_uninterrupted_run(
 
 
 _KILLED_SAVE = """
-import os, signal, sys
+import pathlib, sys
 import jax.numpy as jnp
-from orbax.checkpoint._src.path import atomicity
 from experiments.checkpoint import Checkpoints
 
-directory, kill_at = sys.argv[1], int(sys.argv[2])
-checkpoints = Checkpoints(directory)
-checkpoints.save(1, {"w": jnp.arange(4.0)}, {"step": 1})
-renames = []
-finalize = atomicity.AtomicRenameTemporaryPath.finalize
-
-async def finalize_or_die(self, *args, **kwargs):
-  renames.append(self)
-  if len(renames) == kill_at:
-    os.kill(os.getpid(), signal.SIGKILL)
-  return await finalize(self, *args, **kwargs)
-
-atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
-checkpoints.save(2, {"w": jnp.arange(4.0) + 1}, {"step": 2})
+directory = sys.argv[1]
+checkpoints = Checkpoints(directory, keep=100)
+checkpoints.save(1, {"w": jnp.zeros(SIZE)}, {"step": 1})
+pathlib.Path(directory, "saving").touch()
+for step in range(2, 10):
+  checkpoints.save(step, {"w": jnp.full(SIZE, float(step))}, {"step": step})
 """
+_SIZE = 4_000_000  # 16 MB per save: a save lasts long enough to be killed inside it
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_killed_save_leaves_no_step_directory(tmp_path):
-  """SIGKILL at each of a save's renames (item 'meta', item 'state', the step directory, which
-  come after all data is written): never a directory named after the step; the next run
-  restores the previous checkpoint, and saving that step again replaces the temporary
-  directory."""
+  """SIGKILL while a process saves checkpoints one after another, at moments spread over a save
+  (the step's temporary directory just made, then later): every directory named after a step is
+  complete and restores its values, the newest one is restored, and saving the step that was cut
+  off again replaces its temporary directory."""
   abstract = {
     "w": jax.ShapeDtypeStruct(
-      (4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      (_SIZE,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
     )
   }
-  for kill_at in (1, 2, 3):
-    directory = tmp_path / str(kill_at)
-    result = subprocess.run(
-      [sys.executable, "-c", _KILLED_SAVE, str(directory), str(kill_at)],
+  cut_off = 0
+  for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
+    directory = tmp_path / str(delay)
+    child = subprocess.Popen(
+      [sys.executable, "-c", _KILLED_SAVE.replace("SIZE", str(_SIZE)), str(directory)],
       cwd=ROOT,
       env=env(1),
-      capture_output=True,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
       text=True,
-      timeout=100,
     )
-    assert result.returncode == -9, result.stderr[-3000:]
-    assert sorted(os.listdir(directory)) == ["1", "2.orbax-checkpoint-tmp"]
-    checkpoints = Checkpoints(str(directory))
-    assert checkpoints.steps() == [1]
-    step, state, meta = checkpoints.restore_latest(abstract)
-    assert (step, meta) == (1, {"step": 1})
-    np.testing.assert_array_equal(state["w"], np.arange(4.0))
-    checkpoints.save(2, {"w": jnp.arange(4.0) + 2}, {"step": 2})
+    try:
+      while not (directory / "saving").exists() and child.poll() is None:
+        time.sleep(0.005)
+      while child.poll() is None and not any(
+        name.endswith("orbax-checkpoint-tmp") and not name.startswith("1")
+        for name in os.listdir(directory)
+      ):
+        time.sleep(0.001)
+      time.sleep(delay)
+      child.kill()
+    finally:
+      child.kill()
+      stderr = child.communicate(timeout=60)[1]
+    assert child.returncode == -9, stderr[-3000:]
+    names = sorted(os.listdir(directory))
+    temporary = [n for n in names if n.endswith(".orbax-checkpoint-tmp")]
+    complete = sorted(int(n) for n in names if n.isdigit())
+    cut_off += bool(temporary)
+    checkpoints = Checkpoints(str(directory), keep=100)
+    assert checkpoints.steps() == complete and complete[0] == 1
+    for step in complete:
+      restored, state, meta = checkpoints.restore_latest(abstract, before=step + 1)
+      assert restored == step and meta == {"step": step}
+      np.testing.assert_array_equal(state["w"], np.full(_SIZE, 0.0 if step == 1 else float(step)))
+    step, _, _ = checkpoints.restore_latest(abstract)
+    assert step == complete[-1]
+    checkpoints.save(step + 1, {"w": jnp.ones(_SIZE)}, {"step": step + 1})
     checkpoints.close()
-    assert sorted(os.listdir(directory)) == ["1", "2"]
+    assert sorted(os.listdir(directory)) == sorted(
+      [str(s) for s in complete] + [str(step + 1), "saving"]
+    )
+  assert cut_off, "no kill landed inside a save; the test did not test what it says"
 
 
 # --------------------------------------------------------------------------------------------------
