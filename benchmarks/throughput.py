@@ -342,15 +342,41 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
   the training step uses; PyTorch: ``F.conv2d`` and ``aten.convolution_backward``), with the
   number of times it occurs per time step.
   """
+  import torch
+
+  def sync():
+    if device.type == "cuda":
+      torch.cuda.synchronize()
+
+  result: dict[str, Any] = {
+    "one_step": _interleaved(_one_step_parts(model, torch_model, batch, device), repeats, sync)
+  }
+  parts, counts, work = _convolution_parts(
+    _distinct_convolutions(model, batch[0]), batch[0].shape[-1], device
+  )
+  with torch.no_grad():
+    timings = _interleaved(parts, repeats, sync)
+  for name, value in timings.items():
+    value["per_step_count"] = counts[name]
+    value.update(work[name])
+    gflop = value["gflop"]
+    value["jax_gflops"] = float(f"{gflop / value['jax_seconds']:.4g}")
+    value["torch_gflops"] = float(f"{gflop / value['torch_seconds']:.4g}")
+  result["convolutions"] = timings
+  result["convolutions_per_step_total"] = _convolution_totals(timings)
+  result["ceiling"] = convolution_ceiling(result)
+  return result
+
+
+def _one_step_parts(model, torch_model, batch, device) -> dict[str, tuple[Callable, Callable]]:
+  """(JAX, PyTorch) callables of one time step's forward, forward + backward and update."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import torch
-  import torch.nn.functional as F
   from flax import nnx
 
   from benchmarks import torch_reference as ref
-  from empf_jax import layers, ops, training
+  from empf_jax import training
 
   x_np, y_np = batch
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -385,7 +411,7 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
     loss_fn(net(x_t), y_t).backward()
 
   torch_forward_backward()  # gradients in place for the update part
-  parts = {
+  return {
     "forward": (
       lambda: jax.block_until_ready(jax_forward(params, rest, x, targets)),
       torch_forward,
@@ -400,13 +426,18 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
     ),
   }
 
-  def sync():
-    if device.type == "cuda":
-      torch.cuda.synchronize()
 
-  result: dict[str, Any] = {"one_step": _interleaved(parts, repeats, sync)}
+def _distinct_convolutions(model, x_np) -> dict[tuple, int]:
+  """{(input shape, kernel shape, stride, padding): occurrences per time step} of the network's
+  convolutions, from the input shape each QConv records (``record=True``) in one step."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
 
-  # Distinct convolutions: the input shape each QConv records (``record=True``) in one step.
+  from empf_jax import layers, training
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
   def conv_inputs(params, rest, x):
     net = training.fresh_merge(graphdef, params, rest)
     training.set_recording(net, True)
@@ -421,15 +452,28 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
     path: module for path, module in nnx.iter_graph(model) if isinstance(module, layers.QConv)
   }
   shapes: dict[tuple, int] = {}
-  for path, recorded in jax.eval_shape(conv_inputs, params, rest, x).items():
+  for path, recorded in jax.eval_shape(conv_inputs, params, rest, jnp.asarray(x_np)).items():
     module = convs.get(tuple(path[:-1]))
     if module is None:  # a Dense layer
       continue
     (h,) = recorded
     key = (tuple(h.shape), tuple(module.kernel.shape), module.stride, module.padding)
     shapes[key] = shapes.get(key, 0) + 1
+  return shapes
+
+
+def _convolution_parts(shapes: dict[tuple, int], image_channels: int, device) -> tuple:
+  """(parts, per-step counts, work) of the forward, input gradient and kernel gradient of every
+  distinct convolution: (JAX, PyTorch) callables, occurrences per step, GFLOP and valid taps."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+
+  from empf_jax import ops
+
   conv_parts, counts, work = {}, {}, {}
-  image_channels = x_np.shape[-1]
   for (x_shape, w_shape, stride, padding), count in shapes.items():
     x_shape = (math.prod(x_shape[:-3]),) + x_shape[-3:]  # time and batch folded, as the layer
     kh, kw, cin, cout = w_shape
@@ -475,15 +519,11 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
       work[f"{name}: {op}"] = {"gflop": float(f"{gflop:.4g}"), "valid_tap_fraction": round(taps, 3)}
     if cin == image_channels:  # the network's input: no gradient is taken, none computed
       counts[f"{name}: input_grad"] = 0
-  with torch.no_grad():
-    timings = _interleaved(conv_parts, repeats, sync)
-  for name, value in timings.items():
-    value["per_step_count"] = counts[name]
-    value.update(work[name])
-    gflop = value["gflop"]
-    value["jax_gflops"] = float(f"{gflop / value['jax_seconds']:.4g}")
-    value["torch_gflops"] = float(f"{gflop / value['torch_seconds']:.4g}")
-  result["convolutions"] = timings
+  return conv_parts, counts, work
+
+
+def _convolution_totals(timings: dict[str, dict]) -> dict[str, dict[str, float]]:
+  """Seconds per time step of all convolutions' forward, input and kernel gradients."""
   totals = {}
   for op in ("forward", "input_grad", "kernel_grad"):
     entries = [v for k, v in timings.items() if k.endswith(op)]
@@ -494,9 +534,7 @@ def breakdown(model, torch_model, args, batch, device, repeats: int) -> dict[str
       "torch_seconds": torch_s,
       "jax_over_torch_speed": round(torch_s / jax_s, 3),
     }
-  result["convolutions_per_step_total"] = totals
-  result["ceiling"] = convolution_ceiling(result)
-  return result
+  return totals
 
 
 def valid_tap_fraction(size: int, kernel: int, stride: int, padding: int) -> float:
@@ -552,6 +590,117 @@ def load_average() -> list[float]:
   return [round(v, 2) for v in os.getloadavg()]
 
 
+def _meta(args, argv, backend: str, cores: int, channels: int) -> dict[str, Any]:
+  """What a record was measured with: command, sizes, versions, machine, settings, load."""
+  import jax
+  import torch
+
+  from empf_jax import ops
+
+  meta = {
+    "command": "python -m benchmarks.throughput "
+    + " ".join(argv if argv is not None else sys.argv[1:]),
+    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    "network": args.network,
+    "weights": "binary",
+    "width": args.width,
+    "time_steps": args.time_steps,
+    "batches": args.batches,
+    "image_shape": [args.size, args.size, channels],
+    "jax_dtype": args.dtype,
+    "torch_dtype": "float32",
+    "repeats": args.repeats,
+    "batches_per_repeat": args.iters,
+    "warmup_batches": args.warmup,
+    "device": args.device,
+    "jax_backend": backend,
+    "jax_device": str(jax.devices()[0].device_kind),
+    "jax": jax.__version__,
+    "torch": torch.__version__,
+    "python": platform.python_version(),
+    "machine": platform.platform(),
+    **cpu_description(),
+    "cpus_visible": os.cpu_count(),
+    "cores_used": cores,
+    "torch_num_threads": torch.get_num_threads(),
+    "conv_backward": ops.conv_backward_rule(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+    "load_average_start": load_average(),
+  }
+  if len(args.batches) == 1:
+    meta["batch"] = args.batches[0]
+  if args.device == "gpu" and torch.cuda.is_available():
+    meta["torch_cuda_device"] = torch.cuda.get_device_name()
+    meta["torch_cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+    meta["torch_matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+  return meta
+
+
+def _measure_mode(model, torch_model, args, mode: str, batches, torch_device) -> dict[str, Any]:
+  """Images per second of each framework in ``mode``, repeats interleaved, and their ratio."""
+  import torch
+
+  images = batches[0][0].shape[0] * args.iters
+  runners: dict[str, Callable[[int], float]] = {}
+  entry: dict[str, Any] = {}
+  if "jax" in args.frameworks:
+    start = time.perf_counter()
+    jax_runner = JaxRunner(model, args, mode, batches)
+    jax_runner.run(args.warmup)
+    entry["jax_first_batches_seconds"] = round(time.perf_counter() - start, 2)
+    runners["jax"] = jax_runner.run
+  if "torch" in args.frameworks:
+    if torch_device.type == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+    torch_runner = TorchRunner(torch_model, args, mode, batches, torch_device)
+    torch_runner.run(args.warmup)
+    runners["torch"] = torch_runner.run
+  seconds = {name: [] for name in runners}
+  for _ in range(args.repeats):
+    for name, run in runners.items():
+      seconds[name].append(run(args.iters))
+  for name, times in seconds.items():
+    entry[name] = {
+      "images_per_second": round(median_rate(times, images), 3),
+      "repeat_seconds": [round(t, 6) for t in times],
+    }
+  if set(seconds) == {"jax", "torch"}:
+    entry["jax_over_torch"] = round(
+      entry["jax"]["images_per_second"] / entry["torch"]["images_per_second"], 3
+    )
+    # Each JAX repeat against the PyTorch repeat right after it: less sensitive to load drift.
+    entry["jax_over_torch_paired_median"] = round(
+      statistics.median(t / j for j, t in zip(seconds["jax"], seconds["torch"])), 3
+    )
+  if args.device == "gpu":
+    if "jax" in runners:
+      entry["jax"]["process_peak_bytes_in_use"] = jax_runner.peak_bytes()
+    if "torch" in runners:
+      entry["torch"]["max_memory_allocated"] = int(torch.cuda.max_memory_allocated())
+  return entry
+
+
+def _print_breakdown(parts: dict[str, Any]) -> None:
+  """One line per part of :func:`breakdown` and one for its ceiling."""
+  for group in ("one_step", "convolutions_per_step_total"):
+    for part, value in parts[group].items():
+      print(
+        f"{group} {part}: JAX {1e3 * value['jax_seconds']:.1f} ms, PyTorch "
+        f"{1e3 * value['torch_seconds']:.1f} ms",
+        flush=True,
+      )
+  ceiling = parts["ceiling"]
+  print(
+    f"one time step: JAX {1e3 * ceiling['jax_time_step_seconds']:.0f} ms (convolutions "
+    f"{1e3 * ceiling['jax_convolutions_seconds']:.0f}), PyTorch "
+    f"{1e3 * ceiling['torch_time_step_seconds']:.0f} ms (convolutions "
+    f"{1e3 * ceiling['torch_convolutions_seconds']:.0f}); with XLA's convolutions the "
+    f"ratio is at most {ceiling['jax_over_torch_at_most']:.2f}",
+    flush=True,
+  )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.device == "gpu":
@@ -573,7 +722,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   from flax import nnx
 
   from benchmarks import torch_reference as ref
-  from empf_jax import convert, models, ops
+  from empf_jax import convert, models
 
   if args.device == "gpu" and "torch" in args.frameworks and not torch.cuda.is_available():
     raise SystemExit("--device=gpu: PyTorch sees no CUDA device")
@@ -603,43 +752,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     {k: torch.from_numpy(v) for k, v in convert.to_torch_state_dict(model).items()}
   )
 
-  meta = {
-    "command": "python -m benchmarks.throughput "
-    + " ".join(argv if argv is not None else sys.argv[1:]),
-    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    "network": args.network,
-    "weights": "binary",
-    "width": args.width,
-    "time_steps": args.time_steps,
-    "batches": args.batches,
-    "image_shape": [args.size, args.size, channels],
-    "jax_dtype": args.dtype,
-    "torch_dtype": "float32",
-    "repeats": args.repeats,
-    "batches_per_repeat": args.iters,
-    "warmup_batches": args.warmup,
-    "device": args.device,
-    "jax_backend": backend,
-    "jax_device": str(jax.devices()[0].device_kind),
-    "jax": jax.__version__,
-    "torch": torch.__version__,
-    "python": platform.python_version(),
-    "machine": platform.platform(),
-    **cpu_description(),
-    "cpus_visible": os.cpu_count(),
-    "cores_used": len(cores),
-    "torch_num_threads": torch.get_num_threads(),
-    "conv_backward": ops.conv_backward_rule(),
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-    "load_average_start": load_average(),
-  }
-  if len(args.batches) == 1:
-    meta["batch"] = args.batches[0]
-  if args.device == "gpu" and torch.cuda.is_available():
-    meta["torch_cuda_device"] = torch.cuda.get_device_name()
-    meta["torch_cudnn_tf32"] = torch.backends.cudnn.allow_tf32
-    meta["torch_matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+  meta = _meta(args, argv, backend, len(cores), channels)
   print(
     f"{args.network} width {args.width:g}, T={args.time_steps}, batches {args.batches}, "
     f"{args.size}x{args.size}x{channels}, {args.device}, {len(cores)} cores, "
@@ -651,48 +764,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for batch_size in args.batches:
     rng = np.random.default_rng(args.seed)
     batches = [random_batch(rng, batch_size, args.size, channels) for _ in range(2)]
-    images = batch_size * args.iters
     print(f"== batch {batch_size} (load {load_average()})", flush=True)
     results = {}
     for mode in args.modes:
-      runners: dict[str, Callable[[int], float]] = {}
-      entry: dict[str, Any] = {}
-      if "jax" in args.frameworks:
-        start = time.perf_counter()
-        jax_runner = JaxRunner(model, args, mode, batches)
-        jax_runner.run(args.warmup)
-        entry["jax_first_batches_seconds"] = round(time.perf_counter() - start, 2)
-        runners["jax"] = jax_runner.run
-      if "torch" in args.frameworks:
-        if torch_device.type == "cuda":
-          torch.cuda.reset_peak_memory_stats()
-        torch_runner = TorchRunner(torch_model, args, mode, batches, torch_device)
-        torch_runner.run(args.warmup)
-        runners["torch"] = torch_runner.run
-      seconds = {name: [] for name in runners}
-      for _ in range(args.repeats):
-        for name, run in runners.items():
-          seconds[name].append(run(args.iters))
-      for name, times in seconds.items():
-        entry[name] = {
-          "images_per_second": round(median_rate(times, images), 3),
-          "repeat_seconds": [round(t, 6) for t in times],
-        }
-      if set(seconds) == {"jax", "torch"}:
-        entry["jax_over_torch"] = round(
-          entry["jax"]["images_per_second"] / entry["torch"]["images_per_second"], 3
-        )
-        # Each JAX repeat against the PyTorch repeat right after it: less sensitive to load drift.
-        entry["jax_over_torch_paired_median"] = round(
-          statistics.median(t / j for j, t in zip(seconds["jax"], seconds["torch"])), 3
-        )
-      if args.device == "gpu":
-        if "jax" in runners:
-          entry["jax"]["process_peak_bytes_in_use"] = jax_runner.peak_bytes()
-        if "torch" in runners:
-          entry["torch"]["max_memory_allocated"] = int(torch.cuda.max_memory_allocated())
+      entry = _measure_mode(model, torch_model, args, mode, batches, torch_device)
       results[mode] = entry
-      rates = ", ".join(f"{name} {entry[name]['images_per_second']:.1f} img/s" for name in seconds)
+      rates = ", ".join(
+        f"{name} {entry[name]['images_per_second']:.1f} img/s"
+        for name in FRAMEWORKS
+        if name in entry
+      )
       ratio = (
         f" (JAX/PyTorch {entry['jax_over_torch']:.2f}x, paired "
         f"{entry['jax_over_torch_paired_median']:.2f}x)"
@@ -706,22 +787,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       measured["breakdown"] = breakdown(
         model, torch_model, args, batches[0], torch_device, args.repeats
       )
-      for group in ("one_step", "convolutions_per_step_total"):
-        for part, value in measured["breakdown"][group].items():
-          print(
-            f"{group} {part}: JAX {1e3 * value['jax_seconds']:.1f} ms, PyTorch "
-            f"{1e3 * value['torch_seconds']:.1f} ms",
-            flush=True,
-          )
-      ceiling = measured["breakdown"]["ceiling"]
-      print(
-        f"one time step: JAX {1e3 * ceiling['jax_time_step_seconds']:.0f} ms (convolutions "
-        f"{1e3 * ceiling['jax_convolutions_seconds']:.0f}), PyTorch "
-        f"{1e3 * ceiling['torch_time_step_seconds']:.0f} ms (convolutions "
-        f"{1e3 * ceiling['torch_convolutions_seconds']:.0f}); with XLA's convolutions the "
-        f"ratio is at most {ceiling['jax_over_torch_at_most']:.2f}",
-        flush=True,
-      )
+      _print_breakdown(measured["breakdown"])
     online = results.get("online", {}).get("jax_over_torch")
     if online is not None:
       measured["goals"] = {f"online JAX/PyTorch >= {goal}": online >= goal for goal in GOALS}

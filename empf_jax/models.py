@@ -38,6 +38,11 @@ SPIKE_BITS = (None, 4)
 SECA_VARIANTS = (0, 1, 2)
 
 
+SET_FROM_DATA = ("num_classes", "time_steps", "in_channels", "in_features")
+"""The options a training program sets from the data and ``config.time_steps``, not from the
+model section of its config."""
+
+
 class ConfigError(ValueError):
   """An unknown network, option or a combination of options the spec does not allow."""
 
@@ -50,14 +55,18 @@ def _allowed(key: str, value: Any, allowed: Sequence[Any]) -> None:
     )
 
 
-def _is_integer(value: Any) -> bool:
-  """Python or NumPy integer, not a bool."""
+def is_integer(value: Any) -> bool:
+  """Python or NumPy integer, not a bool (the check of every integer option)."""
   return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_real(value: Any) -> bool:
-  """Python or NumPy real number, not a bool."""
-  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+def is_real(value: Any) -> bool:
+  """Finite Python or NumPy real number, not a bool (the check of every real option)."""
+  return (
+    isinstance(value, numbers.Real)
+    and not isinstance(value, (bool, np.bool_))
+    and math.isfinite(value)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,12 @@ class NetOptions:
   network's default and are resolved here (an instance holds the stem and channel count the
   network is built with), ``spike_bits=None`` means floating-point spikes and
   ``in_features=None`` that the network does without it (every network but ``mlp``).
+
+  This class is the one description of the options: the training configs' ``config.model``
+  holds every field but those the program sets from the data (:data:`SET_FROM_DATA`), with the
+  defaults below, and their checks are the checks here. A new option is a new field whose
+  default builds the network as it was before the option existed (runs saved without it then
+  resume unchanged).
 
   Attributes:
     name: one of :data:`NETWORKS`: ``resnet18``, ``resnet19``, ``resnet34``, ``vgg11``,
@@ -133,14 +148,14 @@ class NetOptions:
     _allowed("seca", self.seca, SECA_VARIANTS)
     for key in ("num_classes", "time_steps"):
       value = getattr(self, key)
-      if not _is_integer(value) or value < 1:
+      if not is_integer(value) or value < 1:
         raise ConfigError(f"{key}={value!r} is not allowed; allowed: an integer >= 1")
-    if self.in_channels is not None and (not _is_integer(self.in_channels) or self.in_channels < 1):
+    if self.in_channels is not None and (not is_integer(self.in_channels) or self.in_channels < 1):
       raise ConfigError(
         f"in_channels={self.in_channels!r} is not allowed; allowed: an integer >= 1"
       )
     if (self.name == "mlp" or self.in_features is not None) and (
-      not _is_integer(self.in_features) or self.in_features < 1
+      not is_integer(self.in_features) or self.in_features < 1
     ):
       raise ConfigError(
         f"in_features={self.in_features!r} is not allowed"
@@ -148,9 +163,9 @@ class NetOptions:
         "allowed: an integer >= 1 (the number of input values per example and "
         "time step)"
       )
-    if not _is_real(self.width) or not self.width > 0:
+    if not is_real(self.width) or not self.width > 0:
       raise ConfigError(f"width={self.width!r} is not allowed; allowed: a number > 0")
-    if not _is_real(self.latent_init) or not 0 < self.latent_init <= 1:
+    if not is_real(self.latent_init) or not 0 < self.latent_init <= 1:
       raise ConfigError(
         f"latent_init={self.latent_init!r} is not allowed; allowed: a number in (0, 1]"
       )

@@ -304,6 +304,25 @@ def draw_time_step(seed_key: jax.Array, step: jax.Array, time_steps: int) -> jax
   return jax.random.randint(_batch_key(seed_key, step, _KEY_TIME_STEP), (), 0, time_steps)
 
 
+def step_schedule(
+  mode: str, time_steps: int, step: jax.Array, seed_key: jax.Array
+) -> tuple[Any, tuple[Any, ...]]:
+  """Which time steps one batch runs and which of them end with an update, for the rules that
+  update step by step: (S, updated), the batch running steps 0 .. S-1 forward.
+
+  ``online``: S = T, an update after every step. ``random_step``: S = t* + 1 with
+  t* = :func:`draw_time_step` (``seed_key``, ``step``), one update, after step t*; the steps
+  before it run forward only. Works on traced and concrete values; :func:`make_train_step`
+  follows it, and so does the step-by-step replay that looks for a non-finite value.
+  """
+  if mode == "random_step":
+    t_star = draw_time_step(seed_key, step, time_steps)
+    return t_star + 1, (t_star,)
+  if mode == "online":
+    return time_steps, tuple(range(time_steps))
+  raise ValueError(f"mode={mode!r} has no step schedule; allowed: online, random_step")
+
+
 def prepare_batch(
   config: StepConfig, x: jax.Array, labels: jax.Array, step: jax.Array, seed_key: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -358,6 +377,8 @@ def make_train_step(
     return apply_update(optimizer, params, opt_state, grads)
 
   def online(state, x_seq, targets, labels, lr, seed_key):
+    run, updated = step_schedule("online", steps, state.step, seed_key)
+    assert run == steps and len(updated) == steps  # every step, each followed by an update
     neuron_state = merge(graphdef, state).init_state(x_seq[0])
     opt_state = set_learning_rate(state.opt_state, lr)
 
@@ -387,7 +408,7 @@ def make_train_step(
     )
 
   def random_step(state, x_seq, targets, labels, lr, seed_key):
-    t_star = draw_time_step(seed_key, state.step, steps)
+    _, (t_star,) = step_schedule("random_step", steps, state.step, seed_key)
     neuron_state = merge(graphdef, state).init_state(x_seq[0])
 
     def prefix(t, carry):

@@ -150,13 +150,7 @@ def restore_model(
     model = train.build_model(config, num_classes, step_shape)
   except (train.ConfigError, AttributeError, KeyError) as error:  # a bad value or a missing key
     raise UsageError(f"{workdir}/config.json: {error}") from None
-  optimizer = training.make_optimizer(
-    momentum=config.momentum,
-    weight_decay=config.weight_decay,
-    nesterov=config.nesterov,
-    learning_rate=config.learning_rate,
-  )
-  graphdef, state = training.create_train_state(model, optimizer)
+  graphdef, state = training.create_train_state(model, train.build_optimizer(config))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), state)
   checkpoints = Checkpoints(directory, keep=config.keep_checkpoints)

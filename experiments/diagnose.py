@@ -298,13 +298,9 @@ def first_nonfinite(
     )
 
   neuron_state = training.merge(graphdef, state).init_state(x_seq[0])
-  if config.mode == "random_step":
-    last = int(training.draw_time_step(seed_key, state.step, config.time_steps))
-    trained = {last}
-  else:
-    last = config.time_steps - 1
-    trained = set(range(config.time_steps))
-  for t in range(last + 1):
+  run, updated = training.step_schedule(config.mode, config.time_steps, state.step, seed_key)
+  trained = {int(t) for t in updated}
+  for t in range(int(run)):
     args = (neuron_state, x_seq[t], jnp.int32(t), targets)
     recorded_order, leaves = replay.order(replay.step, params, rest, *args)
     if t in trained:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -58,15 +59,32 @@ HARMLESS_KEYS = (
   "bn_check_batches",
   "input_workers",
 )
+# The model options of the first release. Every later option (a field added to NetOptions) has a
+# default that builds the network as before it existed (NetOptions' docstring), so it is an added
+# key below without being listed: adding a model option is one edit, in NetOptions.
+FIRST_MODEL_KEYS = (
+  "name",
+  "stem",
+  "neuron",
+  "weights",
+  "mem_bn",
+  "parallel",
+  "spike_bits",
+  "seca",
+  "learnable_lif",
+  "width",
+)
 # Keys added after the first release, with the value that reproduces runs made without them: left
 # out of the fingerprint while they hold it, so that those runs' workdirs still resume.
 ADDED_KEYS = {
-  "model.step_stats": False,
   "bn_recalibration_batches": 0,
-  "model.latent_init": 1e-3,
-  "model.symmetric_init": False,
   "decay_latent_weights": True,
   "bn_check_batches": 64,
+  **{
+    f"model.{key}": value
+    for key, value in common.model_config().items()
+    if key not in FIRST_MODEL_KEYS
+  },
 }
 # The first release wrote "floating-point spikes" as model.spike_bits=0 and "the network's default
 # stem" as model.stem="", where the library (and the config now) write None: the fingerprint
@@ -76,8 +94,9 @@ LEGACY_SENTINELS = {"model.spike_bits": 0, "model.stem": ""}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class ConfigError(ValueError):
-  """A configuration value that is not allowed; the message names key, value and what is allowed."""
+# A configuration value that is not allowed; the message names key, value and what is allowed.
+# The model's options raise it from NetOptions; the training keys from validate_config.
+ConfigError = models.ConfigError
 
 
 class NumericalError(FloatingPointError):
@@ -147,21 +166,13 @@ def _flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[st
   return out
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every key of a training config before any data is read or anything is compiled.
 
   Checks that the keys are exactly those of :func:`experiments.configs.common.base_config`, that
-  every value has its type and range, the model's options (:class:`empf_jax.models.NetOptions`:
-  a known network, neuron, weights, stem, and no contradicting options), and that the batch splits
-  over the devices.
+  every training value has its type and range and that the batch splits over the devices; the
+  model's options (``config.model``) are checked by :class:`empf_jax.models.NetOptions`, their
+  one description (through :func:`net_options`).
 
   Raises:
     ConfigError: one line naming the first bad key, its value and what is allowed.
@@ -191,20 +202,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("compute_dtype", config.compute_dtype, ", ".join(DTYPES))
   if not isinstance(given["data_dir"], str):
     fail("data_dir", given["data_dir"], "a string ('' for the default)")
-  if given["model.stem"] is not None and not isinstance(given["model.stem"], str):
-    fail("model.stem", given["model.stem"], "None (the network's default), a string")
-  for key in (
-    "augment",
-    "nesterov",
-    "mix",
-    "progress",
-    "model.mem_bn",
-    "model.parallel",
-    "model.learnable_lif",
-    "model.step_stats",
-    "model.symmetric_init",
-    "decay_latent_weights",
-  ):
+  for key in ("augment", "nesterov", "mix", "progress", "decay_latent_weights"):
     if not isinstance(given[key], bool):
       fail(key, given[key], "True, False")
   for key in (
@@ -216,22 +214,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     "log_every_steps",
     "eval_every_epochs",
   ):
-    if not _is_int(given[key]) or given[key] < 1:
+    if not models.is_integer(given[key]) or given[key] < 1:
       fail(key, given[key], "an integer >= 1")
   for key in ("warmup_epochs", "seed", "bn_recalibration_batches", "bn_check_batches"):
-    if not _is_int(given[key]) or given[key] < 0:
+    if not models.is_integer(given[key]) or given[key] < 0:
       fail(key, given[key], "an integer >= 0")
-  if not _is_int(config.input_workers) or config.input_workers < -1:
+  if not models.is_integer(config.input_workers) or config.input_workers < -1:
     fail("input_workers", config.input_workers, "an integer >= 0, or -1 for the dataset's default")
-  if not (_is_real(config.learning_rate) and config.learning_rate > 0):
+  if not (models.is_real(config.learning_rate) and config.learning_rate > 0):
     fail("learning_rate", config.learning_rate, "a finite number > 0")
-  if not (_is_real(config.weight_decay) and config.weight_decay >= 0):
+  if not (models.is_real(config.weight_decay) and config.weight_decay >= 0):
     fail("weight_decay", config.weight_decay, "a finite number >= 0")
-  if not (_is_real(config.momentum) and 0 <= config.momentum < 1):
+  if not (models.is_real(config.momentum) and 0 <= config.momentum < 1):
     fail("momentum", config.momentum, "a number in [0, 1)")
-  if not (_is_real(config.warmup_start) and 0 < config.warmup_start <= 1):
+  if not (models.is_real(config.warmup_start) and 0 < config.warmup_start <= 1):
     fail("warmup_start", config.warmup_start, "a number in (0, 1]")
-  if not (_is_real(config.label_smoothing) and 0 <= config.label_smoothing < 1):
+  if not (models.is_real(config.label_smoothing) and 0 <= config.label_smoothing < 1):
     fail("label_smoothing", config.label_smoothing, "a number in [0, 1)")
   net_options(config, num_classes=1, step_shape=(1,))
   devices = jax.device_count()
@@ -269,6 +267,18 @@ def net_options(
     return models.NetOptions.of(m.name, **options)
   except models.ConfigError as error:
     raise ConfigError(f"config.model.{error}") from None
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optimizer of ``config``; its state is part of every checkpoint, so training and every
+  program that restores a checkpoint build it here."""
+  return training.make_optimizer(
+    momentum=config.momentum,
+    weight_decay=config.weight_decay,
+    nesterov=config.nesterov,
+    learning_rate=config.learning_rate,
+    decay_latent=config.decay_latent_weights,
+  )
 
 
 def build_model(
@@ -370,13 +380,7 @@ class Trainer:
       mix=config.mix,
       compute_dtype=DTYPES[config.compute_dtype],
     )
-    self.optimizer = training.make_optimizer(
-      momentum=config.momentum,
-      weight_decay=config.weight_decay,
-      nesterov=config.nesterov,
-      learning_rate=config.learning_rate,
-      decay_latent=config.decay_latent_weights,
-    )
+    self.optimizer = build_optimizer(config)
     self.mesh = jax.make_mesh(
       (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
     )
@@ -675,6 +679,105 @@ class _NonFinite(Exception):
     self.step = step
 
 
+def _log_window(
+  trainer: Trainer,
+  writer: MetricWriter,
+  bar: Any,
+  sums: training.StepOutput,
+  logged: Any,
+  in_window: int,
+  rate: float,
+  step: int,
+  epoch: int,
+) -> Any:
+  """Writes the ``train`` record of the logging window that ends at ``step`` (means of the
+  window's steps: differences of the running sums) and shows it on the progress bar; returns the
+  sums read, the start of the next window."""
+  current = jax.device_get(sums)
+  means = _window_means(current, logged, in_window)
+  record = {
+    "step": step,
+    "epoch": epoch,
+    "loss": float(means.loss),
+    "train_accuracy": float(means.accuracy),
+    "images_per_second": rate,
+    "learning_rate": trainer.learning_rate(epoch),
+    **_prefixed("code_change", means.code_change),
+  }
+  writer.write("train", record)
+  bar.set_postfix(
+    loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}", img_s=f"{rate:.0f}"
+  )
+  return current
+
+
+def _write_weights_records(
+  trainer: Trainer,
+  writer: MetricWriter,
+  sums: training.StepOutput,
+  counted: int,
+  step: int,
+  epoch: int,
+) -> None:
+  """The epoch's ``weights`` record (mean code change and update size per kernel over its
+  ``counted`` batches, weight statistics) and the histograms of the latent weights."""
+  code_change, update_ratio = jax.tree.map(
+    lambda v: float(v) / counted, jax.device_get((sums.code_change, sums.update_ratio))
+  )
+  writer.write(
+    "weights",
+    {
+      "step": step,
+      "epoch": epoch,
+      "batches": counted,
+      **_prefixed("code_change", code_change),
+      **_prefixed("update_ratio", update_ratio),
+      **trainer.weight_statistics(),
+    },
+  )
+  kernels = training.quantized_kernels(jax.device_get(trainer.state.params))
+  writer.histograms(
+    "latent_weights", {name: np.asarray(w) for name, (_, w) in kernels.items()}, step
+  )
+
+
+def _evaluate_and_check(
+  trainer: Trainer,
+  writer: MetricWriter,
+  bar: Any,
+  step: int,
+  epoch: int,
+  seconds: dict[str, float],
+) -> None:
+  """Evaluates on the test split, then (``bn_check_batches`` > 0) with re-estimated BatchNorm
+  averages beside the stored ones; writes the ``eval`` record and the epoch's line."""
+  config = trainer.config
+  result = trainer.evaluate()
+  record = {
+    "step": step,
+    "epoch": epoch,
+    "accuracy": result["accuracy"],
+    "loss": result["loss"],
+    "accuracy_per_step": result["accuracy_per_step"],
+    **seconds,
+  }
+  check = trainer.check_batch_stats()
+  text = ""
+  if check is not None:
+    record.update(check)
+    record["bn_gap"] = check["accuracy_reestimated"] - result["accuracy"]
+    text = (
+      f"; {100 * check['accuracy_reestimated']:.2f} % with BatchNorm averages "
+      f"re-estimated from {config.bn_check_batches} batches"
+    )
+  writer.write("eval", record)
+  per_step = ", ".join(f"{100 * a:.1f}" for a in result["accuracy_per_step"])
+  bar.write(
+    f"epoch {epoch + 1}/{config.epochs}: test accuracy {100 * result['accuracy']:.2f} % "
+    f"(per step: {per_step}){text}"
+  )
+
+
 def _train_loop(
   trainer: Trainer, checkpoints: Checkpoints, writer: MetricWriter, start_step: int
 ) -> int | None:
@@ -722,25 +825,8 @@ def _train_loop(
           in_window += 1
           if step % config.log_every_steps == 0 or step % per_epoch == 0:
             confirm_finite(inflight.drain())
-            current = jax.device_get(sums)
-            means = _window_means(current, logged, in_window)
-            logged = current
             rate = seen / (time.perf_counter() - tick)
-            record = {
-              "step": step,
-              "epoch": epoch,
-              "loss": float(means.loss),
-              "train_accuracy": float(means.accuracy),
-              "images_per_second": rate,
-              "learning_rate": trainer.learning_rate(epoch),
-              **_prefixed("code_change", means.code_change),
-            }
-            writer.write("train", record)
-            bar.set_postfix(
-              loss=f"{record['loss']:.3f}",
-              acc=f"{record['train_accuracy']:.3f}",
-              img_s=f"{rate:.0f}",
-            )
+            logged = _log_window(trainer, writer, bar, sums, logged, in_window, rate, step, epoch)
             tick, seen, in_window = time.perf_counter(), 0, 0
           bar.update(1)
           if step % config.checkpoint_every_steps == 0:
@@ -755,65 +841,17 @@ def _train_loop(
               flush=True,
             )
             return signum
+        # The epoch's end: weights records, BatchNorm re-estimation, checkpoint, evaluation.
         confirm_finite(inflight.drain())
-        train_seconds = time.perf_counter() - epoch_start
+        seconds = {"train_seconds": time.perf_counter() - epoch_start}
         if counted:
-          code_change, update_ratio = jax.tree.map(
-            lambda v, n=counted: float(v) / n, jax.device_get((sums.code_change, sums.update_ratio))
-          )
-          writer.write(
-            "weights",
-            {
-              "step": step,
-              "epoch": epoch,
-              "batches": counted,
-              **_prefixed("code_change", code_change),
-              **_prefixed("update_ratio", update_ratio),
-              **trainer.weight_statistics(),
-            },
-          )
-          writer.histograms(
-            "latent_weights",
-            {
-              name: np.asarray(w)
-              for name, (_, w) in training.quantized_kernels(
-                jax.device_get(trainer.state.params)
-              ).items()
-            },
-            step,
-          )
+          _write_weights_records(trainer, writer, sums, counted, step, epoch)
         tick = time.perf_counter()
         trainer.recalibrate_batch_stats()
-        recalibration_seconds = time.perf_counter() - tick
+        seconds["recalibration_seconds"] = time.perf_counter() - tick
         save()
         if (epoch + 1) % config.eval_every_epochs == 0 or step == total:
-          result = trainer.evaluate()
-          record = {
-            "step": step,
-            "epoch": epoch,
-            "accuracy": result["accuracy"],
-            "loss": result["loss"],
-            "accuracy_per_step": result["accuracy_per_step"],
-            "train_seconds": train_seconds,
-            "recalibration_seconds": recalibration_seconds,
-          }
-          check = trainer.check_batch_stats()
-          text = ""
-          if check is not None:
-            record.update(check)
-            record["bn_gap"] = check["accuracy_reestimated"] - result["accuracy"]
-            text = (
-              f"; {100 * check['accuracy_reestimated']:.2f} % with BatchNorm averages "
-              f"re-estimated from {config.bn_check_batches} batches"
-            )
-          writer.write("eval", record)
-          bar.write(
-            f"epoch {epoch + 1}/{config.epochs}: test accuracy "
-            f"{100 * result['accuracy']:.2f} % (per step: "
-            + ", ".join(f"{100 * a:.1f}" for a in result["accuracy_per_step"])
-            + ")"
-            + text
-          )
+          _evaluate_and_check(trainer, writer, bar, step, epoch, seconds)
     finally:
       bar.close()
   return None

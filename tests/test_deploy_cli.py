@@ -209,6 +209,25 @@ def test_cli_unknown_dataset_is_a_clear_error(random_bundle, deploy_main):
   assert_one_line_error(result, "unknown dataset 'mnist'", "digits")
 
 
+@pytest.mark.parametrize("decay_latent_weights", [True, False])
+def test_restores_the_checkpoint_of_either_weight_decay_setting(tmp_path, decay_latent_weights):
+  """The optimizer state is part of the checkpoint, and its structure depends on
+  decay_latent_weights: the export builds the optimizer the training run built."""
+  from experiments.checkpoint import Checkpoints
+
+  config = digits.get_config()
+  config.decay_latent_weights = decay_latent_weights
+  model = driver.build_model(config, 10, (8, 8, 1))
+  testing.randomize(model, jax.random.key(1), scale=0.1)
+  _, state = training.create_train_state(model, driver.build_optimizer(config))
+  checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
+  checkpoints.save(7, state, {"step": 7})
+  checkpoints.close()
+  restored, step = deploy_cli.restore_model(str(tmp_path), config, 10, (8, 8, 1))
+  assert step == 7
+  chex.assert_trees_all_equal(nnx.state(restored, nnx.Param), nnx.state(model, nnx.Param))
+
+
 def test_workdir_without_checkpoint_and_bundle_without_dataset(tmp_path, random_bundle):
   with pytest.raises(deploy_cli.UsageError, match="no checkpoint in"):
     deploy_cli.restore_model(str(tmp_path), digits.get_config(), 10, (8, 8, 1))

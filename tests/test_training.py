@@ -82,8 +82,14 @@ def sgd_update(model, grads):
   nnx.update(model, jax.tree.map(lambda p, g: p - LR * g, params, grads))
 
 
-@pytest.mark.parametrize("options", [{}, {"mem_bn": True, "spike_bits": 4}])
+@pytest.mark.parametrize(
+  "options", [{}, pytest.param({"mem_bn": True, "spike_bits": 4}, marks=pytest.mark.slow)]
+)
 def test_online_is_T_hand_updates(options):
+  """The online rule computed independently of the library's stop_gradient: each step's loss is
+  differentiated with the previous state passed in as a constant (computed before the grad, so
+  no gradient can flow into it) and the model's full-gradient path (online=False); then one SGD
+  update per step."""
   x, labels = batch()
   trained, out = run_rule(tiny_model(**options), "online", x, labels)
   hand = tiny_model(**options)
@@ -91,7 +97,7 @@ def test_online_is_T_hand_updates(options):
   for t in range(T):
 
     def loss_fn(model, state=state, t=t):
-      return step_loss(model, x, labels, state, t)
+      return step_loss(model, x, labels, state, t, online=False)
 
     (_, state), grads = nnx.value_and_grad(loss_fn, has_aux=True)(hand)
     sgd_update(hand, grads)
@@ -101,7 +107,9 @@ def test_online_is_T_hand_updates(options):
   assert int(out.time_step) == T
 
 
-def test_online_makes_T_updates_not_one():
+def test_the_hand_update_check_tells_T_updates_from_one_and_from_bptt():
+  """The comparison of test_online_is_T_hand_updates fails for the two nearest wrong rules: one
+  update (at the first step) and T updates whose gradients cross time (no stop_gradient)."""
   x, labels = batch()
   trained, _ = run_rule(tiny_model(), "online", x, labels)
   one = tiny_model()
@@ -109,8 +117,21 @@ def test_online_makes_T_updates_not_one():
     lambda m: step_loss(m, x, labels, m.init_state(x), 0), has_aux=True
   )(one)
   sgd_update(one, grads)
-  diff = testing.flat_params(trained) - testing.flat_params(one)
-  assert float(jnp.max(jnp.abs(diff))) > 1e-4
+  with pytest.raises(AssertionError):
+    assert_params_close(trained, one)
+  crossing = tiny_model()
+  for t in range(T):
+
+    def summed_to_t(model, t=t):
+      state = model.init_state(x)
+      for s in range(t):
+        _, state = model.step(x, state, s, train=True, online=False)
+      return step_loss(model, x, labels, state, t, online=False)
+
+    (_, _), grads = nnx.value_and_grad(summed_to_t, has_aux=True)(crossing)
+    sgd_update(crossing, grads)
+  with pytest.raises(AssertionError):
+    assert_params_close(trained, crossing)
 
 
 def test_random_step_is_one_hand_update():
@@ -401,3 +422,12 @@ def test_latent_magnitudes_quantiles():
   for entry in stats.values():
     assert 0 <= entry["p1"] <= entry["p50"] <= entry["p99"] < 1e-3  # uniform in [0, 1e-3)
     assert entry["clipped"] == 0.0
+
+
+def test_step_schedule_names_the_steps_each_rule_runs_and_updates():
+  key, step = jax.random.key(4), jnp.int32(9)
+  assert training.step_schedule("online", T, step, key) == (T, tuple(range(T)))
+  run, (t_star,) = training.step_schedule("random_step", T, step, key)
+  assert int(t_star) == int(training.draw_time_step(key, step, T)) and int(run) == int(t_star) + 1
+  with pytest.raises(ValueError, match="'bptt' has no step schedule"):
+    training.step_schedule("bptt", T, step, key)

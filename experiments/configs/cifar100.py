@@ -1,6 +1,6 @@
 """CIFAR-100, ResNet-18, T=4, binary weights, online training.
 
-Variants as in ``cifar10.py``.
+Variants: ``variants.VARIANTS``.
 """
 
 from experiments.configs import common, variants

@@ -1,5 +1,5 @@
 """CIFAR10-DVS (event frames, T=10 slices of equal event count, 2x48x48): VGG-SNN with binary
-weights (first conv binary too), online training. Variants as in ``cifar10.py``."""
+weights (first conv binary too), online training. Variants: ``variants.VARIANTS``."""
 
 from experiments.configs import common, variants
 

@@ -1,7 +1,36 @@
 """Defaults shared by every configuration (docs/model.md §4)."""
 
+import dataclasses
+import types
+import typing
+
 import ml_collections
 from ml_collections import config_dict
+
+from empf_jax import models
+
+DEFAULT_NETWORK = "resnet18"
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """``config.model``: every option of :class:`empf_jax.models.NetOptions` (its docstring says what
+  each means) with its default, but those set from the data (``models.SET_FROM_DATA``).
+
+  An option whose default is None is a typed placeholder, so that ``--config.model.stem=imagenet``
+  overrides it with a value of the option's type.
+  """
+  m = ml_collections.ConfigDict()
+  hints = typing.get_type_hints(models.NetOptions)
+  for field in dataclasses.fields(models.NetOptions):
+    if field.name in models.SET_FROM_DATA:
+      continue
+    default = DEFAULT_NETWORK if field.name == "name" else field.default
+    if default is None:
+      kind = next(t for t in typing.get_args(hints[field.name]) if t is not types.NoneType)
+      m[field.name] = config_dict.placeholder(kind)
+    else:
+      m[field.name] = default
+  return m
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -11,22 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_dir = ""  # empty: the dataset's default location
   c.augment = True  # the dataset's training augmentation (random crop + flip for CIFAR)
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "resnet18"
-  # None (as in empf_jax.models.NetOptions): the network's default stem; typed, so that
-  # --config.model.stem=imagenet overrides it.
-  c.model.stem = config_dict.placeholder(str)
-  c.model.neuron = "empf"
-  c.model.weights = "binary"
-  c.model.mem_bn = False
-  c.model.parallel = False
-  c.model.spike_bits = config_dict.placeholder(int)  # None: floating-point spikes; 4: 4-bit
-  c.model.seca = 0
-  c.model.learnable_lif = False
-  c.model.width = 1.0
-  c.model.step_stats = False  # True: per-time-step BatchNorm running averages (docs/model.md §7)
-  c.model.latent_init = 1e-3  # largest initial |latent weight| of binary/ternary kernels
-  c.model.symmetric_init = False  # True: latent weights start in [-latent_init, latent_init)
+  c.model = model_config()
 
   c.mode = "online"  # online | random_step | bptt
   c.time_steps = 4

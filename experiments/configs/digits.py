@@ -1,6 +1,6 @@
 """scikit-learn's bundled digits (8x8, 10 classes; offline): convnet_small, T=4, binary, online.
 
-Trains in about a minute on two CPU cores. Variants as in ``cifar10.py``.
+Trains in about a minute on two CPU cores. Variants: ``variants.VARIANTS``.
 """
 
 from experiments.configs import common, variants

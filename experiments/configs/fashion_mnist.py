@@ -1,5 +1,5 @@
 """Fashion-MNIST from the Debian package dataset-fashion-mnist (offline): convnet28, T=4,
-binary weights, online training. Variants as in ``cifar10.py``.
+binary weights, online training. Variants: ``variants.VARIANTS``.
 
 convnet28 pools right after its full-precision first unit and flattens its 7x7 maps into the
 classifier, so its compute goes to the binary units at 14x14 and 7x7 (README, Fashion-MNIST).

@@ -1,5 +1,5 @@
 """ImageNet-1k (tfds imagenet2012, prepared from the manual download): ResNet-34 with the ImageNet
-stem, ternary weights, T=4, online training. Variants as in ``cifar10.py``."""
+stem, ternary weights, T=4, online training. Variants: ``variants.VARIANTS``."""
 
 from experiments.configs import common, variants
 

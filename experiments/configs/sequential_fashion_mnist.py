@@ -5,7 +5,7 @@ Network: ``mlp`` (each step's 112 pixels -> 512 float units -> 512 binary units 
 neurons), with per-step BatchNorm running averages (``model.step_stats``): the rows of step 1
 and of step 4 have different statistics, and one shared running average would evaluate every
 step with a mixture of them. Online training, binary weights, as the other configs.
-Variants as in ``cifar10.py``.
+Variants: ``variants.VARIANTS``.
 """
 
 from experiments.configs import fashion_mnist

@@ -1,5 +1,5 @@
 """Tiny-ImageNet (200 classes, 64x64, standard folder layout): ResNet-18 with the 3x3 stem and
-max pooling, binary weights, T=4, online training. Variants as in ``cifar10.py``."""
+max pooling, binary weights, T=4, online training. Variants: ``variants.VARIANTS``."""
 
 from experiments.configs import common, variants
 
