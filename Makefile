@@ -12,7 +12,7 @@ CONSTRAINTS ?= constraints.txt
 # One stamp per Python environment, so that another interpreter or virtual environment installs.
 ENV_ID := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])')
 
-.PHONY: install install-test data-test lint train digits test test-all test-latest
+.PHONY: install install-test data-test lint docs train digits test test-all test-latest
 
 install: build/install-$(ENV_ID).stamp
 
@@ -46,10 +46,14 @@ lint: install-test
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
 
-test: install-test data-test lint
+# The documentation site (Sphinx, MyST): docs/_build/html/index.html; a warning fails the build.
+docs: install-test
+	$(PYTHON) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
+
+test: install-test data-test lint docs
 	$(PYTHON) -m pytest -q -m "not slow"
 
-test-all: install-test data-test lint
+test-all: install-test data-test lint docs
 	$(PYTHON) -m pytest -q
 
 # The newest releases of every dependency, then the default suite: shows whether the code still
@@ -60,4 +64,5 @@ test-latest: data-test
 	$(PYTHON) -m pip install -q -U --upgrade-strategy eager -e '.[test]'
 	@rm -f build/install-*.stamp  # the environment no longer holds the constrained versions
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check . && $(PYTHON) -m mypy
+	$(PYTHON) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -1,10 +1,11 @@
 """empf_jax: EM-PF spiking neural networks with binary weights, trained online, in JAX/Flax.
 
-EM-PF neuron (per layer and time step t, sg = stop_gradient):
+EM-PF neuron (per layer and time step t, sg = stop_gradient)::
 
     m_t = sigmoid(a_t) * sg(u_{t-1}) + I_t;   s_t = relu(m_t - sigmoid(b_t));   u_t = m_t - s_t
 
-Modules:
+Modules::
+
   neurons     pure step functions (empf_step, lif_step, parallel_step) and run_steps (lax.scan).
   quantize    straight-through estimators: binarize_ste, ternarize_ste, quantize_spike_ste.
   layers      Flax NNX layers: QConv, Dense, StepBatchNorm, MemBN, SECA, neuron modules.
@@ -22,6 +23,7 @@ Modules:
   convert     load PyTorch state dicts (reference and HD_LIF layouts).
   ops         convolution (with a fast CPU backward), pooling, BatchNorm statistics.
   testing     helpers for tests: randomize a network's hidden state.
+  dispatch    bounding how many compiled steps are in flight (InFlight) and device-side sums.
   xla_defaults  XLA CPU options for programs: ``xla_defaults.apply_cpu_defaults()``, called
               before JAX starts its backend (importing the library changes no process state).
 """

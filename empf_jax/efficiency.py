@@ -5,7 +5,7 @@ Counts come from one evaluation run with the modules' recording hooks on: every 
 inside one jitted function, so only per-layer sums leave the device. All figures are per
 sample (input example), summed over the time steps run.
 
-Synaptic operations of a layer with input x_t (steps t, kernel W, stride, padding):
+Synaptic operations of a layer with input x_t (steps t, kernel W, stride, padding)::
 
     ops = sum_t sum_{inputs i} 1[x_t[i] != 0] * fanout(i),
     fanout(i) = number of (output position, output channel) pairs whose kernel window covers i
@@ -446,7 +446,7 @@ def step_operations(
   A probe for :func:`empf_jax.deploy.run` and :func:`empf_jax.deploy.run_early_exit`: the
   conventions of :func:`measure` (module docstring) applied to the layer inputs and membranes
   the deployed runner computed at this step, with 1[W != 0] from the unpacked kernels (ternary
-  zeros skipped, every binary and float weight counted). For example b at step t:
+  zeros skipped, every binary and float weight counted). For example b at step t::
 
       ops_l[b] = sum_{h, w, o} conv(1[x_l[b] != 0], 1[W_l != 0])   (conv layer l; FC: nnz x F_out)
       SOPs[b] = sum of ops_l[b] over the spike-fed layers (1[x != 0] -> 1 for the current-fed)

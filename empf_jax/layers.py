@@ -94,7 +94,7 @@ def _recording(module: nnx.Module) -> bool:
 
 
 class QConv(nnx.Module):
-  """Bias-free 2-D convolution with binary, ternary or full-precision weights (HWIO kernel).
+  """Bias-free 2-D convolution with binary, ternary or full-precision weights (HWIO kernel). ::
 
     y = conv(x, Q(W)),  Q(W) = alpha_o sign(W)                          (binary)
                         Q(W) = alpha (1[W_c > Delta] - 1[W_c < -Delta])   (ternary)
@@ -341,7 +341,7 @@ class Neuron(nnx.Module):
 
 
 class EMPFNeuron(Neuron):
-  """EM-PF neuron layer (:func:`empf_jax.neurons.empf_step`), optionally Mem-BN and 4-bit spikes.
+  """EM-PF neuron layer (:func:`empf_jax.neurons.empf_step`), optionally Mem-BN and 4-bit spikes. ::
 
     m_t = sigma(a_t) sg(u_{t-1}) + I_t;  [m_t <- sigma(c_t) BN_t(m_t) + sigma(d_t) m_t  (Mem-BN)]
     s_t = relu(m_t - sigma(b_t));  u_t = m_t - s_t;  emitted spike s_t or Q_4(s_t) (4-bit).
@@ -437,7 +437,7 @@ class ParallelNeuron(Neuron):
 
 
 class LIFNeuron(Neuron):
-  """LIF baseline layer with soft reset (:func:`empf_jax.neurons.lif_step`).
+  """LIF baseline layer with soft reset (:func:`empf_jax.neurons.lif_step`)::
 
     m_t = sigma(a_t) sg(u_{t-1}) + I_t;  s_t = theta'_t H(m_t - theta'_t);  u_t = m_t - s_t,
     theta'_t = sigma(b_t) + 0.5,  dH/dx := max(1 - |x|, 0).

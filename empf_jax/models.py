@@ -349,9 +349,10 @@ class Stem(nnx.Module):
 class BasicBlock(nnx.Module):
   """Pre-activation spiking basic block (neuron before each conv; the stream carries currents).
 
-  out = SECA1(BN(conv1(act1(x))));  out = SECA2(BN(conv2(act2(out)))) + shortcut(x)
-  SECA-II (in == out channels): out = SECA1(x + BN(conv1(act1(x))));
-                                out = SECA2(out + BN(conv2(act2(out)))) + shortcut(x)
+  Forward, and with SECA-II (in == out channels)::
+
+    out = SECA1(BN(conv1(act1(x))));  out = SECA2(BN(conv2(act2(out)))) + shortcut(x)
+    out = SECA1(x + BN(conv1(act1(x))));  out = SECA2(out + BN(conv2(act2(out)))) + shortcut(x)
   """
 
   def __init__(self, cin: int, cout: int, stride: int, opts: NetOptions, *, rngs: nnx.Rngs):

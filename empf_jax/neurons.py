@@ -5,14 +5,14 @@ and the multi-step form is ``jax.lax.scan`` of that step over time-major input `
 (:func:`run_steps`). Per-step parameters are vectors indexed by the time step ``t`` (0-based here,
 ``t = 1..T`` in the paper).
 
-EM-PF (one layer, one step, ``sg`` = stop_gradient, ``sigma`` = sigmoid):
+EM-PF (one layer, one step, ``sg`` = stop_gradient, ``sigma`` = sigmoid)::
 
     lambda_t = sigma(a_t),  theta_t = sigma(b_t)
     m_t = lambda_t * sg(u_{t-1}) + I_t
     s_t = relu(m_t - theta_t)
     u_t = m_t - s_t = min(m_t, theta_t)
 
-LIF baseline (soft reset, Heaviside spike with a triangle surrogate):
+LIF baseline (soft reset, Heaviside spike with a triangle surrogate)::
 
     lambda_t = sigma(a_t),  theta'_t = sigma(b_t) + 0.5
     m_t = lambda_t * sg(u_{t-1}) + I_t
@@ -117,7 +117,7 @@ def empf_step(
   spike_bits: int | None = None,
   mem_norm: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> tuple[MembraneState, jax.Array]:
-  """One EM-PF step.
+  """One EM-PF step. ::
 
     m_t = sigma(a_t) * sg(u_{t-1}) + I_t;  [m_t <- mem_norm(m_t, t)];
     s_t = relu(m_t - sigma(b_t));  u_t = m_t - s_t.
@@ -192,7 +192,7 @@ heaviside_triangle.defvjp(_heaviside_fwd, _heaviside_bwd)
 def lif_step(
   params: EMPFParams, state: MembraneState, current: jax.Array, t: jax.Array, *, online: bool = True
 ) -> tuple[MembraneState, jax.Array]:
-  """One LIF step with soft reset.
+  """One LIF step with soft reset. ::
 
     m_t = sigma(a_t) * sg(u_{t-1}) + I_t;  theta'_t = sigma(b_t) + 0.5;
     s_t = theta'_t * H(m_t - theta'_t);  u_t = m_t - s_t.

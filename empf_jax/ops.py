@@ -81,7 +81,7 @@ def conv2d_custom_vjp(x: jax.Array, w: jax.Array, stride: int, padding: int) -> 
   Only reverse mode is defined (``jax.jvp`` raises), as for every ``jax.custom_vjp``.
 
   Forward:  y = conv2d(x, w, s, p) (unchanged).
-  Backward, with g = dL/dy [N, H', W', C_out]:
+  Backward, with g = dL/dy [N, H', W', C_out]::
 
     dL/dx[n, s*m + r, ., c] = sum_j sum_o g[n, m + q_r - j, ., o] w[s*j + b_r, ., c, o]
       (likewise on the width axis), where q_r, b_r = divmod(r + p, s) and g is zero outside
@@ -343,7 +343,7 @@ def standardize(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax
   xhat = (x - mean) / sqrt(var + epsilon). On the CPU the sums are matrix-vector products
   (:func:`channel_sums`) and the gradient is the closed form below (its sums too); elsewhere it
   is XLA's reductions and JAX's differentiation of them. With r = 1 / sqrt(var + epsilon) and
-  cotangents g, g_mean, g_var of xhat, mean, var:
+  cotangents g, g_mean, g_var of xhat, mean, var::
 
     dL/dx = r (g - sum(g) / n - xhat sum(g xhat) / n) + g_mean / n + 2 g_var xhat / (r n).
 

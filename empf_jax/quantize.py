@@ -22,7 +22,7 @@ def _channel_axes(w: jax.Array) -> tuple[int, ...]:
 
 
 def binary_scale(w: jax.Array) -> jax.Array:
-  """Per-output-channel scale alpha_o = mean |W| over the kernel of output channel o.
+  """Per-output-channel scale alpha_o = mean abs(W) over the kernel of output channel o.
 
   The sums are :func:`empf_jax.ops.channel_sums` (a matrix-vector product on the CPU, where XLA's
   reduction of a 3x3x512x512 kernel took ~6 ms of a ResNet-18 step, and ``jnp.sum`` elsewhere).
@@ -68,7 +68,7 @@ binarize_ste.defvjp(_binarize_fwd, _binarize_bwd)
 def ternary_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Ternary codes in {-1, 0, +1} and the tensor-wide scale alpha of the TWN rule.
 
-  W_c = clip(W, -1, 1); Delta = 0.7 mean |W_c|; alpha = mean of |W_c| where |W_c| > Delta
+  W_c = clip(W, -1, 1); Delta = 0.7 mean abs(W_c); alpha = mean of abs(W_c) where abs(W_c) > Delta
   (0 when no weight exceeds Delta); codes = 1[W_c > Delta] - 1[W_c < -Delta].
   """
   wc = jnp.clip(w, -1.0, 1.0)

@@ -111,9 +111,9 @@ def weight_changes(old_params: Any, new_params: Any) -> tuple[dict, dict]:
 def latent_magnitudes(
   params: Any, quantiles: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9, 0.99)
 ) -> dict[str, dict[str, float]]:
-  """Distribution of |W| of every binary/ternary latent kernel: the given quantiles (keys
+  """Distribution of abs(W) of every binary/ternary latent kernel: the given quantiles (keys
   ``p1``, ``p10``, ...), the mean, and the fraction of weights that STE clipping freezes
-  (|W| > 1)."""
+  (abs(W) > 1)."""
   out = {}
   for name, (_, w) in quantized_kernels(params).items():
     magnitude = jnp.abs(jnp.asarray(w, jnp.float32)).ravel()
@@ -175,7 +175,7 @@ def epoch_learning_rate(
   warmup_epochs: int = 5,
   warmup_start: float = 0.01,
 ) -> jax.Array:
-  """Learning rate of an epoch (0-based): linear warm-up, then cosine to 0.
+  """Learning rate of an epoch (0-based): linear warm-up, then cosine to 0. ::
 
     lr(e) = base * (w0 + (1 - w0) e / E_w)                  for e < E_w
     lr(e) = base * (1 + cos(pi (e - E_w) / (E - E_w))) / 2  otherwise

@@ -43,3 +43,49 @@ def test_a_variant_sets_the_keys_it_describes(name):
 def test_an_unknown_variant_names_the_allowed_ones():
   with pytest.raises(ValueError, match="'ternary'.*default, ternary_parallel_4bit"):
     variants.apply(common.base_config(), "ternary")
+
+
+def _docs_generator():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_config_page_describes_every_key():
+  """docs/generate.py writes the page from the code; every key needs a meaning there."""
+  page = _docs_generator().config_page()
+  rows = {
+    line.split("|")[1].strip(" `"): line.split("|")[3].strip()
+    for line in page.splitlines()
+    if line.startswith("| `")
+  }
+  flat = [f"model.{k}" for k in common.base_config().model] + [
+    k for k in common.base_config() if k != "model"
+  ]
+  for key in flat:
+    assert key in rows, f"config.{key} is missing from the config page"
+    assert rows[key], f"config.{key} has no meaning: describe it (TRAINING_KEYS or NetOptions)"
+
+
+def test_every_public_object_of_the_library_has_a_docstring():
+  import importlib
+  import inspect
+
+  missing = []
+  for name in _docs_generator().api_modules():
+    module = importlib.import_module(name)
+    assert module.__doc__, f"module {name} has no docstring"
+    for attr, value in vars(module).items():
+      if attr.startswith("_") or getattr(value, "__module__", None) != name:
+        continue
+      if (inspect.isfunction(value) or inspect.isclass(value)) and not inspect.getdoc(value):
+        missing.append(f"{name}.{attr}")
+  assert not missing, missing
+
+
+def test_the_documentation_shows_the_notebook_as_committed():
+  """docs/quickstart.ipynb is the notebook executed; the docs build refuses a stale copy."""
+  _docs_generator().executed_notebook(ROOT / "docs")
