@@ -143,11 +143,11 @@ def step_memory(flags: list[str]) -> int | None:
   """Temporary + argument bytes of the compiled train step of the run that ``flags`` (its
   ``experiments.cifar`` flags: ``--config=PATH`` and ``--config.KEY=VALUE`` overrides)
   describe, as ``benchmarks.ablations`` measures it."""
-  from benchmarks import ablations
+  from benchmarks import config_memory
 
   path = next(f.split("=", 1)[1] for f in flags if f.startswith("--config="))
   overrides = [f for f in flags if f.startswith("--config.")]
-  return ablations.mode_memory(ablations.load_config(path, overrides))["bytes"]["total"]
+  return config_memory.mode_memory(config_memory.load_config(path, overrides))["bytes"]["total"]
 
 
 def completed(entry: dict) -> dict:

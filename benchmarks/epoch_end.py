@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   xla_defaults.apply_cpu_defaults()  # before the backend starts
   import jax
 
-  from benchmarks.ablations import load_config
+  from benchmarks.config_memory import load_config
   from benchmarks.throughput import cpu_description, load_average, write_record
   from experiments import train
 

@@ -293,10 +293,10 @@ def test_bn_causes_collects_the_per_epoch_records_into_a_table_and_plot(tmp_path
 def test_ablation_memory_builds_the_network_of_every_offline_config(config):
   # The network options come from the training driver's own net_options, so the mlp of
   # sequential Fashion-MNIST (in_features, per-step statistics) is built as training builds it.
-  from benchmarks import ablations
+  from benchmarks import config_memory
 
-  c = ablations.load_config(f"experiments/configs/{config}.py", ["--config.batch_size=8"])
-  result = ablations.mode_memory(c)
+  c = config_memory.load_config(f"experiments/configs/{config}.py", ["--config.batch_size=8"])
+  result = config_memory.mode_memory(c)
   assert result["network"]["name"] == c.model.name
   assert result["network"]["step_stats"] == c.model.step_stats
   assert result["bytes"]["peak"] > 0
@@ -320,9 +320,9 @@ SHIPPED_CONFIGS = sorted(
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS)
 def test_ablation_runs_one_train_step_of_every_shipped_config(config):
-  from benchmarks import ablations
+  from benchmarks import config_memory
 
-  c = ablations.load_config(
+  c = config_memory.load_config(
     f"experiments/configs/{config}.py", ["--config.batch_size=8", "--config.model.width=0.125"]
   )
   data = None
@@ -331,7 +331,7 @@ def test_ablation_runs_one_train_step_of_every_shipped_config(config):
     data = types.SimpleNamespace(
       num_classes=num_classes, input_shape=input_shape, time_major=time_major
     )
-  result = ablations.dry_run(c, data)
+  result = config_memory.dry_run(c, data)
   assert result["network"]["name"] == c.model.name
   assert result["loss"].shape == () and result["loss"].dtype == jnp.float32
 

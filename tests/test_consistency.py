@@ -17,10 +17,10 @@ def test_readme_states_the_python_version_pyproject_requires():
   assert stated and f">={stated.group(1)}" == required
 
 
-def test_the_readme_names_every_config_variant():
-  readme = (ROOT / "README.md").read_text()
-  listed = re.search(r"Variants \(.*?\): (.*?)\. ", readme, re.S)
-  assert listed, "the README's variant list is gone"
+def test_the_training_page_names_every_config_variant():
+  page = (ROOT / "docs" / "training.md").read_text()
+  listed = re.search(r"Variants \(.*?\): (.*?)\. ", page, re.S)
+  assert listed, "the variant list of docs/training.md is gone"
   assert re.findall(r"`(\w+)`", listed.group(1)) == list(variants.VARIANTS)
 
 
@@ -89,3 +89,25 @@ def test_every_public_object_of_the_library_has_a_docstring():
 def test_the_documentation_shows_the_notebook_as_committed():
   """docs/quickstart.ipynb is the notebook executed; the docs build refuses a stale copy."""
   _docs_generator().executed_notebook(ROOT / "docs")
+
+
+def test_the_benchmark_modules_import_each_other_without_a_circle():
+  import ast
+
+  graph = {}
+  for path in (ROOT / "benchmarks").glob("*.py"):
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
+        imported |= {alias.name for alias in node.names}
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
+        imported.add(node.module.split(".")[1])
+    graph[path.stem] = imported
+
+  def visit(module, path):
+    for child in graph.get(module, ()):
+      assert child not in path, f"import circle: {' -> '.join([*path, child])}"
+      visit(child, [*path, child])
+
+  for module in graph:
+    visit(module, [module])

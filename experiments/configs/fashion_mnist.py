@@ -2,7 +2,7 @@
 binary weights, online training. Variants: ``variants.VARIANTS``.
 
 convnet28 pools right after its full-precision first unit and flattens its 7x7 maps into the
-classifier, so its compute goes to the binary units at 14x14 and 7x7 (README, Fashion-MNIST).
+classifier, so its compute goes to the binary units at 14x14 and 7x7 (docs/results.md).
 """
 
 from experiments.configs import common, variants
