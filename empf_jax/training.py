@@ -312,8 +312,9 @@ def step_schedule(
 
   ``online``: S = T, an update after every step. ``random_step``: S = t* + 1 with
   t* = :func:`draw_time_step` (``seed_key``, ``step``), one update, after step t*; the steps
-  before it run forward only. Works on traced and concrete values; :func:`make_train_step`
-  follows it, and so does the step-by-step replay that looks for a non-finite value.
+  before it run forward only. Works on traced and concrete values: :func:`make_train_step`'s
+  random-step rule takes t* from it (its online rule is a scan over all T steps), and the
+  step-by-step replay that looks for a non-finite value follows it for both rules.
   """
   if mode == "random_step":
     t_star = draw_time_step(seed_key, step, time_steps)
@@ -377,8 +378,6 @@ def make_train_step(
     return apply_update(optimizer, params, opt_state, grads)
 
   def online(state, x_seq, targets, labels, lr, seed_key):
-    run, updated = step_schedule("online", steps, state.step, seed_key)
-    assert run == steps and len(updated) == steps  # every step, each followed by an update
     neuron_state = merge(graphdef, state).init_state(x_seq[0])
     opt_state = set_learning_rate(state.opt_state, lr)
 
