@@ -30,21 +30,29 @@ def test_opt_out_leaves_xla_flags_alone(monkeypatch):
   assert "XLA_FLAGS" not in os.environ
 
 
+def _without_options() -> dict[str, str]:
+  """This process's environment without XLA_FLAGS and the opt-out: what a fresh shell has."""
+  return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_defaults.OPT_OUT)}
+
+
 def test_importing_the_library_leaves_xla_flags_alone():
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_defaults.OPT_OUT)}
   code = (
     "import os, empf_jax, experiments, experiments.train, experiments.cifar; "
     "print(os.environ.get('XLA_FLAGS'))"
   )
   out = subprocess.run(
-    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
+    [sys.executable, "-c", code],
+    env=_without_options(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
   ).stdout
   assert out.strip().splitlines()[-1] == "None"
 
 
 def test_the_training_program_applies_the_options_before_jax_starts():
   """The program's own process (absl flags are process-wide): main() stopped where JAX starts."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_defaults.OPT_OUT)}
   code = (
     "import os, sys\n"
     "from experiments import cifar\n"
@@ -55,6 +63,11 @@ def test_the_training_program_applies_the_options_before_jax_starts():
     "cifar.main([])\n"
   )
   out = subprocess.run(
-    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
+    [sys.executable, "-c", code],
+    env=_without_options(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
   ).stdout
   assert f"XLA_FLAGS when JAX starts: {FLAG}" in out
