@@ -1,7 +1,8 @@
 """A training config's compiled train-step memory, and the config files the benchmarks load.
 
-Shared by ``benchmarks.ablations``, ``benchmarks.compare_modes`` and ``benchmarks.epoch_end``
-(one direction of imports: they import this module, it imports none of them).
+Shared by ``benchmarks.ablations``, ``benchmarks.compare_modes`` and
+``benchmarks.investigations.epoch_end`` (one direction of imports: they import this module, it
+imports none of them).
 """
 
 from __future__ import annotations

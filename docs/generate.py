@@ -107,6 +107,12 @@ def api_modules() -> list[str]:
   return sorted(names)
 
 
+def module_summary(module: str) -> str:
+  """The first paragraph of a module's docstring, on one line, roles turned into code spans."""
+  doc = (importlib.import_module(module).__doc__ or "").strip().split("\n\n")[0]
+  return re.sub(r":\w+:`~?([^`]+)`", r"`\1`", " ".join(doc.split())).replace("|", "\\|")
+
+
 def api_page(module: str) -> str:
   importlib.import_module(module)
   return "\n".join([f"# `{module}`", "", "```{eval-rst}", f".. automodule:: {module}", "```", ""])
@@ -141,7 +147,12 @@ def write_pages(source: pathlib.Path) -> None:
       "# API reference",
       "",
       "Every module of the `empf_jax` package with the docstrings of its public functions and "
-      "classes (Google style, rendered by napoleon).",
+      "classes (Google style, rendered by napoleon). What each holds, from the first paragraph of "
+      "its docstring:",
+      "",
+      "| module | what it holds |",
+      "|---|---|",
+      *[f"| [`{m}`]({m}.md) | {module_summary(m)} |" for m in modules],
       "",
       *toctree,
       "",

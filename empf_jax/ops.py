@@ -77,7 +77,8 @@ def conv2d_custom_vjp(x: jax.Array, w: jax.Array, stride: int, padding: int) -> 
   JAX's own transpose rules turn a strided convolution into an input-dilated convolution (input
   gradient) and a kernel-dilated one (kernel gradient), which it runs more slowly: 3-6x for the
   kernel gradient of a 1x1 stride-2 convolution, ~10% for stride-2 input gradients
-  (``python -m benchmarks.conv_cpu``). For stride 1 this rule computes what the native one does.
+  (``python -m benchmarks.investigations.conv_cpu``). For stride 1 this rule computes what the
+  native one does.
   Only reverse mode is defined (``jax.jvp`` raises), as for every ``jax.custom_vjp``.
 
   Forward:  y = conv2d(x, w, s, p) (unchanged).
@@ -244,7 +245,7 @@ def batch_last(x: jax.Array) -> jax.Array:
   costs C multiply-adds per element, a small share of the convolution whose kernel gradient
   reads it (a ninth for 3x3, stride 1, C -> C; a fifth for 3x3, stride 2, C -> 2C). With the
   identity on the other side, I[C, C] x[NHW, C]^T, XLA made a transposed copy of x for the
-  product, fused with the producer again (BENCHMARKS.md §2 has the profile).
+  product, fused with the producer again (BENCHMARKS.md, "Investigations", has the profile).
   """
   n, h, w, c = x.shape
   product = jax.lax.dot_general(

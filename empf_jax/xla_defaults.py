@@ -13,8 +13,9 @@ backend (importing ``jax`` alone does not), so a later call changes nothing::
 
 * ``--xla_cpu_experimental_ynn_fusion_type=`` (empty): XLA's YNN fusion, the CPU default, ran
   some convolutions of these networks on one thread; without it XLA splits them over the cores.
-  Measured on 2 cores (BENCHMARKS.md): convnet28 trains 1.55x faster (186 against 120 images/s at
-  batch 128), ResNet-18 +5-15 %.
+  Measured on 2 cores: convnet28 trains 1.5-1.7x faster (345-365 against 215-224 images/s at
+  batch 128, ``benchmarks/results/xla_option_ab_2026-12-07.json``), ResNet-18 +5-15 % (2026-11-28,
+  ``python -m benchmarks.history --benchmark=throughput``).
 
 The options only concern CPU compilation; accelerators keep XLA's native paths.
 """

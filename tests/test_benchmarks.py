@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import gradient_scaling as gs
 from benchmarks import memory
+from benchmarks.investigations import gradient_scaling as gs
 from empf_jax import ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,7 +250,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
 
 
 def test_bn_causes_collects_the_per_epoch_records_into_a_table_and_plot(tmp_path):
-  from benchmarks import bn_causes
+  from benchmarks.investigations import bn_causes
 
   workdir = tmp_path / "baseline"
   workdir.mkdir()
@@ -431,7 +431,7 @@ def test_compare_modes_collects_unfinished_runs_and_plots_accuracy_per_epoch(tmp
 def test_kernel_grad_forms_compute_the_kernel_gradient():
   """The other forms of dL/dw timed by conv_cpu --kernel_grad_forms equal the library's rule
   (and so the native gradient) on a small layer."""
-  from benchmarks import conv_cpu
+  from benchmarks.investigations import conv_cpu
 
   layer = conv_cpu.Layer("small", 2, 6, 3, 4, 3, 1, 1)
   rng = np.random.default_rng(0)
@@ -454,7 +454,7 @@ def test_kernel_grad_forms_compute_the_kernel_gradient():
 def test_padding_forms_compute_the_convolution_and_its_gradients(size):
   """conv_cpu --padding_forms: the per-tap form (padding skipped) and Winograd F(2x2, 3x3) give
   the library's convolution and gradients."""
-  from benchmarks import conv_cpu
+  from benchmarks.investigations import conv_cpu
 
   layer = conv_cpu.Layer("small", 2, size, 3, 5, 3, 1, 1)
   x, w, g = conv_cpu.layer_arrays(layer, jax.devices("cpu")[0])
@@ -473,7 +473,7 @@ def test_xla_options_batch_split_and_fusion_count():
   """conv_cpu --xla_options: the batch split computes the same loss and gradients as one
   convolution, and the fusion count reads a library fusion where XLA made one (and none in a
   program without convolutions handed to a library)."""
-  from benchmarks import conv_cpu
+  from benchmarks.investigations import conv_cpu
 
   layer = conv_cpu.Layer("small", 8, 6, 3, 4, 3, 1, 1)
   x, w, g = conv_cpu.layer_arrays(layer, jax.devices("cpu")[0])
@@ -500,7 +500,7 @@ def test_xla_options_batch_split_and_fusion_count():
 
 
 def test_profile_cpu_names_the_kind_and_line_of_each_instruction():
-  from benchmarks import profile_cpu
+  from benchmarks.investigations import profile_cpu
 
   def f(x, w):
     y = jnp.sum(jnp.tanh(x), axis=(1, 2))  # a reduction
@@ -516,7 +516,7 @@ def test_profile_cpu_names_the_kind_and_line_of_each_instruction():
 
 
 def test_profile_cpu_smoke_traces_the_train_step(tmp_path):
-  from benchmarks import profile_cpu
+  from benchmarks.investigations import profile_cpu
 
   out = tmp_path / "profile.json"
   record = profile_cpu.main(["--smoke", "--network=convnet28", "--top=5", f"--out={out}"])
@@ -532,7 +532,7 @@ def test_profile_cpu_smoke_traces_the_train_step(tmp_path):
 
 
 def test_batch_last_forms_are_the_transpose_and_the_library_form_is_restored(tmp_path):
-  from benchmarks import batch_last_forms
+  from benchmarks.investigations import batch_last_forms
 
   x = jax.random.normal(jax.random.key(0), (3, 4, 5, 6))
   for name, form in batch_last_forms.forms().items():

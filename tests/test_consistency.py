@@ -95,14 +95,18 @@ def test_the_benchmark_modules_import_each_other_without_a_circle():
   import ast
 
   graph = {}
-  for path in (ROOT / "benchmarks").glob("*.py"):
+  for path in (ROOT / "benchmarks").rglob("*.py"):
+    name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
     imported = set()
     for node in ast.walk(ast.parse(path.read_text())):
-      if isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
-        imported |= {alias.name for alias in node.names}
-      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
-        imported.add(node.module.split(".")[1])
-    graph[path.stem] = imported
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks"):
+        if node.module in ("benchmarks", "benchmarks.investigations"):
+          imported |= {f"{node.module}.{alias.name}" for alias in node.names}
+        else:
+          imported.add(node.module)
+    graph[name] = imported
+  assert "benchmarks.investigations.profile_cpu" in graph
+  assert "benchmarks.throughput" in graph["benchmarks.investigations.profile_cpu"]
 
   def visit(module, path):
     for child in graph.get(module, ()):
@@ -111,3 +115,54 @@ def test_the_benchmark_modules_import_each_other_without_a_circle():
 
   for module in graph:
     visit(module, [module])
+
+
+def _cited_text():
+  paths = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "benchmarks" / "README.md"]
+  paths += sorted((ROOT / "docs").glob("*.md"))
+  return "\n".join(path.read_text() for path in paths)
+
+
+def test_every_results_file_is_named_by_a_text_and_no_retired_one_remains():
+  """Each file in benchmarks/results is named in README, BENCHMARKS.md, the map or the docs
+  (a `name*.json` pattern counts); a run moved into the history is gone from the folder and
+  names the file that replaced it."""
+  from benchmarks import history
+
+  text = _cited_text()
+  globs = re.findall(r"[\w.-]+\*[\w.]*", text)
+  patterns = [p.replace(".", r"\.").replace("*", r"[\w.-]*") for p in globs]
+  names = sorted(p.name for p in history.RESULTS.iterdir() if p.name != history.HISTORY.name)
+  for name in names:
+    stem = name.partition(".")[0]
+    cited = (
+      name in text
+      or f"{stem}.{{" in text
+      or any(re.fullmatch(pattern, name) for pattern in patterns if pattern)
+    )
+    assert cited, f"benchmarks/results/{name} is named by no text"
+  lines = history.read()
+  assert lines, "the history is empty"
+  for line in lines:
+    assert line["file"] not in names, f"{line['file']} is in the history and still in results/"
+    assert line["superseded_by"] in names, line
+    assert line["record"] and line["reason"], line
+
+
+def test_retiring_a_run_keeps_its_record_and_refuses_bad_names(tmp_path):
+  import json
+
+  from benchmarks import history
+
+  old = {"meta": {"date": "2026-01-01 10:00 UTC", "command": "python -m benchmarks.memory"}, "x": 1}
+  (tmp_path / "memory_old.json").write_text(json.dumps(old))
+  (tmp_path / "memory.json").write_text("{}")
+  with pytest.raises(ValueError, match="names no file"):
+    history.retire("memory_old.json", "memory_new.json", "newer", results=tmp_path)
+  line = history.retire("memory_old.json", "memory.json", "newer run", results=tmp_path)
+  assert not (tmp_path / "memory_old.json").exists()
+  assert line["benchmark"] == "memory" and line["date"].startswith("2026-01-01")
+  assert history.read(tmp_path / "history.jsonl") == [line]
+  assert line["record"] == old
+  with pytest.raises(ValueError, match="not a JSON file"):
+    history.retire("memory_old.json", "memory.json", "again", results=tmp_path)

@@ -57,7 +57,8 @@ def decoding_threads() -> int:
   """Threads of the pipelines that decode files (ImageNet, Tiny-ImageNet) when they use no worker
   processes, their default: one per CPU core this process may run on, at most 32. On 2 cores two
   threads made 375 training images/s against 271 with two worker processes (decoding and resizing
-  release the GIL; workers pay for handing the batches over; BENCHMARKS.md §7)."""
+  release the GIL; workers pay for handing the batches over; BENCHMARKS.md, "ImageNet input
+  pipeline")."""
   return min(32, len(os.sched_getaffinity(0)))
 
 

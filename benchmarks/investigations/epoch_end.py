@@ -13,7 +13,7 @@ medians with the load average before and after.
 
 Usage, from the repository root::
 
-  python -m benchmarks.epoch_end [--devices=2] [--repeats=5] \
+  python -m benchmarks.investigations.epoch_end [--devices=2] [--repeats=5] \
       [--config=experiments/configs/digits.py]
 
 Writes ``benchmarks/results/epoch_end.json`` (``--out``).
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   }
   record = {
     "question": "evaluation and re-estimation time at an epoch's end, batch split against gathered",
-    "command": "python -m benchmarks.epoch_end " + " ".join(sys.argv[1:] if argv is None else argv),
+    "command": "python -m benchmarks.investigations.epoch_end "
+    + " ".join(sys.argv[1:] if argv is None else argv),
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "config": args.config,
     "devices": args.devices,

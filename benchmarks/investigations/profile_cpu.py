@@ -1,7 +1,7 @@
 """Where one jitted training step spends its time on the CPU: a ``jax.profiler`` trace grouped
 by XLA operation and by the library line that emitted it.
 
-    python -m benchmarks.profile_cpu [--network=resnet18|convnet28] [--batch=64]
+    python -m benchmarks.investigations.profile_cpu [--network=resnet18|convnet28] [--batch=64]
         [--mode=online|random_step|bptt|eval] [--time_steps=4] [--width=1.0] [--steps=1]
         [--threads=N] [--top=30] [--out=benchmarks/results/profile_cpu.json] [--smoke]
 
@@ -38,7 +38,7 @@ from typing import Any
 
 from benchmarks import throughput
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Control flow: their events span the operations inside them, which are counted on their own.
 CONTAINERS = ("while", "conditional", "call")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S.*?\s([\w\-]+)\((.*)$")
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   summary = summarize(events, table, args.steps, wall, args.top)
   record = {
     "meta": {
-      "command": "python -m benchmarks.profile_cpu "
+      "command": "python -m benchmarks.investigations.profile_cpu "
       + " ".join(argv if argv is not None else sys.argv[1:]),
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       "network": args.network,

@@ -29,7 +29,7 @@ work (padding included) for all three, so they compare times.
 
 Usage::
 
-  python -m benchmarks.conv_cpu [--out benchmarks/results/conv_cpu.json] [--rounds 5]
+  python -m benchmarks.investigations.conv_cpu [--out benchmarks/results/conv_cpu.json] [--rounds 5]
       [--repeats 5] [--kernel_grad_forms | --xla_options | --padding_forms]
 """
 
@@ -415,7 +415,7 @@ def bench_xla_options(rounds: int, repeats: int, device: jax.Device) -> dict:
           [
             sys.executable,
             "-m",
-            "benchmarks.conv_cpu",
+            "benchmarks.investigations.conv_cpu",
             "--child_batch",
             str(batch),
             "--repeats",

@@ -1,6 +1,7 @@
 """The online train step with each form of the kernel gradient's input transpose, alternated.
 
-    python -m benchmarks.batch_last_forms [--batch=64] [--rounds=7] [--network=resnet18]
+    python -m benchmarks.investigations.batch_last_forms [--batch=64] [--rounds=7]
+        [--network=resnet18]
         [--out=benchmarks/results/batch_last_forms.json]
 
 :func:`empf_jax.ops.batch_last` turns the spike map x [N, H, W, C] into [C, H, W, N] for the
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
   record = {
     "meta": {
-      "command": "python -m benchmarks.batch_last_forms "
+      "command": "python -m benchmarks.investigations.batch_last_forms "
       + " ".join(argv if argv is not None else sys.argv[1:]),
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       "jax": jax.__version__,

@@ -1,6 +1,7 @@
 """How the online gradient of each membrane relates to the BPTT gradient (docs/model.md §1).
 
-    python -m benchmarks.gradient_scaling [--out=benchmarks/results/gradient_scaling.json]
+    python -m benchmarks.investigations.gradient_scaling \
+        [--out=benchmarks/results/gradient_scaling.json]
         (the verdict also goes to the same path with .txt)
         [--batch=64] [--inputs=32] [--neurons=128] [--classes=10] [--time_steps=4] [--seed=0]
 

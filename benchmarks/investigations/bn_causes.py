@@ -1,6 +1,6 @@
 """Candidate causes of the gap between the stored and the re-estimated BatchNorm averages.
 
-    python -m benchmarks.bn_causes --workdir=runs/bn_causes [--epochs=1] \
+    python -m benchmarks.investigations.bn_causes --workdir=runs/bn_causes [--epochs=1] \
         [--config=experiments/configs/fashion_mnist.py] [--candidates=baseline,lr_0.01,...]
 
 Every candidate trains with the training running averages kept (``bn_recalibration_batches=0``)
