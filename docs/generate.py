@@ -134,10 +134,25 @@ def executed_notebook(source: pathlib.Path) -> str:
   return executed.read_text()
 
 
+def scaling_tables(root: pathlib.Path) -> str:
+  """The scaling page's tables: the records of ``benchmarks/results/communication.json`` and the
+  step times :mod:`benchmarks.communication`'s model predicts from them."""
+  import json
+
+  from benchmarks import communication
+
+  result = json.loads((root / "benchmarks" / "results" / "communication.json").read_text())
+  return communication.predictions(result)
+
+
 def write_pages(source: pathlib.Path) -> None:
   """Writes the generated pages under ``source/_generated`` (only files whose text changed)."""
   out = source / "_generated"
-  pages = {out / "config.md": config_page(), out / "quickstart.ipynb": executed_notebook(source)}
+  pages = {
+    out / "config.md": config_page(),
+    out / "quickstart.ipynb": executed_notebook(source),
+    out / "scaling_tables.md": scaling_tables(source.parent),
+  }
   modules = api_modules()
   for module in modules:
     pages[out / "api" / f"{module}.md"] = api_page(module)

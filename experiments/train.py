@@ -337,6 +337,28 @@ class OnMesh:
       return self.jitted.lower(*args)
 
 
+def jit_train_step(
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  step_config: training.StepConfig,
+  mesh: jax.sharding.Mesh,
+) -> OnMesh:
+  """The training program's data-parallel train step: the train state replicated and donated,
+  the batch split over the mesh's ``data`` axis, the finiteness check of :func:`checked_step`.
+  ``benchmarks.communication`` compiles this same step to read its collectives."""
+  replicated = NamedSharding(mesh, P())
+  batch = NamedSharding(mesh, P("data"))
+  return OnMesh(
+    mesh,
+    jax.jit(
+      checked_step(training.make_train_step(graphdef, optimizer, step_config)),
+      in_shardings=(replicated, batch, batch, None, None),
+      out_shardings=(replicated, replicated, replicated),
+      donate_argnums=0,
+    ),
+  )
+
+
 class Trainer:
   """Holds the compiled steps, the mesh and the state of one run."""
 
@@ -389,15 +411,7 @@ class Trainer:
     self.state = self.initial_state()
     self.seed_key = jax.random.key(config.seed)
     self._learning_rates: dict[int, float] = {}
-    self._train_step = OnMesh(
-      self.mesh,
-      jax.jit(
-        checked_step(training.make_train_step(self.graphdef, self.optimizer, self.step_config)),
-        in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding, None, None),
-        out_shardings=(self.replicated, self.replicated, self.replicated),
-        donate_argnums=0,
-      ),
-    )
+    self._train_step = jit_train_step(self.graphdef, self.optimizer, self.step_config, self.mesh)
     self._recalibrate_step = OnMesh(
       self.mesh,
       jax.jit(
