@@ -44,6 +44,8 @@ import time
 from typing import Any, NamedTuple
 from unittest import mock
 
+from benchmarks import throughput
+
 MODEL = (
   "step time per batch = compute + communication, no overlap (the compiled program runs its "
   "collectives synchronously). compute = FLOPs per device / (peak FLOP/s x mfu). Each collective "
@@ -55,7 +57,7 @@ MODEL = (
 
 class Hardware(NamedTuple):
   name: str
-  peak_flops: float  # FLOP/s per accelerator at the precision the step runs in
+  peak_flops: dict[str, float]  # FLOP/s per accelerator by the config's compute dtype
   links: tuple[tuple[int, float, float], ...]  # (up to n accelerators, bytes/s, latency s)
   sources: str
 
@@ -69,10 +71,11 @@ class Hardware(NamedTuple):
 HARDWARE = {
   "h100": Hardware(
     "H100 SXM, 8 per node on NVLink, nodes on 8x400 Gb/s InfiniBand",
-    494.5e12,
+    {"float32": 494.5e12, "bfloat16": 989.4e12},
     ((8, 450e9, 10e-6), (1 << 20, 400e9, 25e-6)),
     "peak: NVIDIA H100 SXM datasheet, TF32 tensor core 989 TFLOP/s with sparsity, 494.5 dense "
-    "(JAX runs float32 convolutions in TF32 on it by default); NVLink 4: 900 GB/s per GPU, 450 "
+    "(JAX runs float32 convolutions in TF32 on it by default), BF16 1979 with sparsity, 989.4 "
+    "dense; NVLink 4: 900 GB/s per GPU, 450 "
     "GB/s each way; across nodes: DGX H100, 8 ConnectX-7 400 Gb/s NICs per node, 50 GB/s each "
     "way per GPU, and NCCL spreads a node's rings over all 8, so a ring all-reduce across nodes "
     "moves 8 x 50 = 400 GB/s per node; latency per collective: 10 us in a node, 25 us across "
@@ -81,7 +84,7 @@ HARDWARE = {
   ),
   "tpu_v5e": Hardware(
     "TPU v5e pod (256 chips, 2D torus)",
-    197e12,
+    {"float32": 197e12, "bfloat16": 197e12},
     ((256, 200e9, 10e-6),),
     "peak: Google Cloud TPU v5e documentation, 197 TFLOP/s bf16 per chip (float32 matrix "
     "products run as bf16 passes at JAX's default precision); bandwidth: the same page, "
@@ -299,7 +302,7 @@ def predict(record: dict[str, Any], hardware: Hardware, n: int, mfu: float) -> d
     BatchNorm reductions stay on the critical path (the next layer needs their result);
   * ``all``: the three together.
   """
-  compute = record["flops_per_device"] / (hardware.peak_flops * mfu)
+  compute = record["flops_per_device"] / (hardware.peak_flops[record["compute_dtype"]] * mfu)
   found = record["collectives"]
   forward = sum(
     collective_seconds(c, n, hardware) * c["executions"] for c in found if c["phase"] == "forward"
@@ -381,12 +384,8 @@ def _compiled(case: Case, mode: str, devices: int, unroll: bool, evaluation: boo
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt_state = jax.eval_shape(optimizer.init, params)
   state = training.TrainState(params, rest, opt_state, jax.ShapeDtypeStruct((), jnp.int32))
-  step_config = training.StepConfig(
-    mode=mode,
-    time_steps=config.time_steps,
-    num_classes=case.num_classes,
-    static_input=True,
-    time_unroll=unroll,
+  step_config = train.step_config(config, case.num_classes, static_input=True)._replace(
+    time_unroll=unroll
   )
   mesh = jax.make_mesh(
     (devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:devices]
@@ -428,6 +427,7 @@ def measure(case_name: str, mode: str, devices: int) -> dict[str, Any]:
   case = CASES[case_name]
   started = time.perf_counter()
   program, kernels, steps = compiled(case, mode, devices)
+  dtype = _config(case, mode).compute_dtype
   prefix = (steps - 1) / 2  # random step: t* uniform in 0..T-1 forward-only steps before it
   found = collectives(program.as_text(), unknown_trip_count=prefix)
   record: dict[str, Any] = {
@@ -439,6 +439,7 @@ def measure(case_name: str, mode: str, devices: int) -> dict[str, Any]:
     "per_device_batch_why": case.why_batch,
     "config": " ".join([case.config, *case.overrides, f"--config.mode={mode}"]),
     "updates_per_batch": steps if mode == "online" else 1,
+    "compute_dtype": dtype,
     "collectives": found,
     "summary": summary(found),
     "gradient_reductions": gradient_reductions(found, kernels),
@@ -647,7 +648,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result = {
     "command": "python -m benchmarks.communication " + " ".join(argv or sys.argv[1:]),
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "machine": platform.processor() or platform.machine(),
+    "machine": platform.machine(),
+    **throughput.cpu_description(),
     "jax": jax.__version__,
     "model": MODEL,
     "mfu": args.mfu,

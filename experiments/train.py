@@ -281,6 +281,23 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
   )
 
 
+def step_config(
+  config: ml_collections.ConfigDict, num_classes: int, static_input: bool
+) -> training.StepConfig:
+  """The training rule of ``config`` as :class:`empf_jax.training.StepConfig`: its mode, T,
+  label smoothing, mixing and compute dtype, for ``num_classes`` classes and static or
+  time-major input."""
+  return training.StepConfig(
+    mode=config.mode,
+    time_steps=config.time_steps,
+    num_classes=num_classes,
+    static_input=static_input,
+    label_smoothing=config.label_smoothing,
+    mix=config.mix,
+    compute_dtype=DTYPES[config.compute_dtype],
+  )
+
+
 def build_model(
   config: ml_collections.ConfigDict, num_classes: int, step_shape: tuple[int, ...]
 ) -> models.SpikingNetwork:
@@ -393,14 +410,8 @@ class Trainer:
         f"{config.dataset!r}; allowed: {shape[0]} (its examples have "
         f"{shape[0]} time steps)"
       )
-    self.step_config = training.StepConfig(
-      mode=config.mode,
-      time_steps=config.time_steps,
-      num_classes=self.train_data.num_classes,
-      static_input=not self.train_data.time_major,
-      label_smoothing=config.label_smoothing,
-      mix=config.mix,
-      compute_dtype=DTYPES[config.compute_dtype],
+    self.step_config = step_config(
+      config, self.train_data.num_classes, static_input=not self.train_data.time_major
     )
     self.optimizer = build_optimizer(config)
     self.mesh = jax.make_mesh(

@@ -565,3 +565,15 @@ def test_inference_smoke_runs_three_runtimes_that_agree(tmp_path):
     assert len(entry[runtime]["per_process"]) == 1  # --smoke: the core count ran once
     assert entry[runtime]["predictions_equal_to_jax"] == 1.0  # the same weights, the same answer
   assert entry["fastest"] in ("onnxruntime", "jax", "torch")
+
+
+def test_prepare_cifar_times_the_conversion_of_an_archive_it_writes(tmp_path):
+  from benchmarks import prepare_cifar
+
+  out = tmp_path / "record.json"
+  record = prepare_cifar.main([f"--workdir={tmp_path}", "--per_batch=20", f"--out={out}"])
+  assert record["examples"] == {"train": 100, "test": 20}
+  assert record["prepared_bytes"] > 120 * 3072  # the images of both splits, as uint8
+  assert record["convert_seconds"] >= 0 and record["read_train_seconds"] >= 0
+  assert json.loads(out.read_text()) == record
+  assert list(tmp_path.iterdir()) == [out]  # the archive and the arrays are removed

@@ -61,8 +61,11 @@ def test_collectives_run_their_loops_trip_count_times_and_name_their_bytes_and_p
 
 
 def test_a_predicted_row_is_the_stated_model_worked_by_hand():
-  hardware = comm.Hardware("test", 100e12, ((8, 100e9, 10e-6), (1 << 20, 50e9, 20e-6)), "")
+  hardware = comm.Hardware(
+    "test", {"float32": 100e12}, ((8, 100e9, 10e-6), (1 << 20, 50e9, 20e-6)), ""
+  )
   record = {
+    "compute_dtype": "float32",
     "flops_per_device": 3.5e12,
     "updates_per_batch": 4,
     "collectives": [
