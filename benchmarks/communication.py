@@ -95,6 +95,7 @@ HARDWARE = {
 }
 
 DEVICE_COUNTS = (8, 64, 256)
+MFU = 0.35  # the assumed fraction of peak FLOP/s, stated with the model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -576,14 +577,60 @@ def markdown(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def plot(result: dict[str, Any], path: str, n: int = DEVICE_COUNTS[1]) -> None:
+  """Efficiency at ``n`` accelerators per case and rule, as compiled and with all three ways of
+  lowering the cost, one panel per hardware (predicted again from the result's records)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  rows = table(result["records"], result["mfu"])
+  cases = list(dict.fromkeys((r["case"], r["mode"]) for r in rows))
+  fig, axes = plt.subplots(1, len(HARDWARE), figsize=(11, 4.2), sharey=True)
+  for ax, (name, hardware) in zip(axes, HARDWARE.items(), strict=True):
+    picked = {(r["case"], r["mode"]): r for r in rows if r["hardware"] == name and r["n"] == n}
+    x = range(len(cases))
+    for offset, key, label in ((-0.2, "as_compiled", "as compiled"), (0.2, "all", "all three")):
+      ax.bar(
+        [i + offset for i in x],
+        [100 * picked[c][key]["efficiency"] for c in cases],
+        width=0.4,
+        label=label,
+      )
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(
+      [f"{LABELS.get(case, case)}\n{mode}" for case, mode in cases],
+      rotation=60,
+      ha="right",
+      fontsize=7,
+    )
+    ax.set_title(f"{hardware.name}, n = {n}", fontsize=9)
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+  axes[0].set_ylabel("predicted scaling efficiency (%)")
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="benchmarks/results/communication.json")
   parser.add_argument("--cases", default=",".join(DEFAULT_CASES))
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--devices", type=int, default=8, help="CPU host devices to compile for")
-  parser.add_argument("--mfu", type=float, default=0.35, help="fraction of peak FLOP/s reached")
+  parser.add_argument(
+    "--mfu",
+    type=float,
+    default=None,
+    help=f"fraction of peak FLOP/s reached (default {MFU}; with --records, the JSON's)",
+  )
   parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_CASE} on 2 devices only")
+  parser.add_argument(
+    "--plot", default="", help="also write this PNG: efficiency at 64 accelerators per case"
+  )
   parser.add_argument(
     "--records",
     default="",
@@ -599,7 +646,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--{name} value {value!r} is not allowed; allowed: {', '.join(allowed)}")
   if args.devices < 2:
     parser.error(f"--devices={args.devices} is not allowed; allowed: 2 or more")
-  if not 0 < args.mfu <= 1:
+  if args.mfu is not None and not 0 < args.mfu <= 1:
     parser.error(f"--mfu={args.mfu} is not allowed; allowed: 0 < mfu <= 1")
   return args
 
@@ -616,7 +663,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.records:
     with open(args.records) as f:
       result = json.load(f)
-    print(predictions(result, args.mfu))
+    result["mfu"] = result["mfu"] if args.mfu is None else args.mfu
+    print(predictions(result))
+    if args.plot:
+      plot(result, args.plot)
     return result
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
@@ -631,6 +681,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f"--devices={args.devices}: JAX started with {jax.device_count()} devices "
       "(set XLA_FLAGS before JAX starts, or run this module as a program)"
     )
+  mfu = MFU if args.mfu is None else args.mfu
   records = []
   for case in args.cases.split(","):
     for mode in args.modes.split(","):
@@ -644,7 +695,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
       )
       records.append(record)
-  rows = table(records, args.mfu)
+  rows = table(records, mfu)
   result = {
     "command": "python -m benchmarks.communication " + " ".join(argv or sys.argv[1:]),
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -652,7 +703,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     **throughput.cpu_description(),
     "jax": jax.__version__,
     "model": MODEL,
-    "mfu": args.mfu,
+    "mfu": mfu,
     "hardware": {name: h._asdict() for name, h in HARDWARE.items()},
     "records": records,
     "predictions": rows,
@@ -662,6 +713,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     json.dump(result, f, indent=1)
   print(markdown(records, rows))
   print(f"wrote {args.out}")
+  if args.plot:
+    plot(result, args.plot)
+    print(f"wrote {args.plot}")
   return result
 
 

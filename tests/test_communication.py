@@ -126,3 +126,28 @@ def test_bad_arguments_name_the_value_and_what_is_allowed(capsys):
     with pytest.raises(SystemExit):
       comm.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_records_are_predicted_again_and_plotted_without_compiling(tmp_path, capsys):
+  import json
+
+  record = {
+    "case": comm.SMOKE_CASE,
+    "mode": "online",
+    "compute_dtype": "float32",
+    "flops_per_device": 1e12,
+    "updates_per_batch": 4,
+    "gradient_reductions": {"kernels": 1, "per_kernel_min": 4.0, "per_kernel_max": 4.0},
+    "collectives": [
+      {"kind": "all-reduce", "phase": "forward", "bytes": 512, "executions": 8},
+      {"kind": "all-reduce", "phase": "backward", "bytes": 1e6, "executions": 4},
+    ],
+  }
+  path = tmp_path / "communication.json"
+  path.write_text(json.dumps({"mfu": 0.35, "records": [record]}))
+  plot = tmp_path / "efficiency.png"
+  comm.main([f"--records={path}", "--mfu=0.5", f"--plot={plot}"])
+  printed = capsys.readouterr().out
+  row = comm.predict(record, comm.HARDWARE["h100"], 64, 0.5)
+  assert f"{row['as_compiled']['efficiency']:.0%} → {row['all']['efficiency']:.0%}" in printed
+  assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
