@@ -184,13 +184,12 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 def _multiplicities(
   computations: dict[str, list[str]], unknown_trip_count: float
-) -> tuple[dict[str, float], list[str]]:
+) -> dict[str, float]:
   """How often each computation runs per call of the entry: a while body its known trip count
   (``unknown_trip_count`` where the count is data-dependent) times its caller's count."""
   names = {name.removeprefix("ENTRY "): name for name in computations}
   entry = next(name for name in computations if name.startswith("ENTRY "))
   counts: dict[str, float] = collections.defaultdict(float)
-  unknown: list[str] = []
 
   def visit(name: str, count: float) -> None:
     counts[name] += count
@@ -198,11 +197,7 @@ def _multiplicities(
       trips = 1.0
       if re.search(r"\bwhile\(", line):
         known = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
-        if known:
-          trips = float(known[1])
-        else:
-          trips = unknown_trip_count
-          unknown.append(line.split("=", 1)[0].strip())
+        trips = float(known[1]) if known else unknown_trip_count
       for key, called in re.findall(r"\b(body|condition|to_apply|calls)=%?([\w.\-]+)", line):
         if called in names and key != "to_apply" and key != "condition":
           visit(names[called], count * (trips if key == "body" else 1.0))
@@ -212,14 +207,14 @@ def _multiplicities(
             visit(names[called], count)
 
   visit(entry, 1.0)
-  return dict(counts), unknown
+  return dict(counts)
 
 
 def collectives(hlo: str, unknown_trip_count: float = 1.0) -> list[dict[str, Any]]:
   """Every collective of a compiled program: kind, operand shapes and bytes, phase (``backward``
   when it comes from a transpose, i.e. a gradient; else ``forward``) and executions per call."""
   computations = _computations(hlo)
-  counts, _ = _multiplicities(computations, unknown_trip_count)
+  counts = _multiplicities(computations, unknown_trip_count)
   found = []
   for name, lines in computations.items():
     for line in lines:
@@ -267,6 +262,15 @@ def gradient_reductions(found: list[dict[str, Any]], kernels: list[tuple[int, ..
   }
 
 
+def totals(found: list[dict[str, Any]], phase: str | None = None) -> tuple[float, float]:
+  """Executions and bytes moved per call, of every collective or of one ``phase``'s."""
+  picked = [c for c in found if phase is None or c["phase"] == phase]
+  return (
+    sum(c["executions"] for c in picked),
+    sum(c["bytes"] * c["executions"] for c in picked),
+  )
+
+
 def summary(found: list[dict[str, Any]]) -> dict[str, Any]:
   """Collectives per batch by kind and phase: static count, executions and bytes moved."""
   table: dict[str, dict[str, float]] = {}
@@ -305,23 +309,23 @@ def predict(record: dict[str, Any], hardware: Hardware, n: int, mfu: float) -> d
   """
   compute = record["flops_per_device"] / (hardware.peak_flops[record["compute_dtype"]] * mfu)
   found = record["collectives"]
-  forward = sum(
-    collective_seconds(c, n, hardware) * c["executions"] for c in found if c["phase"] == "forward"
-  )
-  backward = sum(
-    collective_seconds(c, n, hardware) * c["executions"] for c in found if c["phase"] == "backward"
-  )
-  bf16 = sum(
-    collective_seconds(c, n, hardware, 0.5) * c["executions"]
-    for c in found
-    if c["phase"] == "backward"
-  )
-  bandwidth, latency = hardware.link(n)
-  updates = record["updates_per_batch"]
-  backward_bytes = sum(c["bytes"] * c["executions"] for c in found if c["phase"] == "backward")
-  fused = updates * latency + 2 * (n - 1) / n * backward_bytes / bandwidth
-  overlap = max(0.0, backward - compute)
-  fused_bf16 = updates * latency + 2 * (n - 1) / n * backward_bytes / 2 / bandwidth
+
+  def as_compiled(phase: str, scale: float = 1.0) -> float:
+    return sum(
+      collective_seconds(c, n, hardware, scale) * c["executions"]
+      for c in found
+      if c["phase"] == phase
+    )
+
+  def fused(scale: float = 1.0) -> float:
+    """The backward as one all-reduce per update, its bytes scaled by ``scale``."""
+    bandwidth, latency = hardware.link(n)
+    backward_bytes = totals(found, "backward")[1]
+    return record["updates_per_batch"] * latency + 2 * (n - 1) / n * backward_bytes * scale / (
+      bandwidth
+    )
+
+  forward, backward = as_compiled("forward"), as_compiled("backward")
 
   def step(comm: float) -> dict[str, float]:
     total = compute + comm
@@ -332,10 +336,10 @@ def predict(record: dict[str, Any], hardware: Hardware, n: int, mfu: float) -> d
     "forward_collectives_s": forward,
     "backward_collectives_s": backward,
     "as_compiled": step(forward + backward),
-    "bf16": step(forward + bf16),
-    "fused": step(forward + fused),
-    "overlap": step(forward + overlap),
-    "all": step(forward + max(0.0, fused_bf16 - compute)),
+    "bf16": step(forward + as_compiled("backward", 0.5)),
+    "fused": step(forward + fused()),
+    "overlap": step(forward + max(0.0, backward - compute)),
+    "all": step(forward + max(0.0, fused(0.5) - compute)),
   }
 
 
@@ -362,7 +366,7 @@ def accelerator_form():
 
 def compiled(case: Case, mode: str, devices: int, unroll: bool = False, evaluation: bool = False):
   """The compiled data-parallel train (or evaluation) step of a case on ``devices`` devices, in
-  its accelerator form, and the kernels (rank >= 2 parameters) of its network."""
+  its accelerator form, the kernels (rank >= 2 parameters) of its network and its config."""
   with accelerator_form():
     return _compiled(case, mode, devices, unroll, evaluation)
 
@@ -371,8 +375,6 @@ def _compiled(case: Case, mode: str, devices: int, unroll: bool, evaluation: boo
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
   from empf_jax import layers, models, training
   from experiments import train
@@ -395,14 +397,7 @@ def _compiled(case: Case, mode: str, devices: int, unroll: bool, evaluation: boo
   x = jax.ShapeDtypeStruct((batch, *case.image_shape), jnp.float32)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   if evaluation:
-    split = NamedSharding(mesh, P("data"))
-    step = train.OnMesh(
-      mesh,
-      jax.jit(
-        training.make_eval_step(graphdef, step_config),
-        in_shardings=(NamedSharding(mesh, P()), split, split, split),
-      ),
-    )
+    step = train.jit_eval_step(graphdef, step_config, mesh)
     lowered = step.lower(state, x, labels, jax.ShapeDtypeStruct((batch,), jnp.float32))
   else:
     step = train.jit_train_step(graphdef, optimizer, step_config, mesh)
@@ -414,7 +409,7 @@ def _compiled(case: Case, mode: str, devices: int, unroll: bool, evaluation: boo
       jax.eval_shape(lambda: jax.random.key(0)),
     )
   kernels = [tuple(leaf.shape) for leaf in jax.tree.leaves(params) if len(leaf.shape) >= 2]
-  return lowered.compile(), kernels, config.time_steps
+  return lowered.compile(), kernels, config
 
 
 def _cost(compiled_step) -> dict[str, float]:
@@ -427,8 +422,8 @@ def measure(case_name: str, mode: str, devices: int) -> dict[str, Any]:
   """The record of one case and rule: collectives, gradient reductions and cost per device."""
   case = CASES[case_name]
   started = time.perf_counter()
-  program, kernels, steps = compiled(case, mode, devices)
-  dtype = _config(case, mode).compute_dtype
+  program, kernels, config = compiled(case, mode, devices)
+  steps = config.time_steps
   prefix = (steps - 1) / 2  # random step: t* uniform in 0..T-1 forward-only steps before it
   found = collectives(program.as_text(), unknown_trip_count=prefix)
   record: dict[str, Any] = {
@@ -440,7 +435,7 @@ def measure(case_name: str, mode: str, devices: int) -> dict[str, Any]:
     "per_device_batch_why": case.why_batch,
     "config": " ".join([case.config, *case.overrides, f"--config.mode={mode}"]),
     "updates_per_batch": steps if mode == "online" else 1,
-    "compute_dtype": dtype,
+    "compute_dtype": config.compute_dtype,
     "collectives": found,
     "summary": summary(found),
     "gradient_reductions": gradient_reductions(found, kernels),
@@ -448,15 +443,12 @@ def measure(case_name: str, mode: str, devices: int) -> dict[str, Any]:
     "cost_as_compiled": _cost(program),
   }
   if mode == "online":
-    record["cost"] = measure_cost(case, mode, devices, unroll=True)
+    unrolled = measure_cost(case, mode, devices, unroll=True)
+    record["cost"] = unrolled["cost"]
     record["cost_source"] = "the same step with its time scan unrolled"
-    unrolled = _COST_CACHE[(case, mode, devices, True)]
-    record["unrolled_collectives"] = {
-      "executions": unrolled["collective_executions"],
-      "bytes": unrolled["collective_bytes"],
-    }
+    record["unrolled_collectives"] = unrolled["collectives"]
   elif mode == "random_step":
-    online = measure_cost(case, "online", devices, unroll=True)
+    online = measure_cost(case, "online", devices, unroll=True)["cost"]
     evaluation, _, _ = compiled(case, mode, devices, evaluation=True)
     forward_step = _cost(evaluation)["flops"] / steps
     record["cost"] = {
@@ -475,19 +467,22 @@ def measure(case_name: str, mode: str, devices: int) -> dict[str, Any]:
   return record
 
 
-_COST_CACHE: dict[tuple, dict[str, float]] = {}
+_COST_CACHE: dict[tuple, dict[str, dict[str, float]]] = {}
 
 
-def measure_cost(case: Case, mode: str, devices: int, unroll: bool) -> dict[str, float]:
+def measure_cost(case: Case, mode: str, devices: int, unroll: bool) -> dict[str, dict[str, float]]:
+  """XLA's cost analysis of a compiled step (``cost``) and the executions and bytes of its
+  collectives (``collectives``); compiled once per process (the random step reuses the online
+  step's)."""
   key = (case, mode, devices, unroll)
   if key not in _COST_CACHE:
     program, _, _ = compiled(case, mode, devices, unroll=unroll)
-    found = collectives(program.as_text())
-    _COST_CACHE[key] = _cost(program) | {
-      "collective_executions": sum(c["executions"] for c in found),
-      "collective_bytes": sum(c["bytes"] * c["executions"] for c in found),
+    executions, moved = totals(collectives(program.as_text()))
+    _COST_CACHE[key] = {
+      "cost": _cost(program),
+      "collectives": {"executions": executions, "bytes": moved},
     }
-  return {k: v for k, v in _COST_CACHE[key].items() if not k.startswith("collective_")}
+  return _COST_CACHE[key]
 
 
 def table(records: list[dict[str, Any]], mfu: float) -> list[dict[str, Any]]:
@@ -512,9 +507,9 @@ def markdown(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     "|---|---|---|---|---|---|",
   ]
   for r in records:
-    forward = sum(c["executions"] for c in r["collectives"] if c["phase"] == "forward")
-    backward = sum(c["executions"] for c in r["collectives"] if c["phase"] == "backward")
-    moved = sum(c["bytes"] * c["executions"] for c in r["collectives"])
+    forward = totals(r["collectives"], "forward")[0]
+    backward = totals(r["collectives"], "backward")[0]
+    moved = totals(r["collectives"])[1]
     g = r["gradient_reductions"]
     reduced = f"{g['per_kernel_min']:g}" + (
       "" if g["per_kernel_min"] == g["per_kernel_max"] else f"-{g['per_kernel_max']:g}"
@@ -543,22 +538,14 @@ def markdown(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     ]
     lines.append(f"| {LABELS.get(case, case)} | {mode} | " + " | ".join(cells) + " |")
   n = DEVICE_COUNTS[1]
-  lines += [
+  times = [
     "",
     f"At {n} accelerators, the step per batch in milliseconds (collectives: forward + backward):",
     "",
     "| case | rule | hardware | compute | collectives | step |",
     "|---|---|---|---|---|---|",
   ]
-  for case, mode in cases:
-    for h in HARDWARE:
-      row = by_key[(case, mode, h, n)]
-      lines.append(
-        f"| {LABELS.get(case, case)} | {mode} | {h} | {row['compute_s'] * 1e3:.1f} | "
-        f"{row['forward_collectives_s'] * 1e3:.1f} + {row['backward_collectives_s'] * 1e3:.1f} | "
-        f"{row['as_compiled']['step_s'] * 1e3:.1f} |"
-      )
-  lines += [
+  lowered = [
     "",
     f"At {n} accelerators, the scaling efficiency as compiled and with each way of lowering the "
     "cost:",
@@ -569,11 +556,15 @@ def markdown(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
   for case, mode in cases:
     for h in HARDWARE:
       row = by_key[(case, mode, h, n)]
-      cells = [f"{row[k]['efficiency']:.0%}" for k in ("as_compiled", "bf16", "fused", "overlap")]
-      lines.append(
-        f"| {LABELS.get(case, case)} | {mode} | {h} | {' | '.join(cells)} | "
-        f"{row['all']['efficiency']:.0%} |"
+      first = f"| {LABELS.get(case, case)} | {mode} | {h} | "
+      times.append(
+        f"{first}{row['compute_s'] * 1e3:.1f} | "
+        f"{row['forward_collectives_s'] * 1e3:.1f} + {row['backward_collectives_s'] * 1e3:.1f} | "
+        f"{row['as_compiled']['step_s'] * 1e3:.1f} |"
       )
+      ways = ("as_compiled", "bf16", "fused", "overlap", "all")
+      lowered.append(first + " | ".join(f"{row[k]['efficiency']:.0%}" for k in ways) + " |")
+  lines += times + lowered
   return "\n".join(lines) + "\n"
 
 
@@ -708,9 +699,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "records": records,
     "predictions": rows,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  throughput.write_record(args.out, result)
   print(markdown(records, rows))
   print(f"wrote {args.out}")
   if args.plot:

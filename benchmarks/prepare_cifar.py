@@ -19,7 +19,6 @@ import datetime
 import hashlib
 import io
 import json
-import os
 import pickle
 import platform
 import sys
@@ -114,12 +113,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "machine": platform.machine(),
     **throughput.cpu_description(),
-    "load_average": list(os.getloadavg()),
+    "load_average": throughput.load_average(),
     **record,
   }
   if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    throughput.write_record(args.out, record)
   print(json.dumps(record, indent=1))
   return record
 

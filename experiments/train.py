@@ -376,6 +376,23 @@ def jit_train_step(
   )
 
 
+def jit_eval_step(
+  graphdef: nnx.GraphDef, step_config: training.StepConfig, mesh: jax.sharding.Mesh
+) -> OnMesh:
+  """The training program's data-parallel evaluation step: state replicated; inputs, labels and
+  mask split over the mesh's ``data`` axis; the result replicated."""
+  replicated = NamedSharding(mesh, P())
+  batch = NamedSharding(mesh, P("data"))
+  return OnMesh(
+    mesh,
+    jax.jit(
+      training.make_eval_step(graphdef, step_config),
+      in_shardings=(replicated, batch, batch, batch),
+      out_shardings=replicated,
+    ),
+  )
+
+
 class Trainer:
   """Holds the compiled steps, the mesh and the state of one run."""
 
@@ -431,19 +448,7 @@ class Trainer:
         out_shardings=self.replicated,
       ),
     )
-    self._eval_step = OnMesh(
-      self.mesh,
-      jax.jit(
-        training.make_eval_step(self.graphdef, self.step_config),
-        in_shardings=(
-          self.replicated,
-          self.batch_sharding,
-          self.batch_sharding,
-          self.batch_sharding,
-        ),
-        out_shardings=self.replicated,
-      ),
-    )
+    self._eval_step = jit_eval_step(self.graphdef, self.step_config, self.mesh)
 
   def initial_state(self) -> training.TrainState:
     """The state before training (a fresh model from the seed), replicated on the mesh; also
