@@ -30,9 +30,13 @@ def test_opt_out_leaves_xla_flags_alone(monkeypatch):
   assert "XLA_FLAGS" not in os.environ
 
 
-def _without_options() -> dict[str, str]:
-  """This process's environment without XLA_FLAGS and the opt-out: what a fresh shell has."""
-  return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_defaults.OPT_OUT)}
+def _run_fresh(code: str) -> str:
+  """The output of ``python -c code`` in this process's environment without XLA_FLAGS and the
+  opt-out: what a fresh shell has."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_defaults.OPT_OUT)}
+  return subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
+  ).stdout
 
 
 def test_importing_the_library_leaves_xla_flags_alone():
@@ -40,14 +44,7 @@ def test_importing_the_library_leaves_xla_flags_alone():
     "import os, empf_jax, experiments, experiments.train, experiments.cifar; "
     "print(os.environ.get('XLA_FLAGS'))"
   )
-  out = subprocess.run(
-    [sys.executable, "-c", code],
-    env=_without_options(),
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=True,
-  ).stdout
+  out = _run_fresh(code)
   assert out.strip().splitlines()[-1] == "None"
 
 
@@ -62,12 +59,5 @@ def test_the_training_program_applies_the_options_before_jax_starts():
     "cifar.start_distributed = start_distributed\n"
     "cifar.main([])\n"
   )
-  out = subprocess.run(
-    [sys.executable, "-c", code],
-    env=_without_options(),
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=True,
-  ).stdout
+  out = _run_fresh(code)
   assert f"XLA_FLAGS when JAX starts: {FLAG}" in out
